@@ -1,0 +1,401 @@
+"""Base classes of every plugin component, and the local-training contract.
+
+A component class has ``name`` (the name used in YAML ``use:``) and ``Settings``
+(one pydantic model with ``extra="forbid"``). Capability flags are class
+variables checked when the spec loads (see :func:`fedcore.spec.check_capabilities`).
+
+The local-training contract
+---------------------------
+Privacy mechanisms, aggregators and attacks change what a site does in a round
+through one seam, :class:`LocalTrainingStage`. A component returns a stage for
+each site from :meth:`Component.site_stage`; the stage object lives at its site
+for the whole run (so it *is* the per-site state kept between rounds: control
+variates, accountant). The engine calls, in order of the spec (aggregator,
+then ``privacy`` in list order, then ``attacks``):
+
+1. ``transform_training_data`` once per round, before training (label flipping).
+2. ``class_weights`` for the loss (first stage that returns weights wins).
+3. ``prepare`` with the module and optimizer (Opacus-style wrapping).
+4. ``sampler`` (first non-None wins; default: reshuffled fixed-size batches).
+5. ``gradient_step`` (first non-None wins; default: mean loss, ``backward``).
+6. ``transform_gradients`` after each backward pass, before ``optimizer.step``.
+7. ``finish`` after the last local step (update control variates, step accountants).
+8. ``transform_update`` on the outgoing :class:`~fedcore.types.ClientUpdate`.
+
+On the server, :meth:`PrivacyMechanism.transform_sum` acts on the (secure) sum
+before the aggregator applies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from fedcore.types import ClientUpdate, LedgerHead, LedgerRecord, PrivacySpent, SecureSum, Weights
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedcore.spec import ExperimentSpec
+
+
+class NoSettings(BaseModel):
+    """Settings of a component that takes none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Component:
+    """Base of all plugin components.
+
+    :cvar name: the name used in a spec's ``use:``.
+    :cvar Settings: the pydantic model of the component's settings (``extra="forbid"``).
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+    description: ClassVar[str] = ""
+
+    def __init__(self, settings: BaseModel | None = None) -> None:
+        self.settings = settings if settings is not None else self.Settings()
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this component cannot run here (a missing optional dependency), or None."""
+        return None
+
+    def check_spec(self, spec: ExperimentSpec) -> None:
+        """Refuse a spec this component cannot honour; raise :class:`fedcore.errors.SpecError`.
+
+        Called when the spec loads, before any data is read.
+        """
+
+    def site_stage(self, site: SiteInfo) -> LocalTrainingStage | None:
+        """The stage this component runs at ``site`` for the whole run, or None."""
+        return None
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One hospital's preprocessed splits. Never leaves its site in a real deployment."""
+
+    site: int
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_train(self) -> int:
+        return int(len(self.y_train))
+
+    def class_counts(self, n_classes: int) -> np.ndarray:
+        return np.bincount(self.y_train, minlength=n_classes)
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """What a dataset plugin returns: every site's splits plus what preprocessing did.
+
+    :ivar report_sections: Markdown sections for the run report (what was imputed,
+        dropped, oversampled...), keyed by title.
+    :ivar released_statistics: summaries that left the sites during preprocessing,
+        by name, recorded on the ledger and listed as released outside the DP guarantee.
+    :ivar max_rows_per_patient: the largest number of training rows of one patient at
+        one site, when the data has a patient id (record-level DP reports a group bound).
+    :ivar oversampled: whether training rows were duplicated or synthesized.
+    """
+
+    sites: list[SiteData]
+    feature_names: list[str]
+    class_names: list[str]
+    report_sections: dict[str, str] = field(default_factory=dict)
+    released_statistics: dict[str, Any] = field(default_factory=dict)
+    max_rows_per_patient: int | None = None
+    oversampled: bool = False
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+class Dataset(Component):
+    """Loads data for every site and preprocesses it (federatedly where statistics are needed)."""
+
+    kind: ClassVar[str] = "dataset"
+    #: whether ``load`` duplicates or synthesizes training rows under the given settings
+    oversamples: ClassVar[bool] = False
+
+    def will_oversample(self) -> bool:
+        """Whether these settings make ``load`` duplicate or synthesize training rows."""
+        return self.oversamples
+
+    def load(self, seed: int) -> FederatedData:
+        """Load and preprocess; raise :class:`fedcore.errors.DataError` for unusable input."""
+        raise NotImplementedError
+
+
+class Model(Component):
+    """Builds the torch module trained by every site."""
+
+    kind: ClassVar[str] = "model"
+
+    def build(self, n_features: int, n_classes: int) -> torch.nn.Module:
+        """A freshly initialised module mapping ``(batch, n_features)`` to class logits."""
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------ local training seam
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What a component knows about a site when it creates the site's stage."""
+
+    site: int
+    n_sites: int
+    n_train: int
+    n_features: int
+    n_classes: int
+    class_counts: tuple[int, ...]
+    batch_size: int
+    local_epochs: int
+    rounds: int
+    seed: int
+    max_rows_per_patient: int | None = None
+
+
+@dataclass
+class RoundContext:
+    """Passed to stage methods for one site's round. ``global_weights`` is read-only."""
+
+    site: int
+    round: int
+    global_weights: Weights
+    generator: torch.Generator
+    broadcast_extras: dict[str, Weights] = field(default_factory=dict)
+
+
+#: A batch source: yields ``(x, y)`` batches for one epoch.
+BatchSampler = Callable[[int], Iterator[tuple["torch.Tensor", "torch.Tensor"]]]
+#: Computes gradients into ``p.grad`` for a batch and returns the (detached) mean loss.
+GradientStep = Callable[["torch.nn.Module", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+class LocalTrainingStage:
+    """How one component changes one site's local training. Every method defaults to no change.
+
+    Subclasses override only what they use; the engine detects overrides once per
+    round, so an unused seam costs nothing per step.
+    """
+
+    def transform_training_data(
+        self, ctx: RoundContext, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the training data to use this round (new tensors; inputs are not modified)."""
+        return x, y
+
+    def class_weights(self, class_counts: np.ndarray) -> np.ndarray | None:
+        """Per-class loss weights, or None for an unweighted loss."""
+        return None
+
+    def prepare(
+        self, ctx: RoundContext, module: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Wrap the module and optimizer for this round (for example for per-sample gradients)."""
+        return module, optimizer
+
+    def sampler(
+        self, ctx: RoundContext, x: torch.Tensor, y: torch.Tensor, batch_size: int
+    ) -> BatchSampler | None:
+        """A batch sampler replacing the default shuffled batches (Poisson sampling for DP-SGD)."""
+        return None
+
+    def gradient_step(self, ctx: RoundContext, loss_fn: Callable[..., torch.Tensor]) -> GradientStep | None:
+        """A replacement for ``loss.backward()`` (per-sample clipping and noise), or None."""
+        return None
+
+    def transform_gradients(self, ctx: RoundContext, parameters: Sequence[torch.nn.Parameter]) -> None:
+        """Adjust ``p.grad`` of the live training parameters in place after each backward pass.
+
+        The one in-place seam: it runs every step, and copying every gradient per
+        step would cost what the engine is built to avoid. It may touch only ``.grad``.
+        """
+
+    def finish(self, ctx: RoundContext, module: torch.nn.Module, steps: int) -> None:
+        """Called once after local training with the number of optimizer steps taken."""
+
+    def transform_update(self, ctx: RoundContext, update: ClientUpdate) -> ClientUpdate:
+        """Return the update to release (clipped, noised, attacked...); never modify ``update``."""
+        return update
+
+    def privacy_spent(self) -> PrivacySpent | None:
+        """What this site has spent so far, by its accountant, or None."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stage's state, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+# ------------------------------------------------------------------ server side
+
+
+class Aggregator(Component):
+    """Turns the round's updates (or their secure sum) into new global weights.
+
+    Aggregators that need only the weighted sum implement :meth:`aggregate_sum`
+    and work under secure aggregation; those that look at individual updates
+    (median, Krum) set ``needs_individual_updates`` and override :meth:`aggregate`.
+    """
+
+    kind: ClassVar[str] = "aggregator"
+    needs_individual_updates: ClassVar[bool] = False
+
+    def aggregate(self, round: int, global_weights: Weights, updates: Sequence[ClientUpdate]) -> Weights:
+        """New global weights from individual updates; default: :meth:`aggregate_sum` of their plain sum."""
+        return self.aggregate_sum(round, global_weights, plain_sum(round, updates))
+
+    def aggregate_sum(self, round: int, global_weights: Weights, summed: SecureSum) -> Weights:
+        """New global weights from the sample-weighted sum of the updates."""
+        raise NotImplementedError
+
+    def broadcast_extras(self) -> dict[str, Weights]:
+        """Extra tensors sent to sites with the global model (SCAFFOLD's server control variate)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server state (momentum, moments...), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+def plain_sum(round: int, updates: Sequence[ClientUpdate]) -> SecureSum:
+    """The sum a secure aggregator would reveal, computed in the clear."""
+    if not updates:
+        raise ValueError("no updates to sum")
+    template = updates[0].delta
+    acc = {k: np.zeros(v.shape, dtype=np.float64) for k, v in template.arrays.items()}
+    extras: dict[str, dict[str, np.ndarray]] = {}
+    for update in updates:
+        for k, v in update.delta.arrays.items():
+            acc[k] += update.n_samples * v.astype(np.float64, copy=False)
+        for name, w in update.extras.items():
+            slot = extras.setdefault(name, {k: np.zeros(v.shape, dtype=np.float64) for k, v in w.arrays.items()})
+            for k, v in w.arrays.items():
+                slot[k] += v
+    return SecureSum(
+        round=round,
+        weighted_delta_sum=Weights(arrays=acc),
+        total_samples=sum(u.n_samples for u in updates),
+        n_sites=len(updates),
+        extras_sum={n: Weights(arrays=a) for n, a in extras.items()},
+    )
+
+
+class PrivacyMechanism(Component):
+    """Differential privacy: site stages (DP-SGD, update clipping and noise) and server noise."""
+
+    kind: ClassVar[str] = "privacy"
+    #: the unit this mechanism protects, as stated in reports
+    unit: ClassVar[str] = "record"
+
+    def transform_sum(self, summed: SecureSum, generator: np.random.Generator) -> SecureSum:
+        """Server side: return the sum to aggregate (central DP adds noise here)."""
+        return summed
+
+    def privacy_spent(self, site_reports: Sequence[PrivacySpent]) -> PrivacySpent | None:
+        """The run's privacy loss from the sites' accountants (default: the worst site)."""
+        if not site_reports:
+            return None
+        return max(site_reports, key=lambda r: r.epsilon)
+
+
+class SecureAggregator(Component):
+    """Reveals to the server only the weighted sum of the sites' updates."""
+
+    kind: ClassVar[str] = "secure_aggregator"
+
+    def open(self, n_sites: int, template: Weights) -> None:
+        """Start whatever the protocol needs (party processes) before the first round."""
+
+    def secure_sum(self, round: int, updates: Sequence[ClientUpdate]) -> SecureSum:
+        """The weighted sum of ``updates`` computed without revealing any single one."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop party processes."""
+
+
+@dataclass(frozen=True)
+class LedgerVerification:
+    """Result of re-checking a ledger: ``ok`` or the first bad entry's sequence number."""
+
+    ok: bool
+    entries: int
+    first_bad_sequence: int | None = None
+    message: str = ""
+
+
+class Ledger(Component):
+    """Tamper-evident audit log of digests (spec, preprocessing, updates, aggregates, privacy)."""
+
+    kind: ClassVar[str] = "ledger"
+
+    def open(self, directory: Path, participants: Sequence[str]) -> None:
+        """Create or open the ledger under ``directory`` for the writers ``participants``."""
+
+    def append(self, records: Sequence[LedgerRecord]) -> LedgerHead:
+        """Append ``records`` atomically (one transaction) and return the signed new head."""
+        raise NotImplementedError
+
+    def close(self) -> dict[str, Any]:
+        """Close and return a summary for the report (entries, bytes, timings, final head)."""
+        return {}
+
+    @classmethod
+    def verify(cls, target: Path, keys: Path | None = None, head: str | None = None) -> LedgerVerification:
+        """Re-check every entry of the ledger at ``target`` (a run directory or ledger file)."""
+        raise NotImplementedError
+
+
+class Attack(Component):
+    """A simulated misbehaving site (label flipping, scaled or sign-flipped updates)."""
+
+    kind: ClassVar[str] = "attack"
+
+    def attacked_sites(self) -> list[int]:
+        """The sites this attack controls (settings ``sites`` by convention)."""
+        return list(getattr(self.settings, "sites", []))
+
+
+COMPONENT_KINDS: dict[str, type[Component]] = {
+    "dataset": Dataset,
+    "model": Model,
+    "aggregator": Aggregator,
+    "privacy": PrivacyMechanism,
+    "secure_aggregator": SecureAggregator,
+    "ledger": Ledger,
+    "attack": Attack,
+}

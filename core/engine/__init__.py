@@ -1,0 +1,1 @@
+"""The simulation engine: local training, sites, server, and the experiment runner."""

@@ -1,0 +1,379 @@
+"""In-process simulation: sites and a server exchanging only boundary messages.
+
+:class:`Site` holds one hospital's data and stages; :class:`Server` holds the
+global model, the aggregator and the server side of privacy. They talk through
+:class:`~fedcore.types.GlobalModel` and :class:`~fedcore.types.ClientUpdate`
+(serializable), so a network transport can replace :func:`run_federated`'s
+direct calls without touching any plugin.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedcore.components import (
+    Aggregator,
+    FederatedData,
+    Ledger,
+    LocalTrainingStage,
+    PrivacyMechanism,
+    RoundContext,
+    SecureAggregator,
+    SiteData,
+    SiteInfo,
+    plain_sum,
+)
+from fedcore.engine.training import LocalTrainer, load_weights, predict, weights_of
+from fedcore.metrics import classification_metrics, pool
+from fedcore.spec import Components, ExperimentSpec
+from fedcore.types import (
+    ClassificationMetrics,
+    ClientUpdate,
+    GlobalModel,
+    LedgerRecord,
+    PrivacySpent,
+    RoundRecord,
+    SiteEvaluation,
+    Weights,
+    json_digest,
+)
+
+RoundCallback = Callable[[RoundRecord], None]
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (same on every platform and process)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def site_name(site: int) -> str:
+    return f"site-{site}"
+
+
+class Site:
+    """One hospital: its data never leaves; it returns updates and metrics only."""
+
+    def __init__(
+        self,
+        data: SiteData,
+        module: torch.nn.Module,
+        spec: ExperimentSpec,
+        stages: Sequence[LocalTrainingStage],
+        n_classes: int,
+        seed: int,
+    ) -> None:
+        self.data = data
+        self.spec = spec
+        self.stages = list(stages)
+        self.n_classes = n_classes
+        self.generator = torch.Generator().manual_seed(seed)
+        self.trainer = LocalTrainer(module, spec.training, self.stages, data.class_counts(n_classes))
+        self._x = torch.from_numpy(data.x_train)
+        self._y = torch.from_numpy(data.y_train)
+
+    def train(self, message: GlobalModel, extras: dict[str, Weights] | None = None) -> ClientUpdate:
+        start = time.perf_counter()
+        load_weights(self.trainer.module, message.weights)
+        ctx = RoundContext(self.data.site, message.round, message.weights, self.generator, dict(extras or {}))
+        outcome = self.trainer.run(ctx, self._x, self._y, self.spec.training.local_epochs)
+        delta = weights_of(self.trainer.module) - message.weights
+        update = ClientUpdate(
+            site=self.data.site,
+            round=message.round,
+            delta=delta,
+            n_samples=self.data.n_train,
+            local_steps=outcome.steps,
+            train_loss=outcome.mean_loss,
+            train_seconds=time.perf_counter() - start,
+        )
+        for stage in self.stages:
+            update = stage.transform_update(ctx, update)
+        return update
+
+    def privacy_spent(self) -> list[PrivacySpent]:
+        return [r for r in (s.privacy_spent() for s in self.stages) if r is not None]
+
+    def evaluate(self, message: GlobalModel) -> SiteEvaluation:
+        load_weights(self.trainer.module, message.weights)
+        return evaluate_split_pair(self.trainer.module, self.data, self.n_classes)
+
+
+def evaluate_split_pair(module: torch.nn.Module, data: SiteData, n_classes: int) -> SiteEvaluation:
+    out: dict[str, Any] = {}
+    for split, x, y in (("validation", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
+        preds, loss = predict(module, x, y)
+        metrics, conf = classification_metrics(y, preds, n_classes, loss)
+        out[split] = metrics
+        out[f"{split}_confusion"] = conf.tolist()
+    return SiteEvaluation(site=data.site, **out)
+
+
+def pooled(evaluations: Sequence[SiteEvaluation], split: str) -> ClassificationMetrics:
+    metrics = [getattr(e, split) for e in evaluations]
+    return pool(
+        [np.asarray(getattr(e, f"{split}_confusion")) for e in evaluations],
+        [m.loss for m in metrics],
+        [m.n for m in metrics],
+    )
+
+
+class Server:
+    """Holds the global model; sees updates (or only their secure sum), never data."""
+
+    def __init__(
+        self,
+        initial: Weights,
+        aggregator: Aggregator,
+        privacy: Sequence[PrivacyMechanism],
+        secure_aggregator: SecureAggregator | None,
+        seed: int,
+    ) -> None:
+        self.weights = initial
+        self.aggregator = aggregator
+        self.privacy = list(privacy)
+        self.secure_aggregator = secure_aggregator
+        self.rng = np.random.default_rng(seed)
+
+    def broadcast(self, round: int) -> tuple[GlobalModel, dict[str, Weights]]:
+        return GlobalModel(round=round, weights=self.weights), self.aggregator.broadcast_extras()
+
+    def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> Weights:
+        if self.secure_aggregator is not None:
+            summed = self.secure_aggregator.secure_sum(round, updates)
+        elif type(self.aggregator).aggregate is not Aggregator.aggregate:
+            # Robust aggregators look at individual updates; server-side privacy mechanisms
+            # refuse such aggregators when the spec loads.
+            self.weights = self.aggregator.aggregate(round, self.weights, updates)
+            return self.weights
+        else:
+            summed = plain_sum(round, updates)
+        for mechanism in self.privacy:
+            summed = mechanism.transform_sum(summed, self.rng)
+        self.weights = self.aggregator.aggregate_sum(round, self.weights, summed)
+        return self.weights
+
+    def privacy_spent(self, site_reports: Sequence[PrivacySpent]) -> list[PrivacySpent]:
+        out: list[PrivacySpent] = []
+        for mechanism in self.privacy:
+            own = [r for r in site_reports if r.mechanism == mechanism.name]
+            report = mechanism.privacy_spent(own)
+            if report is not None:
+                out.append(report)
+        return out
+
+
+@dataclass
+class RunResult:
+    """The outcome of one training (one arm, one repeat, federated or centralized)."""
+
+    arm: str
+    repeat: int
+    mode: str
+    records: list[RoundRecord] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    ledger: dict[str, Any] = field(default_factory=dict)
+    final_weights: Weights | None = None
+    aggregator_state: dict[str, Any] = field(default_factory=dict)
+
+
+def _site_info(data: FederatedData, site: SiteData, spec: ExperimentSpec, seed: int) -> SiteInfo:
+    return SiteInfo(
+        site=site.site,
+        n_sites=len(data.sites),
+        n_train=site.n_train,
+        n_features=data.n_features,
+        n_classes=data.n_classes,
+        class_counts=tuple(int(c) for c in site.class_counts(data.n_classes)),
+        batch_size=spec.training.batch_size,
+        local_epochs=spec.training.local_epochs,
+        rounds=spec.training.rounds,
+        seed=seed,
+        max_rows_per_patient=data.max_rows_per_patient,
+    )
+
+
+def initial_module(components: Components, data: FederatedData, seed: int) -> torch.nn.Module:
+    torch.manual_seed(derive_seed(seed, 0))
+    return components.model.build(data.n_features, data.n_classes)
+
+
+def _ledger_append(ledger: Ledger | None, records: list[LedgerRecord]) -> None:
+    if ledger is not None and records:
+        ledger.append(records)
+
+
+def run_federated(
+    spec: ExperimentSpec,
+    components: Components,
+    data: FederatedData,
+    arm: str,
+    repeat: int,
+    seed: int,
+    on_round: RoundCallback | None = None,
+    ledger_dir: Any = None,
+    stop_after_rounds: int | None = None,
+) -> RunResult:
+    """Train one federated run: every round, every site, then evaluate on every site."""
+    start = time.perf_counter()
+    module = initial_module(components, data, seed)
+    initial = weights_of(module)
+    sites: list[Site] = []
+    for site_data in data.sites:
+        info = _site_info(data, site_data, spec, seed)
+        stages: list[LocalTrainingStage] = []
+        for component in (components.aggregator, *components.privacy):
+            stage = component.site_stage(info)
+            if stage is not None:
+                stages.append(stage)
+        for attack in components.attacks:
+            if site_data.site in attack.attacked_sites():
+                stage = attack.site_stage(info)
+                if stage is not None:
+                    stages.append(stage)
+        site_module = components.model.build(data.n_features, data.n_classes)
+        sites.append(Site(site_data, site_module, spec, stages, data.n_classes, derive_seed(seed, 1, site_data.site)))
+    server = Server(
+        initial, components.aggregator, components.privacy, components.secure_aggregation, derive_seed(seed, 2)
+    )
+    ledger = components.ledger
+    if ledger is not None:
+        ledger.open(ledger_dir, ["server", *(site_name(s.data.site) for s in sites)])
+        opening = [
+            LedgerRecord(kind="spec", round=0, writer="server", payload_sha256=json_digest(spec.model_dump(mode="json"))),
+            LedgerRecord(kind="global-model", round=0, writer="server", payload_sha256=initial.sha256()),
+        ]
+        for name, stats in sorted(data.released_statistics.items()):
+            opening.append(
+                LedgerRecord(kind="preprocessing", round=0, writer="server", payload_sha256=json_digest(stats), metadata={"name": name})
+            )
+        _ledger_append(ledger, opening)
+    if components.secure_aggregation is not None:
+        components.secure_aggregation.open(len(sites), initial)
+    result = RunResult(arm=arm, repeat=repeat, mode="federated")
+    rounds = spec.training.rounds if stop_after_rounds is None else min(stop_after_rounds, spec.training.rounds)
+    try:
+        for round_ in range(1, rounds + 1):
+            round_start = time.perf_counter()
+            message, extras = server.broadcast(round_)
+            updates = [site.train(message, extras) for site in sites]
+            records = [
+                LedgerRecord(
+                    kind="site-update",
+                    round=round_,
+                    writer=site_name(u.site),
+                    payload_sha256=u.digest(),
+                    metadata={"n_samples": u.n_samples, "bytes": u.nbytes()},
+                )
+                for u in updates
+            ]
+            new_weights = server.aggregate(round_, updates)
+            records.append(LedgerRecord(kind="aggregate", round=round_, writer="server", payload_sha256=new_weights.sha256()))
+            site_reports = [r for site in sites for r in site.privacy_spent()]
+            privacy = server.privacy_spent(site_reports)
+            for report in privacy:
+                records.append(
+                    LedgerRecord(
+                        kind="privacy-spent",
+                        round=round_,
+                        writer="server",
+                        payload_sha256=json_digest(report.model_dump(mode="json")),
+                        metadata={"epsilon": report.epsilon, "delta": report.delta, "unit": report.unit},
+                    )
+                )
+            _ledger_append(ledger, records)
+            round_seconds = time.perf_counter() - round_start
+            evaluation_message = GlobalModel(round=round_, weights=new_weights)
+            evaluations = [site.evaluate(evaluation_message) for site in sites]
+            record = RoundRecord(
+                arm=arm,
+                repeat=repeat,
+                round=round_,
+                mode="federated",
+                epoch=round_ * spec.training.local_epochs,
+                validation=pooled(evaluations, "validation"),
+                test=pooled(evaluations, "test"),
+                per_site=evaluations,
+                train_loss=float(np.mean([u.train_loss for u in updates])),
+                round_seconds=round_seconds,
+                update_bytes=[u.nbytes() for u in updates],
+                update_seconds=[u.train_seconds for u in updates],
+                privacy=privacy,
+            )
+            result.records.append(record)
+            if on_round is not None:
+                on_round(record)
+    finally:
+        if components.secure_aggregation is not None:
+            components.secure_aggregation.close()
+        if ledger is not None:
+            result.ledger = ledger.close()
+    result.wall_seconds = time.perf_counter() - start
+    result.final_weights = server.weights
+    result.aggregator_state = components.aggregator.state_dict()
+    return result
+
+
+def pooled_site(data: FederatedData) -> SiteData:
+    """All sites' splits concatenated: the centralized baseline's data."""
+    def cat(attr: str) -> np.ndarray:
+        return np.concatenate([getattr(s, attr) for s in data.sites])
+
+    return SiteData(
+        site=-1,
+        name="pooled",
+        x_train=cat("x_train"),
+        y_train=cat("y_train"),
+        x_val=cat("x_val"),
+        y_val=cat("y_val"),
+        x_test=cat("x_test"),
+        y_test=cat("y_test"),
+    )
+
+
+def run_centralized(
+    spec: ExperimentSpec,
+    components: Components,
+    data: FederatedData,
+    arm: str,
+    repeat: int,
+    seed: int,
+    on_round: RoundCallback | None = None,
+) -> RunResult:
+    """The study's comparison: the same model and optimizer on the pooled training data."""
+    start = time.perf_counter()
+    module = initial_module(components, data, seed)
+    site = pooled_site(data)
+    trainer = LocalTrainer(module, spec.training)
+    generator = torch.Generator().manual_seed(derive_seed(seed, 3))
+    x, y = torch.from_numpy(site.x_train), torch.from_numpy(site.y_train)
+    initial = weights_of(module)
+    result = RunResult(arm=arm, repeat=repeat, mode="centralized")
+    for epoch in range(1, spec.baseline_epochs + 1):
+        epoch_start = time.perf_counter()
+        ctx = RoundContext(-1, epoch, initial, generator)
+        outcome = trainer.run(ctx, x, y, epochs=1, keep_optimizer=True)
+        seconds = time.perf_counter() - epoch_start
+        evaluation = evaluate_split_pair(module, site, data.n_classes)
+        record = RoundRecord(
+            arm=arm,
+            repeat=repeat,
+            round=epoch,
+            mode="centralized",
+            epoch=epoch,
+            validation=evaluation.validation,
+            test=evaluation.test,
+            train_loss=outcome.mean_loss,
+            round_seconds=seconds,
+        )
+        result.records.append(record)
+        if on_round is not None:
+            on_round(record)
+    result.wall_seconds = time.perf_counter() - start
+    result.final_weights = weights_of(module)
+    return result

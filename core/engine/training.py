@@ -1,0 +1,168 @@
+"""Local training: the one loop every site and the centralized baseline run.
+
+The default path is what the fastest plain PyTorch loop does (batches sliced from
+tensors reshuffled once per epoch, fused Adam, no per-step host syncs). Stages of
+the local-training contract replace or extend single steps; unused seams cost
+nothing per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedcore.components import BatchSampler, GradientStep, LocalTrainingStage, RoundContext
+from fedcore.spec import TrainingSpec
+from fedcore.types import Weights
+
+
+def weights_of(module: torch.nn.Module) -> Weights:
+    """The module's state (parameters and buffers) as boundary weights (a copy)."""
+    return Weights(arrays={k: v.detach().cpu().numpy() for k, v in module.state_dict().items()})
+
+
+def load_weights(module: torch.nn.Module, weights: Weights) -> None:
+    """Copy ``weights`` into ``module`` (the module is the caller's own, not a hook argument)."""
+    state = module.state_dict()
+    missing = set(state) ^ set(weights.names)
+    if missing:
+        raise ValueError(f"weights and module differ in tensors: {sorted(missing)}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            tensor.copy_(torch.from_numpy(np.array(weights[name])))
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], training: TrainingSpec) -> torch.optim.Optimizer:
+    """The spec's optimizer; Adam variants use the fused kernel (one call per step for all tensors)."""
+    params = list(params)
+    if training.optimizer == "adam":
+        return torch.optim.Adam(params, lr=training.learning_rate, weight_decay=training.weight_decay, fused=True)
+    if training.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=training.learning_rate, momentum=training.momentum, weight_decay=training.weight_decay)
+
+
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> BatchSampler:
+    """Default sampler: one permutation per epoch, then contiguous slices (views, no per-step gather)."""
+
+    def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = torch.randperm(len(y), generator=generator)
+        xs, ys = x[perm], y[perm]
+        for start in range(0, len(ys), batch_size):
+            yield xs[start : start + batch_size], ys[start : start + batch_size]
+
+    return epoch
+
+
+def _overrides(stage: LocalTrainingStage, method: str) -> bool:
+    return getattr(type(stage), method) is not getattr(LocalTrainingStage, method)
+
+
+@dataclass
+class TrainingOutcome:
+    steps: int
+    mean_loss: float
+
+
+class LocalTrainer:
+    """Trains one module on one site's tensors with the stages of the local-training contract.
+
+    :param module: the site's own module (reused across rounds).
+    :param training: optimizer, learning rate, batch size, epochs.
+    :param stages: the site's stages, in spec order.
+    :param class_counts: training-set class counts (for class-weighted losses).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        training: TrainingSpec,
+        stages: Sequence[LocalTrainingStage] = (),
+        class_counts: np.ndarray | None = None,
+    ) -> None:
+        self.module = module
+        self.training = training
+        self.stages = list(stages)
+        weight = None
+        for stage in self.stages:
+            w = stage.class_weights(class_counts) if class_counts is not None else None
+            if w is not None:
+                weight = torch.as_tensor(w, dtype=torch.float32)
+                break
+        self._class_weight = weight
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def loss_fn(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(logits, target, weight=self._class_weight, reduction=reduction)
+
+    def run(
+        self,
+        ctx: RoundContext,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epochs: int,
+        keep_optimizer: bool = False,
+    ) -> TrainingOutcome:
+        """Train for ``epochs`` epochs; a fresh optimizer each call unless ``keep_optimizer``."""
+        for stage in self.stages:
+            if _overrides(stage, "transform_training_data"):
+                x, y = stage.transform_training_data(ctx, x, y)
+        module = self.module
+        if self.optimizer is None or not keep_optimizer:
+            self.optimizer = make_optimizer(module.parameters(), self.training)
+        optimizer = self.optimizer
+        for stage in self.stages:
+            if _overrides(stage, "prepare"):
+                module, optimizer = stage.prepare(ctx, module, optimizer)
+        sampler: BatchSampler | None = None
+        step: GradientStep | None = None
+        for stage in self.stages:
+            sampler = sampler or stage.sampler(ctx, x, y, self.training.batch_size)
+            step = step or stage.gradient_step(ctx, self.loss_fn)
+        sampler = sampler or shuffled_batches(x, y, self.training.batch_size, ctx.generator)
+        transforms: list[Callable[..., None]] = [
+            s.transform_gradients for s in self.stages if _overrides(s, "transform_gradients")
+        ]
+        params = [p for p in module.parameters() if p.requires_grad]
+        module.train()
+        steps = 0
+        loss_sum = torch.zeros(())
+        loss_fn = self.loss_fn
+        for epoch in range(epochs):
+            for xb, yb in sampler(epoch):
+                optimizer.zero_grad(set_to_none=True)
+                if step is None:
+                    loss = loss_fn(module(xb), yb)
+                    loss.backward()
+                else:
+                    loss = step(module, xb, yb)
+                for transform in transforms:
+                    transform(ctx, params)
+                optimizer.step()
+                loss_sum += loss.detach()
+                steps += 1
+        for stage in self.stages:
+            if _overrides(stage, "finish"):
+                stage.finish(ctx, self.module, steps)
+        return TrainingOutcome(steps=steps, mean_loss=float(loss_sum) / max(steps, 1))
+
+
+@torch.no_grad()
+def predict(module: torch.nn.Module, x: np.ndarray, y: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, float]:
+    """Predicted classes and mean cross-entropy of ``module`` on ``(x, y)``."""
+    module.eval()
+    preds: list[torch.Tensor] = []
+    loss = 0.0
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for start in range(0, len(yt), chunk):
+        logits = module(xt[start : start + chunk])
+        loss += float(F.cross_entropy(logits, yt[start : start + chunk], reduction="sum"))
+        preds.append(logits.argmax(dim=1))
+    module.train()
+    if not preds:
+        return np.zeros(0, dtype=np.int64), float("nan")
+    return torch.cat(preds).numpy(), loss / max(len(yt), 1)

@@ -1,0 +1,36 @@
+"""Errors fedcore reports to its user as one line, with exit code 2."""
+
+from __future__ import annotations
+
+
+class FedcoreUserError(Exception):
+    """A problem in the user's input (spec, data, plugin choice); the CLI prints it and exits 2.
+
+    The message is one line that names the file, spec path or column, and the fix.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
+        self.where = where
+        self.hint = hint
+        parts = [f"{where}: {message}" if where else message]
+        if hint:
+            parts.append(hint)
+        super().__init__(" — ".join(parts).replace("\n", " "))
+
+
+class SpecError(FedcoreUserError):
+    """The experiment spec is malformed or refers to something that does not exist."""
+
+
+class PluginError(FedcoreUserError):
+    """A plugin is unknown, failed to load, or is incompatible with another one."""
+
+
+class DataError(FedcoreUserError):
+    """Input data is missing or unusable."""
+
+
+class PrivacyBudgetError(FedcoreUserError):
+    """The requested privacy budget cannot be met."""

@@ -1,0 +1,102 @@
+"""Every hook of fedcore: the plugin API.
+
+A plugin is a module (or object) registered under the entry-point group
+``fedcore`` that implements some of these hooks with ``@fedcore.hookimpl``.
+Registration hooks return lists of component classes; lifecycle hooks let
+observers (progress, experiment trackers) watch a run without changing it.
+Implementations may accept a subset of a hook's arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from fedcore.components import Aggregator, Attack, Dataset, Ledger, Model, PrivacyMechanism, SecureAggregator
+    from fedcore.spec import ExperimentSpec
+    from fedcore.types import RoundRecord
+
+PROJECT = "fedcore"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def fedcore_datasets() -> list[type[Dataset]]:
+    """Return the dataset component classes this plugin provides.
+
+    Each class subclasses :class:`fedcore.components.Dataset`; its ``name`` is the
+    value of ``data.use`` in a spec.
+    """
+
+
+@hookspec
+def fedcore_models() -> list[type[Model]]:
+    """Return the model component classes this plugin provides (``model.use``)."""
+
+
+@hookspec
+def fedcore_aggregators() -> list[type[Aggregator]]:
+    """Return the aggregator component classes this plugin provides (``aggregator.use``)."""
+
+
+@hookspec
+def fedcore_privacy_mechanisms() -> list[type[PrivacyMechanism]]:
+    """Return the privacy mechanism classes this plugin provides (entries of ``privacy``)."""
+
+
+@hookspec
+def fedcore_secure_aggregators() -> list[type[SecureAggregator]]:
+    """Return the secure aggregation classes this plugin provides (``secure_aggregation.use``)."""
+
+
+@hookspec
+def fedcore_ledgers() -> list[type[Ledger]]:
+    """Return the ledger classes this plugin provides (``ledger.use``)."""
+
+
+@hookspec
+def fedcore_attacks() -> list[type[Attack]]:
+    """Return the simulated attack classes this plugin provides (entries of ``attacks``)."""
+
+
+@hookspec
+def fedcore_run_start(spec: ExperimentSpec, run_dir: Path, n_runs: int) -> None:
+    """Called once before the first round of an experiment (all arms and repeats).
+
+    :param spec: the resolved experiment spec, every default filled in.
+    :param run_dir: the directory the run writes its outputs to.
+    :param n_runs: how many (arm, repeat) trainings the experiment will execute.
+    """
+
+
+@hookspec
+def fedcore_round_end(record: RoundRecord) -> None:
+    """Called after every evaluated round (federated) or epoch (centralized baseline).
+
+    :param record: the round's metrics, timings, communication and privacy spent.
+    """
+
+
+@hookspec
+def fedcore_run_end(summary: dict[str, Any], run_dir: Path) -> None:
+    """Called once when the experiment has finished and its report is written.
+
+    :param summary: the content of ``summary.json``.
+    :param run_dir: the directory holding the report, metrics and ledger.
+    """
+
+
+#: registration hook name -> component kind it returns
+REGISTRATION_HOOKS: dict[str, str] = {
+    "fedcore_datasets": "dataset",
+    "fedcore_models": "model",
+    "fedcore_aggregators": "aggregator",
+    "fedcore_privacy_mechanisms": "privacy",
+    "fedcore_secure_aggregators": "secure_aggregator",
+    "fedcore_ledgers": "ledger",
+    "fedcore_attacks": "attack",
+}

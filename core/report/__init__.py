@@ -1,0 +1,315 @@
+"""summary.json, report.md and figures of a run directory.
+
+:func:`build_report` reads only files (``summary.json``, ``rounds.jsonl``), so
+``fedcore report DIR`` rebuilds the same report later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedcore.errors import FedcoreUserError
+from fedcore.metrics import convergence_epoch, mean_sd
+from fedcore.types import RoundRecord, json_digest
+
+if TYPE_CHECKING:
+    from fedcore.components import FederatedData
+    from fedcore.engine.simulation import RunResult
+    from fedcore.spec import Experiment
+
+METRICS = ("accuracy", "precision", "recall", "f1")
+
+
+def _run_summary(result: RunResult) -> dict[str, Any]:
+    records = result.records
+    last = records[-1]
+    conv = convergence_epoch([r.epoch for r in records], [r.validation.accuracy for r in records])
+    out: dict[str, Any] = {
+        "repeat": result.repeat,
+        "rounds": len(records),
+        "epochs": last.epoch,
+        "test": last.test.model_dump(),
+        "validation": last.validation.model_dump(),
+        "convergence_epoch": conv,
+        "wall_seconds": result.wall_seconds,
+        "seconds_per_round": sum(r.round_seconds for r in records) / len(records),
+    }
+    if result.mode == "federated":
+        sizes = [b for r in records for b in r.update_bytes]
+        secs = [s for r in records for s in r.update_seconds]
+        out["bytes_per_update"] = sum(sizes) / len(sizes) if sizes else 0
+        out["seconds_per_update"] = sum(secs) / len(secs) if secs else 0
+        out["updates"] = len(sizes)
+        out["privacy"] = [p.model_dump() for p in last.privacy]
+        out["ledger"] = result.ledger
+    return out
+
+
+def _aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    agg: dict[str, Any] = {}
+    for metric in METRICS:
+        mean, sd = mean_sd([r["test"][metric] for r in runs])
+        agg[metric] = {"mean": mean, "sd": sd}
+    conv = [r["convergence_epoch"] for r in runs if r["convergence_epoch"] is not None]
+    mean, sd = mean_sd(conv)
+    agg["convergence_epoch"] = {"mean": mean, "sd": sd}
+    mean, sd = mean_sd([r["wall_seconds"] for r in runs])
+    agg["wall_seconds"] = {"mean": mean, "sd": sd}
+    if runs and "bytes_per_update" in runs[0]:
+        agg["bytes_per_update"] = {"mean": mean_sd([r["bytes_per_update"] for r in runs])[0], "sd": 0.0}
+        eps = [p["epsilon"] for r in runs for p in r.get("privacy", [])]
+        agg["epsilon_max"] = max(eps) if eps else None
+    return agg
+
+
+def write_summary(
+    run_dir: Path,
+    experiment: Experiment,
+    results: Sequence[RunResult],
+    total_seconds: float,
+    data: FederatedData,
+) -> dict[str, Any]:
+    """Write ``summary.json`` from the finished trainings and return it."""
+    from fedcore.engine.runner import baseline_key
+
+    by_arm: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
+    for result in results:
+        by_arm[(result.mode, result.arm)].append(result)
+    first_label_by_key: dict[str, str] = {}
+    arms = []
+    for arm in experiment.arms:
+        key = baseline_key(arm.spec)
+        first_label_by_key.setdefault(key, arm.label)
+        fed_runs = [_run_summary(r) for r in sorted(by_arm[("federated", arm.label)], key=lambda r: r.repeat)]
+        cen = by_arm.get(("centralized", first_label_by_key[key]), [])
+        cen_runs = [_run_summary(r) for r in sorted(cen, key=lambda r: r.repeat)]
+        arms.append(
+            {
+                "label": arm.label,
+                "assignments": [[p, v] for p, v in arm.assignments],
+                "privacy_specs": [p.model_dump() for p in arm.spec.privacy],
+                "aggregator": arm.spec.aggregator.model_dump(),
+                "federated": {"runs": fed_runs, "aggregate": _aggregate(fed_runs)},
+                "centralized": {"runs": cen_runs, "aggregate": _aggregate(cen_runs), "of_arm": first_label_by_key[key]}
+                if cen_runs
+                else None,
+            }
+        )
+    spec = experiment.spec
+    summary = {
+        "name": spec.name,
+        "spec_sha256": json_digest(spec.model_dump(mode="json")),
+        "seed": spec.seed,
+        "repeats": spec.repeats,
+        "rounds": spec.training.rounds,
+        "local_epochs": spec.training.local_epochs,
+        "total_seconds": total_seconds,
+        "data": {
+            "sites": [
+                {"site": s.site, "name": s.name, "train": s.n_train, "validation": len(s.y_val), "test": len(s.y_test)}
+                for s in data.sites
+            ],
+            "features": data.n_features,
+            "classes": data.class_names,
+            "sections": data.report_sections,
+            "released_statistics": sorted(data.released_statistics),
+        },
+        "arms": arms,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    return summary
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+# -------------------------------------------------------------------- rendering
+
+
+def _pct(stat: dict[str, float]) -> str:
+    if stat is None or math.isnan(stat["mean"]):
+        return "n/a"
+    return f"{100 * stat['mean']:.2f} ± {100 * stat['sd']:.2f}"
+
+
+def _num(stat: dict[str, float] | None, fmt: str = "{:.1f}") -> str:
+    if stat is None or stat["mean"] is None or math.isnan(stat["mean"]):
+        return "n/a"
+    return f"{fmt.format(stat['mean'])} ± {fmt.format(stat['sd'])}"
+
+
+def _privacy_text(arm: dict[str, Any]) -> str:
+    runs = arm["federated"]["runs"]
+    reports = [p for r in runs for p in r.get("privacy", [])]
+    if not reports:
+        return "none"
+    worst = max(reports, key=lambda p: p["epsilon"])
+    return f"ε = {worst['epsilon']:.3f}, δ = {worst['delta']:.0e} ({worst['unit']}, {worst['accountant']})"
+
+
+def _table_one(arm: dict[str, Any]) -> str:
+    fed = arm["federated"]["aggregate"]
+    cen = arm["centralized"]["aggregate"] if arm["centralized"] else None
+    lines = [
+        "| Metric | Centralized | Federated | Deviation (points) |",
+        "|---|---|---|---|",
+    ]
+    for metric in METRICS:
+        if cen:
+            dev = 100 * (fed[metric]["mean"] - cen[metric]["mean"])
+            lines.append(f"| {metric.capitalize()} (%) | {_pct(cen[metric])} | {_pct(fed[metric])} | {dev:+.2f} |")
+        else:
+            lines.append(f"| {metric.capitalize()} (%) | – | {_pct(fed[metric])} | – |")
+    conv_c = _num(cen["convergence_epoch"]) if cen else "–"
+    lines.append(f"| Convergence (epochs) | {conv_c} | {_num(fed['convergence_epoch'])} | |")
+    lines.append(f"| Privacy loss | none | {_privacy_text(arm)} | |")
+    time_c = _num(cen["wall_seconds"]) if cen else "–"
+    lines.append(f"| Processing time (s per run) | {time_c} | {_num(fed['wall_seconds'])} | |")
+    kb = fed.get("bytes_per_update", {}).get("mean", 0) / 1024
+    lines.append(f"| Communication per update (KiB) | – | {kb:.1f} | |")
+    return "\n".join(lines)
+
+
+def _load_records(run_dir: Path) -> list[RoundRecord]:
+    path = run_dir / "rounds.jsonl"
+    if not path.is_file():
+        return []
+    return [RoundRecord.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _curves(records: Sequence[RoundRecord], mode: str, arm: str) -> tuple[list[int], list[float], list[float]]:
+    by_epoch: dict[int, list[float]] = defaultdict(list)
+    for r in records:
+        if r.mode == mode and r.arm == arm:
+            by_epoch[r.epoch].append(r.validation.accuracy)
+    epochs = sorted(by_epoch)
+    means = [mean_sd(by_epoch[e])[0] for e in epochs]
+    sds = [mean_sd(by_epoch[e])[1] for e in epochs]
+    return epochs, means, sds
+
+
+def _figure(run_dir: Path, summary: dict[str, Any], records: Sequence[RoundRecord]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    written: list[str] = []
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn_baselines: set[str] = set()
+    for arm in summary["arms"]:
+        epochs, means, sds = _curves(records, "federated", arm["label"])
+        if epochs:
+            label = "federated" if len(summary["arms"]) == 1 else arm["label"]
+            ax.plot(epochs, [100 * m for m in means], marker="o", label=label)
+            ax.fill_between(
+                epochs, [100 * (m - s) for m, s in zip(means, sds)], [100 * (m + s) for m, s in zip(means, sds)], alpha=0.2
+            )
+        if arm["centralized"] and arm["centralized"]["of_arm"] not in drawn_baselines:
+            drawn_baselines.add(arm["centralized"]["of_arm"])
+            epochs, means, _ = _curves(records, "centralized", arm["centralized"]["of_arm"])
+            if epochs:
+                ax.plot(epochs, [100 * m for m in means], linestyle="--", color="black", label="centralized")
+    ax.set_xlabel("epochs of local training (federated: round × local epochs)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"{summary['name']}: validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "accuracy.png", dpi=120)
+    plt.close(fig)
+    written.append("figures/accuracy.png")
+    return written
+
+
+def _comparison_table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| Arm | Accuracy (%) | Macro F1 (%) | Convergence (epochs) | Time (s per run) | Privacy loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in summary["arms"]:
+        fed = arm["federated"]["aggregate"]
+        lines.append(
+            f"| {arm['label']} | {_pct(fed['accuracy'])} | {_pct(fed['f1'])} | {_num(fed['convergence_epoch'])} "
+            f"| {_num(fed['wall_seconds'])} | {_privacy_text(arm)} |"
+        )
+    return "\n".join(lines)
+
+
+def _ledger_text(summary: dict[str, Any]) -> str:
+    rows = []
+    for arm in summary["arms"]:
+        for run in arm["federated"]["runs"]:
+            ledger = run.get("ledger") or {}
+            if ledger:
+                shown = ", ".join(f"{k}: {v}" for k, v in ledger.items() if not isinstance(v, dict | list))
+                rows.append(f"- {arm['label']}, repeat {run['repeat']}: {shown}")
+    return "\n".join(rows)
+
+
+def build_report(run_dir: Path | str) -> Path:
+    """(Re)write ``report.md`` and its figures from ``summary.json`` and ``rounds.jsonl``."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FedcoreUserError(
+            f"no summary.json in {run_dir}", hint="pass the directory a finished `fedcore run` wrote"
+        )
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FedcoreUserError(f"{summary_path} is not valid JSON ({exc.msg})", hint="re-run the experiment") from None
+    records = _load_records(run_dir)
+    figures = _figure(run_dir, summary, records)
+    data = summary["data"]
+    out = [f"# fedcore report: {summary['name']}", ""]
+    out.append(
+        f"{summary['repeats']} repeat(s) of {summary['rounds']} rounds × {summary['local_epochs']} local epochs; "
+        f"seed {summary['seed']}; total wall time {summary['total_seconds']:.1f} s."
+    )
+    out.append("")
+    out.append("## Data")
+    out.append("")
+    out.append("| Site | Train | Validation | Test |")
+    out.append("|---|---|---|---|")
+    for s in data["sites"]:
+        out.append(f"| {s['name']} | {s['train']} | {s['validation']} | {s['test']} |")
+    out.append("")
+    out.append(f"{data['features']} features; classes: {', '.join(map(str, data['classes']))}.")
+    if data.get("released_statistics"):
+        out.append(
+            "Released by sites during preprocessing (outside any DP guarantee, digests on the ledger): "
+            + ", ".join(data["released_statistics"])
+            + "."
+        )
+    for title, body in data.get("sections", {}).items():
+        out += ["", f"### {title}", "", body]
+    for arm in summary["arms"]:
+        title = "Table I: centralized vs federated" if len(summary["arms"]) == 1 else f"Table I — {arm['label']}"
+        out += ["", f"## {title}", "", "Test split, pooled over sites; mean ± sd over repeats.", "", _table_one(arm)]
+    if len(summary["arms"]) > 1:
+        out += ["", "## Comparison of arms", "", _comparison_table(summary)]
+    ledger = _ledger_text(summary)
+    if ledger:
+        out += ["", "## Ledger", "", ledger]
+    out += ["", "## Figures", ""]
+    out += [f"![{Path(f).stem}]({f})" for f in figures]
+    out += [
+        "",
+        "Convergence epoch: the first epoch at which validation accuracy comes within 0.5 points of its "
+        "final value and stays there (federated: round × local epochs).",
+        "",
+    ]
+    report = run_dir / "report.md"
+    report.write_text("\n".join(out))
+    return report

@@ -1,0 +1,1 @@
+"""fedcore's reference plugins, registered through the ``fedcore`` entry-point group."""

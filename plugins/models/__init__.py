@@ -1,0 +1,60 @@
+"""Reference models: the paper's MLP and logistic regression."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedcore import hookimpl
+from fedcore.components import Model
+
+
+class MLPSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden: list[int] = Field(default_factory=lambda: [128, 64, 32], min_length=0)
+    activation: str = Field("relu", pattern="^(relu|tanh|gelu)$")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class MLP(Model):
+    """Fully connected network; softmax output via the cross-entropy loss (the paper's 128-64-32)."""
+
+    name: ClassVar[str] = "mlp"
+    Settings: ClassVar[type[BaseModel]] = MLPSettings
+    description: ClassVar[str] = "multilayer perceptron (default 128-64-32, ReLU, softmax output)"
+
+    def build(self, n_features: int, n_classes: int) -> torch.nn.Module:
+        s: MLPSettings = self.settings  # type: ignore[assignment]
+        act = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "gelu": torch.nn.GELU}[s.activation]
+        layers: list[torch.nn.Module] = []
+        width = n_features
+        for hidden in s.hidden:
+            layers += [torch.nn.Linear(width, hidden), act()]
+            if s.dropout:
+                layers.append(torch.nn.Dropout(s.dropout))
+            width = hidden
+        layers.append(torch.nn.Linear(width, n_classes))
+        return torch.nn.Sequential(*layers)
+
+
+class LogisticRegressionSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogisticRegression(Model):
+    """Multinomial logistic regression (one linear layer, softmax via the loss)."""
+
+    name: ClassVar[str] = "logistic-regression"
+    Settings: ClassVar[type[BaseModel]] = LogisticRegressionSettings
+    description: ClassVar[str] = "multinomial logistic regression"
+
+    def build(self, n_features: int, n_classes: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(n_features, n_classes))
+
+
+@hookimpl
+def fedcore_models() -> list[type[Model]]:
+    return [MLP, LogisticRegression]

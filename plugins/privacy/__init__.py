@@ -1,0 +1,1 @@
+"""Reference privacy plugins."""
