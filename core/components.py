@@ -41,7 +41,7 @@ from fedcore.types import ClientUpdate, LedgerHead, LedgerRecord, PrivacySpent, 
 if TYPE_CHECKING:
     import torch
 
-    from fedcore.spec import ExperimentSpec
+    from fedcore.spec import Components, ExperimentSpec
 
 
 class NoSettings(BaseModel):
@@ -70,10 +70,11 @@ class Component:
         """Why this component cannot run here (a missing optional dependency), or None."""
         return None
 
-    def check_spec(self, spec: ExperimentSpec) -> None:
+    def check_spec(self, spec: ExperimentSpec, components: Components) -> None:
         """Refuse a spec this component cannot honour; raise :class:`fedcore.errors.SpecError`.
 
-        Called when the spec loads, before any data is read.
+        Called when the spec loads, before any data is read. ``components`` holds the
+        spec's other components (for example ``components.dataset.will_oversample()``).
         """
 
     def site_stage(self, site: SiteInfo) -> LocalTrainingStage | None:

@@ -377,7 +377,7 @@ def check_capabilities(spec: ExperimentSpec, plugins: PluginManager, source: Spe
     ]
     everyone += [c for c in (components.secure_aggregation, components.ledger) if c is not None]
     for component in everyone:
-        component.check_spec(spec)
+        component.check_spec(spec, components)
 
 
 def _arm_label(assignments: Sequence[tuple[str, Any]]) -> str:

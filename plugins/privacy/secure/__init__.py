@@ -1,0 +1,1 @@
+"""Secure aggregation plugins (the server learns only the sum of updates)."""
