@@ -89,6 +89,22 @@ def load_data(spec: ExperimentSpec, seed: int, plugins: PluginManager) -> Federa
     return _DATA_CACHE[key]
 
 
+def preflight(experiment: Experiment) -> None:
+    """Load the first repeat's data and create every site's stages before anything is written.
+
+    Bad data and impossible privacy budgets fail here, as user errors, with no run
+    directory left behind.
+    """
+    from fedcore.engine.simulation import site_stages
+
+    spec = experiment.spec
+    for arm in experiment.arms:
+        data = load_data(arm.spec, spec.seed, experiment.plugins)
+        components = build_components(arm.spec, experiment.plugins)
+        for site in data.sites:
+            site_stages(arm.spec, components, data, site, spec.seed)
+
+
 def execute_job(
     job: Job,
     run_dir: Path,
@@ -201,9 +217,7 @@ def run_experiment(
     spec = experiment.spec
     plugins = experiment.plugins
     jobs = plan_jobs(experiment)
-    # Load the first repeat's data before anything is written, so bad data fails cleanly.
-    for arm in experiment.arms:
-        load_data(arm.spec, spec.seed, plugins)
+    preflight(experiment)
     run_dir = timestamped_run_dir(spec, out)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.resolved.yaml").write_text(resolved_yaml(spec))

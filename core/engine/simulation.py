@@ -203,6 +203,33 @@ def initial_module(components: Components, data: FederatedData, seed: int) -> to
     return components.model.build(data.n_features, data.n_classes)
 
 
+def site_stages(spec: ExperimentSpec, components: Components, data: FederatedData, site: SiteData, seed: int) -> list[LocalTrainingStage]:
+    """The stages of one site, in spec order: aggregator, privacy (list order), attacks on this site.
+
+    Creating them is where privacy mechanisms calibrate their noise, so an impossible
+    budget fails here, before any training.
+    """
+    info = _site_info(data, site, spec, seed)
+    owners = [components.aggregator, *components.privacy]
+    owners += [a for a in components.attacks if site.site in a.attacked_sites()]
+    return [stage for stage in (owner.site_stage(info) for owner in owners) if stage is not None]
+
+
+def make_sites(spec: ExperimentSpec, components: Components, data: FederatedData, seed: int) -> list[Site]:
+    """Every hospital of the run, each with its own module, stages and generator."""
+    return [
+        Site(
+            site_data,
+            components.model.build(data.n_features, data.n_classes),
+            spec,
+            site_stages(spec, components, data, site_data, seed),
+            data.n_classes,
+            derive_seed(seed, 1, site_data.site),
+        )
+        for site_data in data.sites
+    ]
+
+
 def _ledger_append(ledger: Ledger | None, records: list[LedgerRecord]) -> None:
     if ledger is not None and records:
         ledger.append(records)
@@ -221,23 +248,8 @@ def run_federated(
 ) -> RunResult:
     """Train one federated run: every round, every site, then evaluate on every site."""
     start = time.perf_counter()
-    module = initial_module(components, data, seed)
-    initial = weights_of(module)
-    sites: list[Site] = []
-    for site_data in data.sites:
-        info = _site_info(data, site_data, spec, seed)
-        stages: list[LocalTrainingStage] = []
-        for component in (components.aggregator, *components.privacy):
-            stage = component.site_stage(info)
-            if stage is not None:
-                stages.append(stage)
-        for attack in components.attacks:
-            if site_data.site in attack.attacked_sites():
-                stage = attack.site_stage(info)
-                if stage is not None:
-                    stages.append(stage)
-        site_module = components.model.build(data.n_features, data.n_classes)
-        sites.append(Site(site_data, site_module, spec, stages, data.n_classes, derive_seed(seed, 1, site_data.site)))
+    initial = weights_of(initial_module(components, data, seed))
+    sites = make_sites(spec, components, data, seed)
     server = Server(
         initial, components.aggregator, components.privacy, components.secure_aggregation, derive_seed(seed, 2)
     )
