@@ -173,3 +173,31 @@ def test_parallel_workers_give_the_same_numbers(tmp_path: Path) -> None:
         return sorted((r["mode"], r["repeat"], r["round"], r["test"]["f1"]) for r in out)
 
     assert rows(runs[0]) == rows(runs[1])
+
+
+class Observer:
+    """A lifecycle-hook observer: watches without changing anything."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    @hookimpl
+    def fedcore_run_start(self, spec, run_dir, n_runs):
+        self.events.append(f"start:{spec.name}:{n_runs}")
+
+    @hookimpl
+    def fedcore_round_end(self, record):
+        self.events.append(f"round:{record.mode}:{record.round}")
+
+    @hookimpl
+    def fedcore_run_end(self, summary, run_dir):
+        self.events.append(f"end:{summary['name']}:{(run_dir / 'report.md').is_file()}")
+
+
+def test_lifecycle_hooks_see_every_round(tmp_path: Path) -> None:
+    observer = Observer()
+    run_spec_text(TINY_SPEC + "baseline: {centralized: true}\n", tmp_path / "run", extra_plugins=[observer])
+    assert observer.events[0] == "start:tiny:2"
+    assert observer.events[-1] == "end:tiny:True"
+    rounds = observer.events[1:-1]
+    assert sorted(rounds) == sorted(["round:centralized:1", "round:centralized:2", "round:federated:1", "round:federated:2"])

@@ -232,6 +232,26 @@ def _figure(run_dir: Path, summary: dict[str, Any], records: Sequence[RoundRecor
     return written
 
 
+def _per_site_table(records: Sequence[RoundRecord], arm: str, site_names: dict[int, str]) -> str:
+    """The final global model on each site's test split, mean ± sd over repeats."""
+    last: dict[int, RoundRecord] = {}
+    for r in records:
+        if r.mode == "federated" and r.arm == arm and (r.repeat not in last or r.round > last[r.repeat].round):
+            last[r.repeat] = r
+    if not last:
+        return ""
+    by_site: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for record in last.values():
+        for evaluation in record.per_site:
+            by_site[evaluation.site].append((evaluation.test.accuracy, evaluation.test.f1))
+    lines = ["| Site | Test accuracy (%) | Test macro F1 (%) |", "|---|---|---|"]
+    for site, values in sorted(by_site.items()):
+        acc = dict(zip(("mean", "sd"), mean_sd([v[0] for v in values])))
+        f1 = dict(zip(("mean", "sd"), mean_sd([v[1] for v in values])))
+        lines.append(f"| {site_names.get(site, site)} | {_pct(acc)} | {_pct(f1)} |")
+    return "\n".join(lines)
+
+
 def _comparison_table(summary: dict[str, Any]) -> str:
     lines = [
         "| Arm | Accuracy (%) | Macro F1 (%) | Convergence (epochs) | Time (s per run) | Privacy loss |",
@@ -297,6 +317,10 @@ def build_report(run_dir: Path | str) -> Path:
     for arm in summary["arms"]:
         title = "Table I: centralized vs federated" if len(summary["arms"]) == 1 else f"Table I — {arm['label']}"
         out += ["", f"## {title}", "", "Test split, pooled over sites; mean ± sd over repeats.", "", _table_one(arm)]
+        site_names = {s["site"]: s["name"] for s in data["sites"]}
+        per_site = _per_site_table(records, arm["label"], site_names)
+        if per_site:
+            out += ["", "Federated model per site (final round):", "", per_site]
     if len(summary["arms"]) > 1:
         out += ["", "## Comparison of arms", "", _comparison_table(summary)]
     ledger = _ledger_text(summary)
