@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,15 +34,29 @@ def fedcore_script() -> str:
     return str(Path(sys.executable).with_name("fedcore"))
 
 
-@pytest.fixture
-def run_cli(tmp_path: Path):
-    """Run the installed `fedcore` command; returns CompletedProcess (text)."""
-    import subprocess
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
 
-    def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
-        full_env = {**os.environ, **(env or {})}
-        return subprocess.run(
-            [fedcore_script(), *args], capture_output=True, text=True, env=full_env, cwd=cwd or tmp_path, timeout=300
-        )
+
+@pytest.fixture
+def run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run the `fedcore` command in this process (exit code, stdout, stderr as the real command gives).
+
+    In-process keeps the suite fast (no interpreter and torch start-up per call);
+    ``test_cli_subprocess`` checks the installed script itself.
+    """
+    from click.testing import CliRunner
+
+    from fedcore.cli import cli
+
+    def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliResult:
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.chdir(cwd or tmp_path)
+        result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+        return CliResult(result.exit_code, result.stdout, result.stderr)
 
     return run
