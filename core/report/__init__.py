@@ -266,15 +266,35 @@ def _comparison_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _ledger_text(summary: dict[str, Any]) -> str:
-    rows = []
-    for arm in summary["arms"]:
-        for run in arm["federated"]["runs"]:
-            ledger = run.get("ledger") or {}
-            if ledger:
-                shown = ", ".join(f"{k}: {v}" for k, v in ledger.items() if not isinstance(v, dict | list))
-                rows.append(f"- {arm['label']}, repeat {run['repeat']}: {shown}")
-    return "\n".join(rows)
+#: ledger summary keys shown in Table II, with their column titles
+LEDGER_COLUMNS = (
+    ("transactions", "Transactions"),
+    ("entries", "Entries"),
+    ("mean_transaction_ms", "Mean transaction (ms)"),
+    ("transactions_per_minute", "Transactions per minute"),
+    ("bytes_per_round", "Growth per round (bytes)"),
+    ("bytes", "Size (bytes)"),
+)
+
+
+def _ledger_table(summary: dict[str, Any]) -> str:
+    """Table II: what the ledger cost, one row per arm and repeat, and its final signed head."""
+    rows = [(arm["label"], run) for arm in summary["arms"] for run in arm["federated"]["runs"] if run.get("ledger")]
+    if not rows:
+        return ""
+    first = rows[0][1]["ledger"]
+    lines = [
+        f"Ledger `{first.get('ledger', '?')}`; consensus: {first.get('consensus', 'n/a')}; "
+        f"signatures: {first.get('signature', 'n/a')}.",
+        "",
+        "| Arm | Repeat | " + " | ".join(title for _, title in LEDGER_COLUMNS) + " | Final head |",
+        "|---|---|" + "---|" * len(LEDGER_COLUMNS) + "---|",
+    ]
+    for label, run in rows:
+        ledger = run["ledger"]
+        cells = [str(ledger.get(key, "n/a")) for key, _ in LEDGER_COLUMNS]
+        lines.append(f"| {label} | {run['repeat']} | " + " | ".join(cells) + f" | `{ledger.get('head', 'n/a')}` |")
+    return "\n".join(lines)
 
 
 def build_report(run_dir: Path | str) -> Path:
@@ -323,9 +343,9 @@ def build_report(run_dir: Path | str) -> Path:
             out += ["", "Federated model per site (final round):", "", per_site]
     if len(summary["arms"]) > 1:
         out += ["", "## Comparison of arms", "", _comparison_table(summary)]
-    ledger = _ledger_text(summary)
+    ledger = _ledger_table(summary)
     if ledger:
-        out += ["", "## Ledger", "", ledger]
+        out += ["", "## Table II: ledger", "", ledger]
     out += ["", "## Figures", ""]
     out += [f"![{Path(f).stem}]({f})" for f in figures]
     out += [
