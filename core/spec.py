@@ -384,6 +384,8 @@ def _arm_label(assignments: Sequence[tuple[str, Any]]) -> str:
     def show(value: Any) -> str:
         if isinstance(value, dict) and "use" in value:
             return PluginRef.model_validate(value).label()
+        if isinstance(value, list) and all(isinstance(v, dict) and "use" in v for v in value):
+            return "+".join(PluginRef.model_validate(v).label() for v in value) or "none"
         return str(value)
 
     return ", ".join(f"{path}={show(value)}" for path, value in assignments) or "main"

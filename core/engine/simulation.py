@@ -74,8 +74,9 @@ class Site:
         self.n_classes = n_classes
         self.generator = torch.Generator().manual_seed(seed)
         self.trainer = LocalTrainer(module, spec.training, self.stages, data.class_counts(n_classes))
-        self._x = torch.from_numpy(data.x_train)
-        self._y = torch.from_numpy(data.y_train)
+        # A copy: dataset arrays may be read-only, and torch wants writable storage.
+        self._x = torch.tensor(data.x_train)
+        self._y = torch.tensor(data.y_train)
 
     def train(self, message: GlobalModel, extras: dict[str, Weights] | None = None) -> ClientUpdate:
         start = time.perf_counter()

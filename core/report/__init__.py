@@ -205,7 +205,8 @@ def _figure(run_dir: Path, summary: dict[str, Any], records: Sequence[RoundRecor
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
     written: list[str] = []
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    many = len(summary["arms"]) > 6
+    fig, ax = plt.subplots(figsize=(11, 4.8) if many else (7, 4.2))
     drawn_baselines: set[str] = set()
     for arm in summary["arms"]:
         epochs, means, sds = _curves(records, "federated", arm["label"])
@@ -224,9 +225,12 @@ def _figure(run_dir: Path, summary: dict[str, Any], records: Sequence[RoundRecor
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{summary['name']}: validation accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(figures / "accuracy.png", dpi=120)
+    fig.savefig(figures / "accuracy.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     written.append("figures/accuracy.png")
     return written
