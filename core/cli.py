@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from fedcore.errors import FedcoreUserError
+from fedcore.errors import FedcoreUserError, RunFailure
 
 
 class _Group(click.Group):
@@ -26,6 +26,9 @@ class _Group(click.Group):
         except FedcoreUserError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except RunFailure as exc:
+            click.echo(f"run failed: {exc}", err=True)
+            sys.exit(1)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:

@@ -34,3 +34,11 @@ class DataError(FedcoreUserError):
 
 class PrivacyBudgetError(FedcoreUserError):
     """The requested privacy budget cannot be met."""
+
+
+class RunFailure(Exception):
+    """A run failed at run time for a reason that is neither the user's input nor a bug
+    (a secure-aggregation party died, a peer timed out). The CLI prints it as one line, exit 1.
+    """
+
+    exit_code = 1
