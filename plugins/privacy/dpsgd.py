@@ -1,0 +1,253 @@
+"""DP-SGD building blocks: Poisson batches, per-sample gradients, clipping and noise.
+
+Small pure functions so that any engine (the sequential loop here, the vectorized
+engine that trains many sites at once) does exactly the same arithmetic as Opacus's
+``DPOptimizer``: clip every per-sample gradient to ``max_grad_norm`` (over all
+parameters together), sum, add ``N(0, (noise_multiplier * max_grad_norm)^2)`` per
+coordinate, divide by the *expected* batch size ``sample_rate * n``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+LossFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DPSGDParameters:
+    """Everything DP-SGD needs at a site, fixed before the run by calibration.
+
+    :ivar noise_multiplier: sigma; the noise std is ``sigma * max_grad_norm``.
+    :ivar max_grad_norm: the per-sample clipping norm C.
+    :ivar sample_rate: Poisson sampling probability q of each training row per step.
+    :ivar expected_batch_size: ``q * n_train``, the divisor of the noisy gradient sum.
+    :ivar steps_per_epoch: Poisson batches drawn per local epoch.
+    :ivar local_epochs: local epochs per round.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: float
+    steps_per_epoch: int
+    local_epochs: int
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.max_grad_norm
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.steps_per_epoch * self.local_epochs
+
+
+def poisson_schedule(n_train: int, batch_size: int) -> tuple[float, int]:
+    """Sampling rate and steps per epoch for an expected batch of ``batch_size`` rows.
+
+    As Opacus's ``DPDataLoader``: q = batch_size / n and one epoch is about 1 / q steps
+    (rounded up, like the non-private loop's number of batches).
+    """
+    sample_rate = min(1.0, batch_size / n_train)
+    return sample_rate, max(1, math.ceil(n_train / batch_size))
+
+
+def poisson_batches(
+    x: torch.Tensor, y: torch.Tensor, sample_rate: float, steps: int, generator: torch.Generator
+) -> Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """A sampler whose every batch holds each row independently with probability ``sample_rate``.
+
+    This is the sampling the accountant's subsampled-Gaussian analysis assumes; batch sizes
+    vary (and may be 0). Draws come from ``generator``, so a seeded run repeats exactly.
+    """
+    n = len(y)
+    count_n = torch.tensor([float(n)], dtype=torch.float64)
+    count_q = torch.tensor([float(sample_rate)], dtype=torch.float64)
+
+    def draw() -> torch.Tensor:
+        # Batch size ~ Binomial(n, q), then a uniform subset of that size: the same law as
+        # one Bernoulli(q) per row, at O(batch) instead of O(n) cost per step.
+        k = int(torch.binomial(count_n, count_q, generator=generator))
+        if k * k > n:  # repeats would be common: take a random permutation's first k rows
+            return torch.randperm(n, generator=generator)[:k]
+        while True:  # i.i.d. indices conditioned on being distinct are a uniform k-subset
+            chosen = torch.randint(n, (k,), generator=generator)
+            if len(torch.unique(chosen)) == k:
+                return chosen
+
+    def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _step in range(steps):
+            chosen = draw()
+            yield x[chosen], y[chosen]
+
+    return epoch
+
+
+#: modules a :func:`linear_chain` may contain besides ``Linear``: elementwise, parameter-free
+_ELEMENTWISE = (torch.nn.ReLU, torch.nn.Tanh, torch.nn.GELU, torch.nn.Sigmoid, torch.nn.LeakyReLU, torch.nn.Identity)
+
+
+def linear_chain(module: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """The layers of ``module`` if it is a ``Sequential`` of ``Linear`` and elementwise layers, else None.
+
+    For such a model (the paper's MLP, logistic regression) a row's gradient of a
+    ``Linear`` layer is the outer product of the gradient at the layer's output and its
+    input, so norms and the clipped sum need no per-sample gradient tensors.
+    """
+    if not isinstance(module, torch.nn.Sequential):
+        return None
+    layers = list(module)
+    for layer in layers:
+        if isinstance(layer, torch.nn.Linear):
+            if not layer.weight.requires_grad or (layer.bias is not None and not layer.bias.requires_grad):
+                return None
+        elif not isinstance(layer, _ELEMENTWISE):
+            return None
+    return layers if any(isinstance(layer, torch.nn.Linear) for layer in layers) else None
+
+
+def linear_chain_clipped_sum(
+    layers: Sequence[torch.nn.Module], loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Sum of per-sample gradients clipped to ``max_grad_norm``, for a :func:`linear_chain`.
+
+    One forward and one backward pass. Row i's squared gradient norm of a Linear layer is
+    ``|g_i|^2 (|a_i|^2 + 1)`` (g: gradient at the output, a: input; +1 for the bias),
+    and the clipped sum is ``(c * g)^T a`` -- Opacus's "ghost clipping" identity.
+    Returns the gradients in parameter order, the per-sample norms and per-sample losses.
+    """
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    h = x
+    for layer in layers:
+        if isinstance(layer, torch.nn.Linear):
+            inputs.append(h)
+            h = layer(h)
+            outputs.append(h)
+        else:
+            h = layer(h)
+    losses = loss_fn(h, y, reduction="none")
+    output_grads = torch.autograd.grad(losses.sum(), outputs)
+    squares = torch.zeros(len(y), dtype=x.dtype)
+    linears = [layer for layer in layers if isinstance(layer, torch.nn.Linear)]
+    for layer, a, g in zip(linears, inputs, output_grads, strict=True):
+        g_sq = g.pow(2).sum(dim=1)
+        squares = squares + g_sq * (a.detach().pow(2).sum(dim=1) + (1.0 if layer.bias is not None else 0.0))
+    norms = squares.sqrt()
+    factors = clip_factors(norms, max_grad_norm)
+    grads: list[torch.Tensor] = []
+    for layer, a, g in zip(linears, inputs, output_grads, strict=True):
+        scaled = g * factors.unsqueeze(1)
+        grads.append(scaled.t() @ a.detach())
+        if layer.bias is not None:
+            grads.append(scaled.sum(dim=0))
+    return grads, norms, losses.detach()
+
+
+def add_noise_and_average(
+    summed: Sequence[torch.Tensor], noise_std: float, generator: torch.Generator, expected_batch_size: float
+) -> list[torch.Tensor]:
+    """``(sum + N(0, noise_std^2)) / expected_batch_size`` per tensor (new tensors)."""
+    return [
+        (s + torch.normal(0.0, noise_std, size=s.shape, generator=generator, dtype=s.dtype)) / expected_batch_size
+        for s in summed
+    ]
+
+
+def per_sample_gradients(
+    module: torch.nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-sample gradients (one ``(batch, *p.shape)`` tensor per trainable parameter) and losses.
+
+    ``loss_fn(logits, target, reduction="sum")`` on a one-row batch is the row's loss
+    (class weights included), computed with torch.func's ``vmap(grad)``.
+    """
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
+    buffers = dict(module.named_buffers())
+
+    def row_loss(trainable: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(module, ({**trainable, **frozen}, buffers), (xi.unsqueeze(0),))
+        return loss_fn(logits, yi.unsqueeze(0), reduction="sum")
+
+    grads, losses = vmap(grad_and_value(row_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    return [grads[n] for n in names], losses
+
+
+def per_sample_norms(per_sample_grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each sample's whole gradient (all parameters together), shape ``(batch,)``."""
+    squares = [g.reshape(len(g), -1).pow(2).sum(dim=1) for g in per_sample_grads]
+    return torch.stack(squares, dim=1).sum(dim=1).sqrt()
+
+
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Opacus's per-sample scale ``min(1, C / (norm + 1e-6))``."""
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+def clip_and_noise(
+    per_sample_grads: Sequence[torch.Tensor],
+    max_grad_norm: float,
+    noise_std: float,
+    generator: torch.Generator,
+    expected_batch_size: float,
+) -> list[torch.Tensor]:
+    """The DP-SGD gradient: clip each sample to ``max_grad_norm``, sum, add noise, average.
+
+    Returns new tensors shaped like the parameters; the inputs are not modified.
+    """
+    if len(per_sample_grads[0]):
+        factors = clip_factors(per_sample_norms(per_sample_grads), max_grad_norm)
+        summed = [torch.einsum("b,b...->...", factors, g) for g in per_sample_grads]
+    else:
+        summed = [g.sum(dim=0) for g in per_sample_grads]
+    return add_noise_and_average(summed, noise_std, generator, expected_batch_size)
+
+
+def noisy_zero_gradient(
+    parameters: Sequence[torch.Tensor], noise_std: float, generator: torch.Generator, expected_batch_size: float
+) -> list[torch.Tensor]:
+    """The DP-SGD gradient of an empty Poisson batch: noise only (Opacus steps on it too)."""
+    return [
+        torch.normal(0.0, noise_std, size=p.shape, generator=generator, dtype=p.dtype) / expected_batch_size
+        for p in parameters
+    ]
+
+
+def dp_gradient_step(
+    params: DPSGDParameters, loss_fn: LossFn, generator: torch.Generator
+) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A ``GradientStep`` for the local-training loop: writes the DP-SGD gradient into ``p.grad``.
+
+    Linear chains (the paper's MLP) take the one-backward clipped sum of
+    :func:`linear_chain_clipped_sum`; any other module takes torch.func's per-sample
+    gradients. Both add the same noise from ``generator``.
+    """
+
+    def step(module: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        layers = linear_chain(module)
+        if len(yb) == 0:
+            grads = noisy_zero_gradient(trainable, params.noise_std, generator, params.expected_batch_size)
+            loss = torch.zeros(())
+        elif layers is not None:
+            summed, _, losses = linear_chain_clipped_sum(layers, loss_fn, xb, yb, params.max_grad_norm)
+            grads = add_noise_and_average(summed, params.noise_std, generator, params.expected_batch_size)
+            loss = losses.mean()
+        else:
+            per_sample, losses = per_sample_gradients(module, loss_fn, xb, yb)
+            grads = clip_and_noise(
+                per_sample, params.max_grad_norm, params.noise_std, generator, params.expected_batch_size
+            )
+            loss = losses.detach().mean()
+        for p, g in zip(trainable, grads, strict=True):
+            p.grad = g
+        return loss
+
+    return step
