@@ -326,6 +326,19 @@ class PrivacyMechanism(Component):
         """Server side: return the sum to aggregate (central DP adds noise here)."""
         return summed
 
+    def refuse_round(self, round: int) -> str | None:
+        """Why round ``round`` must not start (it would exceed the budget), or None.
+
+        The engine asks before every round and stops the run, keeping the rounds
+        done, when a mechanism refuses; a site stage may also raise
+        :class:`fedcore.errors.PrivacyBudgetError` before its first step for the same effect.
+        """
+        return None
+
+    def broadcast_extras(self) -> dict[str, Weights]:
+        """Tensors sent to the sites with the global model (the round's clipping norm)."""
+        return {}
+
     def privacy_spent(self, site_reports: Sequence[PrivacySpent]) -> PrivacySpent | None:
         """The run's privacy loss from the sites' accountants (default: the worst site)."""
         if not site_reports:

@@ -29,6 +29,7 @@ from fedcore.components import (
     SiteInfo,
     plain_sum,
 )
+from fedcore.errors import PrivacyBudgetError
 from fedcore.engine.training import LocalTrainer, load_weights, predict, weights_of
 from fedcore.metrics import classification_metrics, pool
 from fedcore.spec import Components, ExperimentSpec
@@ -142,7 +143,14 @@ class Server:
         self.rng = np.random.default_rng(seed)
 
     def broadcast(self, round: int) -> tuple[GlobalModel, dict[str, Weights]]:
-        return GlobalModel(round=round, weights=self.weights), self.aggregator.broadcast_extras()
+        extras = dict(self.aggregator.broadcast_extras())
+        for mechanism in self.privacy:
+            extras.update(mechanism.broadcast_extras())
+        return GlobalModel(round=round, weights=self.weights), extras
+
+    def refuse_round(self, round: int) -> str | None:
+        reasons = [r for r in (m.refuse_round(round) for m in self.privacy) if r]
+        return "; ".join(reasons) or None
 
     def aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> Weights:
         if self.secure_aggregator is not None:
@@ -181,6 +189,8 @@ class RunResult:
     ledger: dict[str, Any] = field(default_factory=dict)
     final_weights: Weights | None = None
     aggregator_state: dict[str, Any] = field(default_factory=dict)
+    stopped_reason: str | None = None
+    """Why the run ended before its last round (a privacy budget refused a round), or None."""
 
 
 def _site_info(data: FederatedData, site: SiteData, spec: ExperimentSpec, seed: int) -> SiteInfo:
@@ -273,8 +283,16 @@ def run_federated(
     try:
         for round_ in range(1, rounds + 1):
             round_start = time.perf_counter()
+            refusal = server.refuse_round(round_)
+            if refusal is not None:
+                result.stopped_reason = f"stopped before round {round_}: {refusal}"
+                break
             message, extras = server.broadcast(round_)
-            updates = [site.train(message, extras) for site in sites]
+            try:
+                updates = [site.train(message, extras) for site in sites]
+            except PrivacyBudgetError as exc:
+                result.stopped_reason = f"stopped in round {round_}: {exc}"
+                break
             records = [
                 LedgerRecord(
                     kind="site-update",

@@ -27,6 +27,14 @@ METRICS = ("accuracy", "precision", "recall", "f1")
 
 def _run_summary(result: RunResult) -> dict[str, Any]:
     records = result.records
+    if not records:  # refused before its first round
+        nan = float("nan")
+        empty = {m: nan for m in ("loss", "accuracy", "precision", "recall", "f1")} | {"n": 0}
+        return {
+            "repeat": result.repeat, "rounds": 0, "epochs": 0, "test": empty, "validation": empty,
+            "convergence_epoch": None, "wall_seconds": result.wall_seconds, "seconds_per_round": nan,
+            "privacy": [], "ledger": result.ledger, "stopped_reason": result.stopped_reason,
+        }
     last = records[-1]
     conv = convergence_epoch([r.epoch for r in records], [r.validation.accuracy for r in records])
     out: dict[str, Any] = {
@@ -47,6 +55,7 @@ def _run_summary(result: RunResult) -> dict[str, Any]:
         out["updates"] = len(sizes)
         out["privacy"] = [p.model_dump() for p in last.privacy]
         out["ledger"] = result.ledger
+        out["stopped_reason"] = result.stopped_reason
     return out
 
 
@@ -256,6 +265,66 @@ def _per_site_table(records: Sequence[RoundRecord], arm: str, site_names: dict[i
     return "\n".join(lines)
 
 
+def _privacy_section(summary: dict[str, Any]) -> str:
+    """What each arm's accountant computed, what it protects, and any run stopped by its budget."""
+    lines: list[str] = []
+    for arm in summary["arms"]:
+        runs = arm["federated"]["runs"]
+        reports = [p for r in runs for p in r.get("privacy", [])]
+        stops = [f"repeat {r['repeat']}: {r['stopped_reason']}" for r in runs if r.get("stopped_reason")]
+        if not reports and not stops:
+            continue
+        lines.append(f"- **{arm['label']}**")
+        for mechanism in sorted({p["mechanism"] for p in reports}):
+            mine = [p for p in reports if p["mechanism"] == mechanism]
+            worst = max(mine, key=lambda p: p["epsilon"])
+            sigma = f", noise multiplier {worst['noise_multiplier']:.4g}" if worst.get("noise_multiplier") else ""
+            clip = f", clipping norm {worst['max_grad_norm']:g}" if worst.get("max_grad_norm") else ""
+            lines.append(
+                f"  - `{mechanism}`: accounted ε = {worst['epsilon']:.4f} (worst repeat), δ = {worst['delta']:.1e}, "
+                f"unit: {worst['unit']}, accountant: {worst['accountant']}{sigma}{clip}, {worst['steps']} steps"
+            )
+            for note in dict.fromkeys(n for p in mine for n in p.get("notes", [])):
+                lines.append(f"    - {note}")
+        for stop in stops:
+            lines.append(f"  - run stopped early, {stop}")
+    return "\n".join(lines)
+
+
+def _privacy_figure(run_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """Test accuracy against the accounted ε, when several arms spend privacy (an ε sweep)."""
+    points, references = [], []
+    for arm in summary["arms"]:
+        eps = arm["federated"]["aggregate"].get("epsilon_max")
+        acc = arm["federated"]["aggregate"]["accuracy"]
+        (points if eps is not None else references).append((eps, acc, arm["label"]))
+    if len(points) < 2:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points.sort(key=lambda p: p[0])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.errorbar(
+        [p[0] for p in points], [100 * p[1]["mean"] for p in points], yerr=[100 * p[1]["sd"] for p in points],
+        marker="o", capsize=3, label="with DP (accounted ε)",
+    )
+    for _, acc, label in references:
+        ax.axhline(100 * acc["mean"], linestyle="--", color="gray", label=f"{label} (no DP)")
+    ax.set_xscale("log")
+    ax.set_xlabel("accounted ε (whole run)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{summary['name']}: accuracy against privacy")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "figures" / "privacy.png", dpi=120)
+    plt.close(fig)
+    return ["figures/privacy.png"]
+
+
 def _comparison_table(summary: dict[str, Any]) -> str:
     lines = [
         "| Arm | Accuracy (%) | Macro F1 (%) | Convergence (epochs) | Time (s per run) | Privacy loss |",
@@ -315,6 +384,7 @@ def build_report(run_dir: Path | str) -> Path:
         raise FedcoreUserError(f"{summary_path} is not valid JSON ({exc.msg})", hint="re-run the experiment") from None
     records = _load_records(run_dir)
     figures = _figure(run_dir, summary, records)
+    figures += _privacy_figure(run_dir, summary)
     data = summary["data"]
     out = [f"# fedcore report: {summary['name']}", ""]
     out.append(
@@ -347,6 +417,9 @@ def build_report(run_dir: Path | str) -> Path:
             out += ["", "Federated model per site (final round):", "", per_site]
     if len(summary["arms"]) > 1:
         out += ["", "## Comparison of arms", "", _comparison_table(summary)]
+    privacy = _privacy_section(summary)
+    if privacy:
+        out += ["", "## Privacy", "", "ε is what the accountant computed for the steps actually run.", "", privacy]
     ledger = _ledger_table(summary)
     if ledger:
         out += ["", "## Table II: ledger", "", ledger]
