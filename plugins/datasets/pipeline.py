@@ -1,0 +1,355 @@
+"""From raw per-site tables to :class:`~fedcore.components.FederatedData`, the study's way.
+
+Every dataset plugin ends here: rows without a target are dropped (and
+counted), each site splits its rows by patient, summarizes its training split,
+the server combines the summaries, each site applies the fitted imputer,
+scaler and one-hot encoder and oversamples its own training split. The report
+sections say what each step did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedcore.components import FederatedData, SiteData
+from fedcore.errors import DataError
+from fedcore.plugins.datasets.partition import SPLITS, assign_splits
+from fedcore.plugins.datasets.preprocessing import (
+    FederatedStatistics,
+    OversampleMethod,
+    SiteSummary,
+    check_columns_observed,
+    combine_summaries,
+    fitted_transformer,
+    oversample,
+    summarize_site,
+)
+
+MISSING_CATEGORY = "missing"
+
+
+@dataclass(frozen=True)
+class ColumnRoles:
+    """What each column is. ``inferred`` lists the feature columns whose type was guessed."""
+
+    target: str
+    continuous: tuple[str, ...]
+    categorical: tuple[str, ...]
+    patient_id: str | None = None
+    inferred: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RawSite:
+    """One site's rows before preprocessing; ``source`` names its file for error messages.
+
+    ``dropped`` counts rows a plugin already removed, by reason, so the report shows every row.
+    """
+
+    name: str
+    frame: pd.DataFrame
+    source: str
+    dropped: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """The study's preprocessing choices (plugins map their settings to these)."""
+
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    oversample: OversampleMethod = "none"
+    classes: tuple[str, ...] | None = None
+    max_categories: int | None = None
+    min_category_count: int = 1
+    missing_as_category: tuple[str, ...] = ()
+
+
+class PreprocessingSettings(BaseModel):
+    """Settings every EHR dataset plugin shares: the split and what preprocessing does."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test fractions")
+    oversample: OversampleMethod = Field("none", description="minority classes of each site's training split")
+    max_categories: int | None = Field(None, ge=1, description="keep a column's most frequent categories only")
+    min_category_count: int = Field(1, ge=1, description="drop categories seen fewer times over all sites")
+    missing_as_category: list[str] = Field(
+        default_factory=list, description="categorical columns where missing is its own category, not the mode"
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0 or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"split must be three positive fractions summing to 1, got {list(value)}")
+        return value
+
+    def options(self, classes: list[str] | None = None) -> PreprocessOptions:
+        return PreprocessOptions(
+            split=self.split,
+            oversample=self.oversample,
+            classes=tuple(classes) if classes else None,
+            max_categories=self.max_categories,
+            min_category_count=self.min_category_count,
+            missing_as_category=tuple(self.missing_as_category),
+        )
+
+
+def category_text(series: pd.Series) -> pd.Series:
+    """Categorical values as text, missing kept missing; whole floats lose their ``.0`` (codes 1.0 -> "1")."""
+    if pd.api.types.is_float_dtype(series):
+        observed = series.dropna()
+        if len(observed) and np.all(np.mod(observed.to_numpy(), 1) == 0):
+            series = series.astype("Int64")
+    return series.astype("str")
+
+
+def continuous_values(series: pd.Series, column: str, source: str) -> pd.Series:
+    """A continuous column as float64; text in it is a :class:`DataError` naming the row."""
+    if pd.api.types.is_numeric_dtype(series):
+        return series.astype("float64")
+    numbers = pd.to_numeric(series, errors="coerce")
+    bad = numbers.isna() & series.notna()
+    if bad.any():
+        position = int(np.flatnonzero(bad.to_numpy())[0])
+        value = str(series.iloc[position])[:40]
+        raise DataError(
+            f"continuous column '{column}' holds text '{value}' (data row {series.index[position] + 1}, "
+            f"{int(bad.sum())} row(s) with text)",
+            where=f"{source}: column {column}",
+            hint=f"add '{value}' to data.settings.missing_values, or list '{column}' under categorical",
+        )
+    return numbers.astype("float64")
+
+
+def _normalized(site: RawSite, roles: ColumnRoles, options: PreprocessOptions) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Typed columns, rows without target or patient id removed (and counted)."""
+    frame = site.frame
+    dropped = dict(site.dropped)
+    columns: dict[str, pd.Series] = {}
+    for column in roles.continuous:
+        columns[column] = continuous_values(frame[column], column, site.source)
+    for column in roles.categorical:
+        values = category_text(frame[column])
+        if column in options.missing_as_category:
+            values = values.fillna(MISSING_CATEGORY)
+        columns[column] = values
+    columns["__target__"] = category_text(frame[roles.target])
+    if roles.patient_id is not None:
+        columns["__patient__"] = frame[roles.patient_id]
+    out = pd.DataFrame(columns, index=frame.index)
+    keep = out["__target__"].notna().to_numpy(copy=True)
+    if (~keep).any():
+        dropped[f"target '{roles.target}' missing"] = int((~keep).sum())
+    if roles.patient_id is not None:
+        no_id = out["__patient__"].isna().to_numpy() & keep
+        if no_id.any():
+            dropped[f"patient id '{roles.patient_id}' missing"] = int(no_id.sum())
+        keep &= ~no_id
+    return out[keep], dropped
+
+
+def _classes(frames: Sequence[tuple[RawSite, pd.DataFrame]], roles: ColumnRoles, options: PreprocessOptions) -> list[str]:
+    present = sorted(set().union(*(set(f["__target__"].unique()) for _, f in frames)))
+    if options.classes is None:
+        return present
+    for site, frame in frames:
+        unknown = sorted(set(frame["__target__"].unique()) - set(options.classes))
+        if unknown:
+            raise DataError(
+                f"target '{roles.target}' has value '{unknown[0]}', which is not one of the classes "
+                f"{', '.join(options.classes)}",
+                where=f"{site.source}: column {roles.target}",
+                hint="add it to data.settings.classes, or map it with data.settings.target_map",
+            )
+    return list(options.classes)
+
+
+def _check_site(site: RawSite, frame: pd.DataFrame, roles: ColumnRoles) -> None:
+    if len(frame) == 0:
+        raise DataError(
+            f"site '{site.name}' has no rows with a target",
+            where=site.source,
+            hint="give the site data, or remove it (file list, site column or partition)",
+        )
+    labels = frame["__target__"].unique()
+    if len(labels) < 2:
+        raise DataError(
+            f"site '{site.name}' has a single class: every one of its {len(frame)} rows has "
+            f"{roles.target} = '{labels[0]}'",
+            where=site.source,
+            hint="a site needs rows of at least two classes: merge it with another site or change the partition",
+        )
+
+
+def _split_counts_check(site: RawSite, split_of_row: np.ndarray, roles: ColumnRoles, train_labels: np.ndarray) -> None:
+    counts = np.bincount(split_of_row, minlength=3)
+    for index, name in enumerate(SPLITS):
+        if counts[index] == 0:
+            raise DataError(
+                f"site '{site.name}' has no rows in its {name} split ({len(split_of_row)} rows in all)",
+                where=site.source,
+                hint="give the site more rows or patients (an 80/10/10 split needs at least 10)",
+            )
+    if len(np.unique(train_labels)) < 2:
+        raise DataError(
+            f"site '{site.name}' has a single class in its training split",
+            where=site.source,
+            hint=f"give the site more rows of each {roles.target} class",
+        )
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _format_value(value: float | str) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else f"'{value}'"
+
+
+def build_federated_data(
+    sites: Sequence[RawSite],
+    roles: ColumnRoles,
+    options: PreprocessOptions,
+    seed: int,
+    extra_sections: Mapping[str, str] | None = None,
+) -> FederatedData:
+    """Split, summarize, combine, transform and oversample; see the module docstring."""
+    normalized = [(site, *_normalized(site, roles, options)) for site in sites]
+    classes = _classes([(s, f) for s, f, _ in normalized], roles, options)
+    class_index = {c: i for i, c in enumerate(classes)}
+    features = [*roles.continuous, *roles.categorical]
+    summaries: list[SiteSummary] = []
+    splits: list[dict[str, pd.DataFrame]] = []
+    for index, (site, frame, _) in enumerate(normalized):
+        _check_site(site, frame, roles)
+        split_of_row = assign_splits(frame, "__patient__" if roles.patient_id else None, options.split, seed, index)
+        parts = {name: frame[split_of_row == i] for i, name in enumerate(SPLITS)}
+        _split_counts_check(site, split_of_row, roles, parts["train"]["__target__"].to_numpy())
+        splits.append(parts)
+        summaries.append(summarize_site(site.name, parts["train"], roles.continuous, roles.categorical))
+    stats = combine_summaries(summaries, options.max_categories, options.min_category_count)
+    check_columns_observed(stats, ", ".join(dict.fromkeys(s.source for s in sites)))
+    transformer = fitted_transformer(stats, roles.continuous, roles.categorical)
+    feature_names = [str(n) for n in transformer.get_feature_names_out()]
+    site_data: list[SiteData] = []
+    balance_rows: list[list[object]] = []
+    max_rows_per_patient = 0
+    for index, ((site, frame, _), parts) in enumerate(zip(normalized, splits, strict=True)):
+        arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name in SPLITS:
+            part = parts[name]
+            x = np.ascontiguousarray(transformer.transform(part[features]), dtype=np.float32)
+            y = part["__target__"].map(class_index).to_numpy(dtype=np.int64, copy=True)
+            arrays[name] = (x, y)
+        x_train, y_train = arrays["train"]
+        before = np.bincount(y_train, minlength=len(classes))
+        seed_of_site = int(np.random.SeedSequence([seed, 0x0E5, index]).generate_state(1)[0])
+        x_train, y_train = oversample(x_train, y_train, options.oversample, seed_of_site, site.source)
+        after = np.bincount(y_train, minlength=len(classes))
+        shown = (f"{b} → {a}" if options.oversample != "none" else f"{b}" for b, a in zip(before, after, strict=True))
+        balance_rows.append([site.name, *shown])
+        if roles.patient_id is not None:
+            max_rows_per_patient = max(max_rows_per_patient, int(parts["train"]["__patient__"].value_counts().max()))
+        site_data.append(
+            SiteData(index, site.name, x_train, y_train, *arrays["validation"], *arrays["test"])
+        )
+    sections = _sections(normalized, splits, site_data, stats, roles, options, classes, balance_rows, feature_names)
+    sections.update(extra_sections or {})
+    return FederatedData(
+        sites=site_data,
+        feature_names=feature_names,
+        class_names=classes,
+        report_sections=sections,
+        released_statistics={f"preprocessing summary of {s.site}": s.model_dump(mode="json") for s in summaries},
+        max_rows_per_patient=max_rows_per_patient if roles.patient_id is not None else None,
+        oversampled=options.oversample != "none",
+    )
+
+
+def _sections(
+    normalized: Sequence[tuple[RawSite, pd.DataFrame, dict[str, int]]],
+    splits: Sequence[dict[str, pd.DataFrame]],
+    site_data: Sequence[SiteData],
+    stats: FederatedStatistics,
+    roles: ColumnRoles,
+    options: PreprocessOptions,
+    classes: Sequence[str],
+    balance_rows: Sequence[Sequence[object]],
+    feature_names: Sequence[str],
+) -> dict[str, str]:
+    rows = []
+    for (site, frame, dropped), parts, data in zip(normalized, splits, site_data, strict=True):
+        patients = frame["__patient__"].nunique() if roles.patient_id else len(frame)
+        rows.append(
+            [
+                site.name,
+                len(frame) + sum(dropped.values()),
+                sum(dropped.values()),
+                len(parts["train"]),
+                len(parts["validation"]),
+                len(parts["test"]),
+                patients,
+                data.n_train,
+            ]
+        )
+    split_text = "/".join(f"{round(100 * f)}" for f in options.split)
+    sizes = _markdown_table(
+        ["site", "rows read", "dropped", "train", "validation", "test", "patients", "train rows used"], rows
+    )
+    sizes += (
+        f"\n\nSplit {split_text} by "
+        + (f"patient (`{roles.patient_id}`, keyed hash: no patient in two splits)" if roles.patient_id else "row")
+        + "; preprocessing statistics come from the training splits only."
+    )
+    dropped_rows = [[site.name, reason, n] for site, _, dropped in normalized for reason, n in dropped.items() if n]
+    dropped_text = _markdown_table(["site", "reason", "rows"], dropped_rows) if dropped_rows else "No rows were dropped."
+    inferred = set(roles.inferred)
+
+    def listed(columns: Sequence[str]) -> str:
+        return ", ".join(f"`{c}`" + (" (inferred)" if c in inferred else "") for c in columns) or "none"
+
+    types = "\n".join(
+        [
+            f"- target: `{roles.target}` with classes {', '.join(f'`{c}`' for c in classes)}",
+            f"- patient id: `{roles.patient_id}`" if roles.patient_id else "- patient id: none (each row is a patient)",
+            f"- continuous (mean-imputed, standardized): {listed(roles.continuous)}",
+            f"- categorical (mode-imputed, one-hot): {listed(roles.categorical)}",
+            f"- missing as its own category `{MISSING_CATEGORY}`: {listed(options.missing_as_category)}",
+            f"- {len(feature_names)} model inputs after one-hot encoding",
+        ]
+    )
+    if inferred:
+        types += "\n\nInferred: text columns and numeric columns with at most 10 distinct values are categorical."
+    imputed_rows = []
+    for column in [*roles.continuous, *roles.categorical]:
+        if column in options.missing_as_category:
+            continue
+        per_site = [int(frame[column].isna().sum()) for _, frame, _ in normalized]
+        if any(per_site):
+            fill = stats.mean[column] if column in stats.mean else stats.mode[column]
+            imputed_rows.append([f"`{column}`", _format_value(fill), *per_site, sum(per_site)])
+    site_names = [site.name for site, _, _ in normalized]
+    imputed = (
+        _markdown_table(["column", "filled with", *site_names, "total"], imputed_rows)
+        if imputed_rows
+        else "No value was missing."
+    )
+    imputed += "\n\nCounts cover all three splits; fill values are pooled training-split means and modes."
+    method = {"none": "none", "random": "RandomOverSampler", "smote": "SMOTE"}[options.oversample]
+    balance = _markdown_table(["site", *classes], balance_rows)
+    balance += f"\n\nTraining split only; oversampling: {method}. Validation and test splits are never resampled."
+    return {
+        "Data: sites and splits": sizes,
+        "Data: rows dropped": dropped_text,
+        "Data: column types": types,
+        "Data: values imputed": imputed,
+        "Data: class balance": balance,
+    }
