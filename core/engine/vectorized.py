@@ -1,0 +1,717 @@
+"""The vectorized engine: every site of a round (and every repeat) trained as one computation.
+
+Same contract as :func:`fedcore.engine.simulation.run_federated`: the same
+:class:`~fedcore.engine.simulation.Site` objects (stages, generators, evaluation),
+the same :class:`~fedcore.engine.simulation.Server`, the same ledger records and
+:class:`~fedcore.types.RoundRecord` s. Only local training differs: the S model
+copies of a round live as rows of one ``(S, P)`` tensor and take their optimizer
+steps together (:mod:`fedcore.engine.vectorized_step`).
+
+Equality with the sequential engine, without DP: every site draws
+``torch.randperm`` from its own generator exactly when the sequential sampler
+does, so each copy sees the same batches in the same order; the model starts from
+``initial_module``; Adam is elementwise, so one optimizer over stacked rows is S
+independent optimizers (a fresh one each round, as in :class:`LocalTrainer`).
+Partial last batches are padded with zero-weight rows; a copy with fewer batches
+simply skips the remaining steps of the epoch (its optimizer state untouched).
+
+Record-level DP-SGD (a stage exposing ``dp_parameters``): Poisson sampling drawn
+from the site's generator (a Binomial batch size, then a uniform subset of that
+size: the same distribution as Opacus's per-row Bernoulli mask, at O(batch) cost),
+per-sample gradients by ``vmap(grad)``, Opacus's clipping, Gaussian noise
+``N(0, (sigma * C)^2)`` from the site's generator, division by the expected batch
+size; the stage's own ``finish`` steps its accountant by the steps taken.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.adam import adam as functional_adam
+
+from fedcore.components import FederatedData, LocalTrainingStage, RoundContext
+from fedcore.engine.simulation import (
+    FederatedRun,
+    RunResult,
+    Site,
+    derive_seed,
+    evaluate_split_pair,
+    initial_module,
+    pooled_site,
+    site_stages,
+)
+from fedcore.engine.training import load_weights, weights_of
+from fedcore.errors import PrivacyBudgetError
+from fedcore.engine.vectorized_step import Backend, ParamLayout, shared_step
+from fedcore.spec import Components, ExperimentSpec, TrainingSpec
+from fedcore.types import GlobalModel, RoundRecord, Weights
+
+RoundCallback = Callable[[RoundRecord], None]
+
+#: seams that act inside the step loop; a stage overriding one needs the sequential engine
+#: unless the vectorized engine implements it (record-level DP-SGD below)
+_PER_STEP_SEAMS = ("prepare", "sampler", "gradient_step", "transform_gradients")
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+#: DP batches are padded to a multiple of this, so few graph shapes are compiled
+_DP_PAD = 8
+#: steps of DP noise drawn per generator call. Fixed, because torch's normal stream
+#: depends on how draws are split: a site's noise must not depend on who it trains with.
+_NOISE_CHUNK = 16
+
+
+def _overrides(stage: LocalTrainingStage, method: str) -> bool:
+    return getattr(type(stage), method) is not getattr(LocalTrainingStage, method)
+
+
+# ------------------------------------------------------------------- capability
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """The calibrated DP-SGD parameters of one site's stage, as the vectorized step needs them."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: float
+    steps_per_epoch: int
+
+
+def dp_config(stage: LocalTrainingStage) -> DPConfig | None:
+    """The stage's record-level DP-SGD parameters (``stage.dp_parameters``), or None."""
+    params = getattr(stage, "dp_parameters", None)
+    if params is None:
+        return None
+    steps = getattr(params, "steps_per_epoch", None)
+    if steps is None:
+        steps = max(1, int(1 / params.sample_rate))
+    return DPConfig(
+        noise_multiplier=float(params.noise_multiplier),
+        max_grad_norm=float(params.max_grad_norm),
+        sample_rate=float(params.sample_rate),
+        expected_batch_size=float(params.expected_batch_size),
+        steps_per_epoch=int(steps),
+    )
+
+
+def _stage_reason(stage: LocalTrainingStage) -> str | None:
+    is_dp = dp_config(stage) is not None
+    for seam in _PER_STEP_SEAMS:
+        if _overrides(stage, seam) and not is_dp:
+            return f"stage {type(stage).__name__} overrides {seam}(), which runs inside the step loop"
+    return None
+
+
+def _module_reason(module: torch.nn.Module) -> str | None:
+    if any(True for _ in module.buffers()):
+        return "the model has buffers (e.g. batch norm statistics) that change during training"
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.modules.dropout._DropoutNd) and sub.p > 0:
+            return "the model uses dropout, whose random masks cannot match the sequential engine's"
+    if not any(p.requires_grad for p in module.parameters()):
+        return "the model has no trainable parameters"
+    return None
+
+
+def unsupported_reason(spec: ExperimentSpec, components: Components, data: FederatedData) -> str | None:
+    """Why the vectorized engine cannot run this spec exactly, or None when it can.
+
+    Cheap: builds one module and every site's stages (which the sequential engine
+    would build too), runs nothing.
+    """
+    if components.secure_aggregation is not None:
+        # The server side is shared code, but party processes per round are what costs:
+        # nothing to gain, so leave it to the sequential engine.
+        return f"secure aggregation '{spec.secure_aggregation.use}' runs its own protocol"  # type: ignore[union-attr]
+    module = components.model.build(data.n_features, data.n_classes)
+    reason = _module_reason(module)
+    if reason:
+        return reason
+    # A component returns the same kind of stage at every site it acts on, so one site per
+    # component is enough (creating stages calibrates DP noise: not free).
+    attacked = {site for attack in components.attacks for site in attack.attacked_sites()}
+    probe = [s for i, s in enumerate(data.sites) if i == 0 or s.site in attacked]
+    for site in probe:
+        for stage in site_stages(spec, components, data, site, spec.seed):
+            reason = _stage_reason(stage)
+            if reason:
+                return reason
+    return None
+
+
+# ---------------------------------------------------------------- stacked copies
+
+
+@dataclass
+class CopyTask:
+    """One model copy's local training for this call: its data, generator, loss weights."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    generator: torch.Generator
+    class_weight: torch.Tensor | None = None
+    dp: DPConfig | None = None
+
+
+@dataclass
+class CopyOutcome:
+    steps: int
+    mean_loss: float
+
+
+class StackedTrainer:
+    """S copies of one module trained together; row ``i`` of :attr:`flat` is copy ``i``.
+
+    :param module: the model plugin's module (its parameters are not used, only its code).
+    :param training: optimizer, learning rate, batch size.
+    :param n_copies: S.
+    :param dtype: float32, or float64 for exactness tests.
+    :param device: ``cpu`` or ``cuda``.
+    :param backend: how steps are compiled (:class:`~fedcore.engine.vectorized_step.CompiledStep`).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        training: TrainingSpec,
+        n_copies: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        backend: Backend = "auto",
+    ) -> None:
+        self.training = training
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.module = module.to(device=self.device, dtype=dtype)
+        self.layout = ParamLayout.of(self.module)
+        self.n_copies = n_copies
+        self.flat = torch.zeros(n_copies, self.layout.size, dtype=dtype, device=self.device)
+        self.views = self.layout.views(self.flat)
+        self.step = shared_step("train", self.module, self.layout, backend)
+        self.dp_step = shared_step("dp", self.module, self.layout, backend)
+        self.reset_optimizer()
+
+    # -- weights
+
+    def set_copy(self, index: int, weights: Weights) -> None:
+        row = np.concatenate([np.asarray(weights[n]).ravel() for n in self.layout.names])
+        self.flat[index].copy_(torch.from_numpy(row))
+
+    def copy_weights(self, index: int, template: Weights) -> Weights:
+        """Copy ``index`` as weights laid out and typed like ``template``."""
+        row = self.flat[index].detach().cpu().numpy()
+        arrays = {}
+        for name, offset, numel, shape in zip(
+            self.layout.names, self.layout.offsets, self.layout.numels, self.layout.shapes, strict=True
+        ):
+            arrays[name] = row[offset : offset + numel].reshape(shape).astype(template[name].dtype)
+        return Weights(arrays=arrays)
+
+    # -- optimizer
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer state for every copy (the sequential engine makes one per round)."""
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg_sq = torch.zeros_like(self.flat)
+        self.momentum: torch.Tensor | None = None
+        self.counts = np.zeros(self.n_copies, dtype=np.int64)
+        self._step = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    def _optimizer_step(self, grad: torch.Tensor, active: np.ndarray) -> None:
+        t = self.training
+        if t.optimizer == "sgd":
+            self._sgd_step(grad, active)
+            return
+        uniform = bool(active.all()) and bool((self.counts == self.counts[0]).all())
+        self.counts += active
+        if uniform:
+            # One fused kernel over all rows: bit-identical to S fused per-model Adams.
+            self._fused_adam(grad, int(self.counts[0]))
+            return
+        self._masked_adam(grad, active)
+
+    def _fused_adam(self, grad: torch.Tensor, step: int) -> None:
+        t = self.training
+        self._step.fill_(float(step))
+        kwargs = dict(
+            lr=t.learning_rate, beta1=_ADAM_BETAS[0], beta2=_ADAM_BETAS[1], weight_decay=t.weight_decay,
+            eps=_ADAM_EPS, amsgrad=False, maximize=False,
+        )  # fmt: skip
+        kernel = getattr(torch, "_fused_adamw_" if t.optimizer == "adamw" else "_fused_adam_", None)
+        if self.device.type == "cpu" and kernel is not None:
+            # The aten kernel torch.optim.Adam(fused=True) calls, without ~100 us of
+            # per-call Python around it (this runs once per step).
+            kernel([self.flat], [grad], [self.exp_avg], [self.exp_avg_sq], [], [self._step], **kwargs)
+            return
+        self._step.sub_(1)  # the functional form counts the step itself
+        functional_adam(
+            [self.flat], [grad], [self.exp_avg], [self.exp_avg_sq], [], [self._step], fused=True,
+            decoupled_weight_decay=t.optimizer == "adamw", **kwargs,
+        )  # fmt: skip
+
+    def _masked_adam(self, grad: torch.Tensor, active: np.ndarray) -> None:
+        """torch.optim.Adam's update with a per-row step count; inactive rows stay bit-identical.
+
+        Written operation for operation as ``torch.optim.adam._single_tensor_adam`` (bias
+        corrections as Python floats, the same operand order), so rows round the same.
+        """
+        t = self.training
+        beta1, beta2 = _ADAM_BETAS
+        on = torch.as_tensor(active, dtype=self.dtype, device=self.device).unsqueeze(1)
+        steps = np.maximum(self.counts, 1).tolist()
+        step_size = [t.learning_rate / (1 - beta1**c) for c in steps]
+        bias2_sqrt = [(1 - beta2**c) ** 0.5 for c in steps]
+
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=self.dtype, device=self.device).unsqueeze(1)
+
+        if t.weight_decay and t.optimizer == "adam":
+            grad = grad + t.weight_decay * self.flat
+        if t.weight_decay and t.optimizer == "adamw":
+            self.flat.mul_(1 - t.learning_rate * t.weight_decay * on)
+        self.exp_avg.lerp_(grad, (1 - beta1) * on)
+        self.exp_avg_sq.mul_(column([beta2 if a else 1.0 for a in active])).addcmul_(grad * ((1 - beta2) * on), grad)
+        denom = (self.exp_avg_sq.sqrt() / column(bias2_sqrt)).add_(_ADAM_EPS)
+        self.flat.addcdiv_(self.exp_avg * (column(step_size) * on), denom, value=-1.0)
+
+    def _sgd_step(self, grad: torch.Tensor, active: np.ndarray) -> None:
+        """torch.optim.SGD's update (no dampening, no Nesterov), skipping inactive rows."""
+        t = self.training
+        on = torch.as_tensor(active, dtype=self.dtype, device=self.device).unsqueeze(1)
+        if t.weight_decay:
+            grad = grad + t.weight_decay * self.flat
+        if t.momentum:
+            if self.momentum is None:
+                self.momentum = torch.zeros_like(self.flat)
+            first = torch.as_tensor(self.counts == 0, device=self.device).unsqueeze(1)
+            # The first step of a row starts its buffer at the gradient, as torch.optim.SGD does.
+            updated = torch.where(first, grad, self.momentum * t.momentum + grad)
+            self.momentum = torch.where(on > 0, updated, self.momentum)
+            grad = self.momentum
+        self.counts += active
+        self.flat.sub_(grad * (on * t.learning_rate))
+
+    # -- training
+
+    def train(self, tasks: Sequence[CopyTask], epochs: int) -> list[CopyOutcome]:
+        """Train every copy on its task for ``epochs`` epochs (copy i = ``tasks[i]``)."""
+        if len(tasks) != self.n_copies:
+            raise ValueError(f"{len(tasks)} tasks for {self.n_copies} copies")
+        dp = [task.dp for task in tasks]
+        if any(d is not None for d in dp) and not all(d is not None for d in dp):
+            raise ValueError("DP-SGD must apply to every copy trained together or to none")
+        x_all = torch.cat([task.x for task in tasks]).to(device=self.device, dtype=self.dtype)
+        y_all = torch.cat([task.y for task in tasks]).to(self.device)
+        sizes = np.array([len(task.y) for task in tasks], dtype=np.int64)
+        offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), device=self.device)
+        row_weight = self._row_weights(tasks, y_all)
+        loss_sum = torch.zeros(self.n_copies, dtype=torch.float64, device=self.device)
+        steps = np.zeros(self.n_copies, dtype=np.int64)
+        for _ in range(epochs):
+            if dp[0] is None:
+                plan = self._shuffled_plan(tasks, sizes)
+            else:
+                plan = self._poisson_plan(tasks, sizes, dp)  # type: ignore[arg-type]
+            index, weight_mask, active = plan
+            gidx = index + offsets.view(-1, 1, 1)
+            x_epoch, y_epoch = x_all[gidx], y_all[gidx]
+            w_epoch = row_weight[gidx] * weight_mask
+            w_epoch = w_epoch / w_epoch.sum(dim=2, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
+            if dp[0] is None:
+                self._run_epoch(x_epoch, y_epoch, w_epoch, active, loss_sum)
+            else:
+                # DP weights are the class weights themselves (Opacus sums per-sample losses).
+                w_dp = row_weight[gidx] * weight_mask
+                self._run_dp_epoch(tasks, x_epoch, y_epoch, w_dp, active, loss_sum)
+            steps += active.sum(axis=1)
+        mean = (loss_sum.cpu().numpy() / np.maximum(steps, 1)).tolist()
+        return [CopyOutcome(int(s), float(m)) for s, m in zip(steps, mean, strict=True)]
+
+    def _row_weights(self, tasks: Sequence[CopyTask], y_all: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for task in tasks:
+            if task.class_weight is None:
+                parts.append(torch.ones(len(task.y), dtype=self.dtype, device=self.device))
+            else:
+                parts.append(task.class_weight.to(device=self.device, dtype=self.dtype)[task.y.to(self.device)])
+        return torch.cat(parts)
+
+    def _shuffled_plan(self, tasks: Sequence[CopyTask], sizes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """The sequential sampler's batches: one ``randperm`` per copy per epoch, contiguous slices."""
+        batch = self.training.batch_size
+        n_steps = -(-sizes // batch)
+        most = int(n_steps.max())
+        index = torch.zeros(self.n_copies, most * batch, dtype=torch.long)
+        mask = torch.zeros(self.n_copies, most * batch, dtype=self.dtype)
+        for i, task in enumerate(tasks):
+            n = int(sizes[i])
+            index[i, :n] = torch.randperm(n, generator=task.generator)
+            mask[i, :n] = 1
+        active = np.arange(most)[None, :] < n_steps[:, None]
+        return (
+            index.view(self.n_copies, most, batch).to(self.device),
+            mask.view(self.n_copies, most, batch).to(self.device),
+            active,
+        )
+
+    def _poisson_plan(
+        self, tasks: Sequence[CopyTask], sizes: np.ndarray, dp: Sequence[DPConfig]
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Poisson-subsampled batches for every step of one epoch, per copy's generator."""
+        n_steps = np.array([d.steps_per_epoch for d in dp])
+        most = int(n_steps.max())
+        draws = [
+            poisson_batches(int(sizes[i]), dp[i].sample_rate, int(n_steps[i]), task.generator)
+            for i, task in enumerate(tasks)
+        ]
+        widest = max(1, max(int(d.shape[1]) for d in draws))
+        width = -(-widest // _DP_PAD) * _DP_PAD
+        index = torch.zeros(self.n_copies, most, width, dtype=torch.long)
+        mask = torch.zeros(self.n_copies, most, width, dtype=self.dtype)
+        for i, d in enumerate(draws):
+            k = d.shape[1]
+            index[i, : d.shape[0], :k] = d.clamp_min(0)
+            mask[i, : d.shape[0], :k] = (d >= 0).to(self.dtype)
+        active = np.arange(most)[None, :] < n_steps[:, None]
+        return index.to(self.device), mask.to(self.device), active
+
+    def _run_epoch(
+        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, active: np.ndarray, loss_sum: torch.Tensor
+    ) -> None:
+        active_t = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device)
+        all_active = bool(active.all())
+        for t in range(active.shape[1]):
+            grad, losses = self.step(self.views, x[:, t], y[:, t], w[:, t])
+            on = active[:, t]
+            self._optimizer_step(grad, on)
+            loss_sum += losses if all_active else losses * active_t[:, t]
+
+    def _run_dp_epoch(
+        self,
+        tasks: Sequence[CopyTask],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        active: np.ndarray,
+        loss_sum: torch.Tensor,
+    ) -> None:
+        dp = [task.dp for task in tasks]
+        clip = torch.tensor([d.max_grad_norm for d in dp], dtype=self.dtype, device=self.device)  # type: ignore[union-attr]
+        scale = torch.tensor([d.expected_batch_size for d in dp], dtype=self.dtype, device=self.device)  # type: ignore[union-attr]
+        std = [d.noise_multiplier * d.max_grad_norm for d in dp]  # type: ignore[union-attr]
+        active_t = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device)
+        # Real rows come first in every padded batch: each step computes only as many rows
+        # as its largest batch needs (rounded up, so few step shapes get compiled).
+        largest = (w > 0).sum(dim=2).amax(dim=0).cpu().numpy()
+        widths = np.maximum(_DP_PAD, -(-largest // _DP_PAD) * _DP_PAD).tolist()
+        n_steps = active.shape[1]
+        for start in range(0, n_steps, _NOISE_CHUNK):
+            chunk = min(_NOISE_CHUNK, n_steps - start)
+            noise = self._noise(tasks, std, start, chunk, active)
+            for t in range(start, start + chunk):
+                k = widths[t]
+                grad, losses = self.dp_step(
+                    self.views, x[:, t, :k], y[:, t, :k], w[:, t, :k], clip, noise[:, t - start], scale
+                )
+                self._optimizer_step(grad, active[:, t])
+                loss_sum += losses * active_t[:, t]
+
+    def _noise(
+        self, tasks: Sequence[CopyTask], std: Sequence[float], start: int, chunk: int, active: np.ndarray
+    ) -> torch.Tensor:
+        """Gaussian noise for ``chunk`` steps of every copy, each from its own generator.
+
+        A copy draws only for the steps it takes, so its stream does not depend on
+        which other copies it is trained with.
+        """
+        out = torch.zeros(self.n_copies, chunk, self.layout.size, dtype=self.dtype)
+        for i, task in enumerate(tasks):
+            taken = int(active[i, start : start + chunk].sum())
+            if taken:
+                out[i, :taken] = torch.randn(taken, self.layout.size, generator=task.generator, dtype=self.dtype) * std[i]
+        return out.to(self.device)
+
+
+def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """Row indices of ``steps`` Poisson-subsampled batches of ``range(n)``, padded with -1.
+
+    Each row is included in each batch independently with probability ``sample_rate``
+    (as Opacus's ``UniformWithReplacementSampler``). Drawn as: batch size ~ Binomial(n, q),
+    then a uniform subset of that size -- the same distribution. Large populations draw
+    the subset by rejection (i.i.d. indices, redrawn while a batch repeats one), small
+    ones by an explicit Bernoulli mask.
+    """
+    counts = torch.binomial(
+        torch.full((steps,), float(n), dtype=torch.float64),
+        torch.full((steps,), float(sample_rate), dtype=torch.float64),
+        generator=generator,
+    ).long()
+    width = int(counts.max()) if steps else 0
+    if width == 0:
+        return torch.full((steps, 0), -1, dtype=torch.long)
+    columns = torch.arange(width).unsqueeze(0)
+    keep = columns < counts.unsqueeze(1)
+    if width * width > n:
+        # Duplicates would be common: draw the mask itself (O(n) per step, n is small here).
+        chosen = torch.rand(steps, n, generator=generator, dtype=torch.float64) < sample_rate
+        order = torch.sort((~chosen).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        counts_direct = chosen.sum(dim=1)
+        keep = columns < counts_direct.unsqueeze(1)
+        return torch.where(keep, order, torch.full_like(order, -1))
+    draws = torch.randint(n, (steps, width), generator=generator)
+    while True:
+        marked = torch.where(keep, draws, -1 - columns)  # padding values are unique and negative
+        ordered = marked.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if not bool(repeated.any()):
+            return torch.where(keep, draws, torch.full_like(draws, -1))
+        redo = repeated.nonzero().squeeze(1)
+        draws[redo] = torch.randint(n, (len(redo), width), generator=generator)
+
+
+# -------------------------------------------------------------- federated runs
+
+
+def _class_weight(site: Site, n_classes: int) -> torch.Tensor | None:
+    counts = site.data.class_counts(n_classes)
+    for stage in site.stages:
+        weights = stage.class_weights(counts)
+        if weights is not None:
+            return torch.as_tensor(weights, dtype=torch.float32)
+    return None
+
+
+def _site_dp(site: Site) -> DPConfig | None:
+    configs = [c for c in (dp_config(stage) for stage in site.stages) if c is not None]
+    if len(configs) > 1:
+        raise ValueError("more than one DP-SGD stage at one site")
+    return configs[0] if configs else None
+
+
+class _FederatedRun(FederatedRun):
+    """A federated run whose sites train as copies inside a stacked computation.
+
+    Everything but local training (server, ledger, evaluation, records) is the
+    sequential engine's :class:`~fedcore.engine.simulation.FederatedRun`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.class_weights = [_class_weight(site, self.data.n_classes) for site in self.sites]
+        self.dp = [_site_dp(site) for site in self.sites]
+        self.contexts: list[RoundContext] = []
+        self.message: GlobalModel | None = None
+        self._own_seconds = 0.0
+
+    def copy_tasks(self, round_: int) -> list[CopyTask] | None:
+        """Broadcast and let stages transform the training data; None when the run stopped."""
+        began = time.perf_counter()
+        broadcast = self.begin_round(round_)
+        if broadcast is None:
+            return None
+        self.message, extras = broadcast
+        tasks = []
+        self.contexts = []
+        try:
+            for site, class_weight, dp in zip(self.sites, self.class_weights, self.dp, strict=True):
+                ctx = RoundContext(site.data.site, round_, self.message.weights, site.generator, dict(extras or {}))
+                x, y = torch.from_numpy(site.data.x_train), torch.from_numpy(site.data.y_train)
+                for stage in site.stages:
+                    if _overrides(stage, "transform_training_data"):
+                        x, y = stage.transform_training_data(ctx, x, y)
+                if dp is not None:
+                    # The DP stage's sampler is created for its per-round checks (the budget)
+                    # and not iterated: the engine draws the same Poisson law for all copies.
+                    for stage in site.stages:
+                        stage.sampler(ctx, x, y, self.spec.training.batch_size)
+                self.contexts.append(ctx)
+                tasks.append(CopyTask(x, y, site.generator, class_weight, dp))
+        except PrivacyBudgetError as exc:
+            self.stop(f"stopped in round {round_}: {exc}")
+            return None
+        self._own_seconds = time.perf_counter() - began
+        return tasks
+
+    def release_round(
+        self, round_: int, trained: Sequence[Weights], outcomes: Sequence[CopyOutcome], train_seconds: float
+    ) -> None:
+        """Each site's update from its trained copy, then the shared end of the round."""
+        assert self.message is not None
+        began = time.perf_counter()
+        updates = []
+        share = train_seconds / max(len(self.sites), 1)
+        for site, ctx, weights, outcome in zip(self.sites, self.contexts, trained, outcomes, strict=True):
+            started = time.perf_counter()
+            load_weights(site.trainer.module, weights)
+            for stage in site.stages:
+                if _overrides(stage, "finish"):
+                    stage.finish(ctx, site.trainer.module, outcome.steps)
+            seconds = share + time.perf_counter() - started
+            updates.append(site.release(ctx, self.message, outcome.steps, outcome.mean_loss, seconds))
+        # Copies trained together share the training time: each run is charged its share,
+        # plus what it spent alone (broadcast, updates, aggregation, ledger).
+        self.finish_round(round_, updates, self._own_seconds + train_seconds + time.perf_counter() - began)
+
+
+@dataclass
+class RunJob:
+    """One federated training of a repeat group: its own components, data, seed and ledger."""
+
+    components: Components
+    data: FederatedData
+    repeat: int
+    seed: int
+    ledger_dir: Any = None
+
+
+@dataclass
+class EngineOptions:
+    """Knobs of the vectorized engine that never change its numbers' meaning."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    backend: Backend = "auto"
+
+
+def run_repeats_vectorized(
+    spec: ExperimentSpec,
+    jobs: Sequence[RunJob],
+    arm: str,
+    on_round: RoundCallback | None = None,
+    options: EngineOptions | None = None,
+) -> list[RunResult]:
+    """Federated runs of one arm (several repeats) trained as one computation, round by round.
+
+    Every run keeps its own server, sites, generators and ledger; only the copies'
+    local training is shared, so each run's numbers are what it would get alone.
+    """
+    options = options or EngineOptions()
+    runs: list[_FederatedRun] = []
+    try:
+        for job in jobs:
+            runs.append(
+                _FederatedRun(spec, job.components, job.data, arm, job.repeat, job.seed, on_round, job.ledger_dir)
+            )
+        template = jobs[0].components.model.build(jobs[0].data.n_features, jobs[0].data.n_classes)
+        trainer: StackedTrainer | None = None
+        trained_runs: list[_FederatedRun] = []
+        for round_ in range(1, spec.training.rounds + 1):
+            tasks: list[CopyTask] = []
+            active: list[_FederatedRun] = []
+            for run in runs:
+                if run.result.stopped_reason is None:
+                    run_tasks = run.copy_tasks(round_)
+                    if run_tasks is not None:
+                        tasks += run_tasks
+                        active.append(run)
+            if not active:
+                break
+            if trainer is None or active != trained_runs:
+                # A run stopped by its privacy budget leaves the stack; rebuilding is rare.
+                n_copies = sum(len(run.sites) for run in active)
+                trainer = StackedTrainer(
+                    template, spec.training, n_copies, dtype=options.dtype, device=options.device, backend=options.backend
+                )
+                trained_runs = active
+            started = time.perf_counter()
+            row = 0
+            for run in active:
+                for _ in run.sites:
+                    trainer.set_copy(row, run.message.weights)  # type: ignore[union-attr]
+                    row += 1
+            trainer.reset_optimizer()
+            outcomes = trainer.train(tasks, spec.training.local_epochs)
+            seconds = (time.perf_counter() - started) / len(active)
+            row = 0
+            for run in active:
+                n = len(run.sites)
+                trained = [trainer.copy_weights(row + i, run.message.weights) for i in range(n)]  # type: ignore[union-attr]
+                run.release_round(round_, trained, outcomes[row : row + n], seconds)
+                row += n
+    except BaseException:
+        for run in runs:
+            run.close()
+        raise
+    return [run.close() for run in runs]
+
+
+def run_federated_vectorized(
+    spec: ExperimentSpec,
+    components: Components,
+    data: FederatedData,
+    arm: str,
+    repeat: int,
+    seed: int,
+    on_round: RoundCallback | None = None,
+    ledger_dir: Any = None,
+    options: EngineOptions | None = None,
+) -> RunResult:
+    """Drop-in for :func:`fedcore.engine.simulation.run_federated`: all sites of a round at once."""
+    job = RunJob(components, data, repeat, seed, ledger_dir)
+    return run_repeats_vectorized(spec, [job], arm, on_round, options)[0]
+
+
+# ------------------------------------------------------------- centralized runs
+
+
+def run_centralized_vectorized(
+    spec: ExperimentSpec,
+    jobs: Sequence[RunJob],
+    arm: str,
+    on_round: RoundCallback | None = None,
+    options: EngineOptions | None = None,
+) -> list[RunResult]:
+    """Centralized baselines of several repeats as one computation (one copy per repeat).
+
+    Same as :func:`fedcore.engine.simulation.run_centralized` per repeat: the model from
+    ``initial_module``, the pooled data, the generator ``derive_seed(seed, 3)``, one
+    optimizer kept across epochs, evaluation on the pooled splits after each epoch.
+    """
+    options = options or EngineOptions()
+    start = time.perf_counter()
+    sites = [pooled_site(job.data) for job in jobs]
+    generators = [torch.Generator().manual_seed(derive_seed(job.seed, 3)) for job in jobs]
+    modules = [initial_module(job.components, job.data, job.seed) for job in jobs]
+    template = jobs[0].components.model.build(jobs[0].data.n_features, jobs[0].data.n_classes)
+    trainer = StackedTrainer(template, spec.training, len(jobs), dtype=options.dtype, device=options.device, backend=options.backend)
+    initial = [weights_of(m) for m in modules]
+    for i, weights in enumerate(initial):
+        trainer.set_copy(i, weights)
+    tasks = [
+        CopyTask(torch.from_numpy(site.x_train), torch.from_numpy(site.y_train), generator)
+        for site, generator in zip(sites, generators, strict=True)
+    ]
+    results = [RunResult(arm=arm, repeat=job.repeat, mode="centralized") for job in jobs]
+    for epoch in range(1, spec.baseline_epochs + 1):
+        epoch_start = time.perf_counter()
+        outcomes = trainer.train(tasks, epochs=1)
+        seconds = (time.perf_counter() - epoch_start) / len(jobs)
+        for i, (job, site, module) in enumerate(zip(jobs, sites, modules, strict=True)):
+            load_weights(module, trainer.copy_weights(i, initial[i]))
+            evaluation = evaluate_split_pair(module, site, job.data.n_classes)
+            record = RoundRecord(
+                arm=arm,
+                repeat=job.repeat,
+                round=epoch,
+                mode="centralized",
+                epoch=epoch,
+                validation=evaluation.validation,
+                test=evaluation.test,
+                train_loss=outcomes[i].mean_loss,
+                round_seconds=seconds,
+            )
+            results[i].records.append(record)
+            if on_round is not None:
+                on_round(record)
+    wall = (time.perf_counter() - start) / len(jobs)
+    for i, result in enumerate(results):
+        result.wall_seconds = wall
+        result.final_weights = trainer.copy_weights(i, initial[i])
+    return results

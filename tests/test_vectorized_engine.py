@@ -1,0 +1,249 @@
+"""The vectorized engine: equal to plain PyTorch (float64), to the sequential engine, and honest about limits."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_SPEC
+from fedcore.components import LocalTrainingStage
+from fedcore.engine.simulation import derive_seed, run_centralized, run_federated
+from fedcore.engine.vectorized import (
+    CopyTask,
+    RunJob,
+    StackedTrainer,
+    run_centralized_vectorized,
+    run_federated_vectorized,
+    run_repeats_vectorized,
+    unsupported_reason,
+)
+from fedcore.engine.vectorized_step import CompiledStep, ParamLayout, make_train_step
+from fedcore.plugins.aggregators.fedavg import FedAvg
+from fedcore.spec import TrainingSpec, build_components, load_experiment
+from fedcore.testing import tiny_federated_data
+
+
+def _mlp(features: int = 5, classes: int = 3) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(features, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, classes)
+    )
+
+
+def _plain_local_training(
+    start: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    training: TrainingSpec,
+    class_weight: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """One site's round as anyone would write it: torch.optim, randperm, slices, backward."""
+    model = _mlp().double()
+    model.load_state_dict(start)
+    params = list(model.parameters())
+    if training.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+    elif training.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=training.learning_rate, momentum=training.momentum, weight_decay=training.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(training.local_epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), training.batch_size):
+            idx = perm[i : i + training.batch_size]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx], weight=class_weight).backward()
+            opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        TrainingSpec(local_epochs=3, batch_size=16, optimizer="adam", learning_rate=0.01),
+        TrainingSpec(local_epochs=3, batch_size=16, optimizer="adamw", learning_rate=0.01, weight_decay=0.1),
+        TrainingSpec(local_epochs=3, batch_size=16, optimizer="sgd", learning_rate=0.05, momentum=0.9, weight_decay=0.01),
+    ],
+    ids=["adam", "adamw", "sgd-momentum"],
+)
+def test_one_round_in_float64_equals_plain_pytorch(training: TrainingSpec) -> None:
+    """Sites of different sizes (partial batches, copies idle while others finish the epoch)
+    and a class-weighted loss at one site: every copy must end where plain PyTorch ends."""
+    torch.manual_seed(0)
+    sizes = [101, 64, 37]
+    data = [(torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in sizes]
+    class_weights = [None, torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64), None]
+    start = {k: v.double() for k, v in _mlp().state_dict().items()}
+    seeds = [derive_seed(11, 1, site) for site in range(len(sizes))]
+
+    trainer = StackedTrainer(_mlp(), training, len(sizes), dtype=torch.float64)
+    row = torch.cat([v.reshape(-1) for v in start.values()])
+    trainer.flat.copy_(row.expand(len(sizes), -1))
+    tasks = [
+        CopyTask(x, y, torch.Generator().manual_seed(seed), cw)
+        for (x, y), seed, cw in zip(data, seeds, class_weights, strict=True)
+    ]
+    outcomes = trainer.train(tasks, training.local_epochs)
+
+    for copy, ((x, y), seed, cw) in enumerate(zip(data, seeds, class_weights, strict=True)):
+        expected = _plain_local_training(start, x, y, seed, training, cw)
+        got = trainer.layout.views(trainer.flat)
+        for (name, want), have in zip(expected.items(), got, strict=True):
+            torch.testing.assert_close(have[copy], want, rtol=1e-10, atol=1e-12, msg=f"copy {copy} {name}")
+        assert outcomes[copy].steps == training.local_epochs * -(-sizes[copy] // training.batch_size)
+
+
+def test_every_compile_level_computes_the_same_step() -> None:
+    torch.manual_seed(1)
+    module = _mlp()
+    layout = ParamLayout.of(module)
+    flat = torch.randn(4, layout.size, dtype=torch.float64)
+    x, y = torch.randn(4, 8, 5, dtype=torch.float64), torch.randint(0, 3, (4, 8))
+    w = torch.full((4, 8), 1 / 8, dtype=torch.float64)
+    module = module.double()
+    outputs = {}
+    for backend in ("eager", "fx", "script"):
+        step = CompiledStep(make_train_step(module, layout), backend)  # type: ignore[arg-type]
+        outputs[backend] = step(layout.views(flat), x, y, w)
+        assert step.level(layout.views(flat), x, y, w) == backend
+    for backend in ("fx", "script"):
+        torch.testing.assert_close(outputs[backend], outputs["eager"], rtol=1e-12, atol=1e-14)
+
+
+def _tiny(spec_overrides: list[str]):
+    experiment = load_experiment(text=TINY_SPEC, overrides=spec_overrides)
+    return experiment.spec, experiment.plugins
+
+
+def test_a_run_matches_the_sequential_engine_record_for_record() -> None:
+    spec, plugins = _tiny(["training.rounds=2", "training.local_epochs=2"])
+    data = tiny_federated_data(sites=3, rows=230, features=5)
+    sequential = run_federated(spec, build_components(spec, plugins), data, "main", 0, seed=5)
+    seen = []
+    vectorized = run_federated_vectorized(spec, build_components(spec, plugins), data, "main", 0, seed=5, on_round=seen.append)
+    assert [r.round for r in seen] == [1, 2]
+    for a, b in zip(sequential.records, vectorized.records, strict=True):
+        assert (a.round, a.epoch, a.mode, a.update_bytes) == (b.round, b.epoch, b.mode, b.update_bytes)
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+        assert a.validation.loss == pytest.approx(b.validation.loss, rel=1e-4)
+        assert [e.site for e in a.per_site] == [e.site for e in b.per_site]
+    assert sequential.final_weights is not None and vectorized.final_weights is not None
+    assert sequential.final_weights.allclose(vectorized.final_weights, rtol=1e-4, atol=1e-5)
+
+
+def test_repeats_trained_together_equal_repeats_trained_alone() -> None:
+    spec, plugins = _tiny(["training.rounds=2", "training.local_epochs=1"])
+    datas = [tiny_federated_data(sites=3, rows=150 + 40 * r, features=5, seed=r) for r in range(2)]
+    together = run_repeats_vectorized(
+        spec, [RunJob(build_components(spec, plugins), d, r, 9 + r) for r, d in enumerate(datas)], "main"
+    )
+    for r, data in enumerate(datas):
+        alone = run_federated_vectorized(spec, build_components(spec, plugins), data, "main", r, 9 + r)
+        assert together[r].repeat == r
+        assert together[r].final_weights.allclose(alone.final_weights, rtol=1e-5, atol=1e-6)  # type: ignore[union-attr]
+
+
+def test_centralized_baseline_matches_the_sequential_one() -> None:
+    spec, plugins = _tiny(["baseline.epochs=3"])
+    data = tiny_federated_data(sites=2, rows=200, features=5)
+    sequential = run_centralized(spec, build_components(spec, plugins), data, "main", 0, seed=4)
+    (vectorized,) = run_centralized_vectorized(spec, [RunJob(build_components(spec, plugins), data, 0, 4)], "main")
+    assert [r.epoch for r in vectorized.records] == [1, 2, 3]
+    assert sequential.final_weights.allclose(vectorized.final_weights, rtol=1e-5, atol=1e-6)  # type: ignore[union-attr]
+    for a, b in zip(sequential.records, vectorized.records, strict=True):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+
+
+class _ProximalStage(LocalTrainingStage):
+    """Changes gradients every step (as FedProx does)."""
+
+    def transform_gradients(self, ctx, parameters):
+        for p in parameters:
+            p.grad.mul_(0.5)
+
+
+class _StepwiseFedAvg(FedAvg):
+    """FedAvg whose sites transform every gradient: only the sequential engine runs it."""
+
+    name: ClassVar[str] = "stepwise-fedavg"
+
+    def site_stage(self, site):
+        return _ProximalStage()
+
+
+def test_unsupported_reason_names_what_blocks_vectorizing() -> None:
+    spec, plugins = _tiny([])
+    data = tiny_federated_data(sites=2, rows=100, features=6)
+    assert unsupported_reason(spec, build_components(spec, plugins), data) is None
+
+    dropout, _ = _tiny(["model.settings.dropout=0.2"])
+    reason = unsupported_reason(dropout, build_components(dropout, plugins), data)
+    assert reason is not None and "dropout" in reason
+
+    components = build_components(spec, plugins)
+    components.aggregator = _StepwiseFedAvg()
+    reason = unsupported_reason(spec, components, data)
+    assert reason is not None and "transform_gradients" in reason
+
+
+def test_copies_with_uneven_data_skip_steps_without_touching_their_optimizer() -> None:
+    """A copy with one batch per epoch must equal that copy trained alone."""
+    torch.manual_seed(3)
+    training = TrainingSpec(local_epochs=2, batch_size=8, learning_rate=0.01)
+    small = (torch.randn(8, 5), torch.randint(0, 3, (8,)))
+    big = (torch.randn(40, 5), torch.randint(0, 3, (40,)))
+    start = torch.cat([v.reshape(-1) for v in _mlp().state_dict().values()])
+    together = StackedTrainer(_mlp(), training, 2)
+    together.flat.copy_(start.expand(2, -1))
+    together.train([CopyTask(*small, torch.Generator().manual_seed(1)), CopyTask(*big, torch.Generator().manual_seed(2))], 2)
+    alone = StackedTrainer(_mlp(), training, 1)
+    alone.flat.copy_(start.unsqueeze(0))
+    alone.train([CopyTask(*small, torch.Generator().manual_seed(1))], 2)
+    torch.testing.assert_close(together.flat[0], alone.flat[0], rtol=1e-6, atol=1e-7)
+
+
+def test_site_data_tensors_are_not_modified() -> None:
+    data = tiny_federated_data(sites=2, rows=100, features=6)
+    before = [s.x_train.copy() for s in data.sites]
+    spec, plugins = _tiny(["training.rounds=1"])
+    run_federated_vectorized(spec, build_components(spec, plugins), data, "main", 0, 1)
+    for b, s in zip(before, data.sites, strict=True):
+        np.testing.assert_array_equal(b, s.x_train)
+
+
+FULL_SPEC = """\
+name: full
+seed: 21
+repeats: 3
+data: {use: synthetic-ehr, settings: {sites: 3, patients_per_site: 600}}
+model: {use: mlp, settings: {hidden: [16]}}
+training: {rounds: 2, local_epochs: 1, batch_size: 32}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "privacy",
+    ["", "privacy: [{use: gaussian, settings: {level: record, epsilon: 3.0, delta: 1.0e-5, max_grad_norm: 1.0, accountant: rdp}}]\n"],
+    ids=["non-private", "dp-sgd"],
+)
+def test_full_runs_reach_the_sequential_accuracy_within_one_repeat_sd(privacy: str) -> None:
+    experiment = load_experiment(text=FULL_SPEC + privacy)
+    spec, plugins = experiment.spec, experiment.plugins
+    seeds = [spec.seed + r for r in range(spec.repeats)]
+    datas = [build_components(spec, plugins).dataset.load(s) for s in seeds]
+    sequential = [
+        run_federated(spec, build_components(spec, plugins), d, "main", r, s).records[-1].test.accuracy
+        for r, (d, s) in enumerate(zip(datas, seeds, strict=True))
+    ]
+    jobs = [RunJob(build_components(spec, plugins), d, r, s) for r, (d, s) in enumerate(zip(datas, seeds, strict=True))]
+    vectorized = [r.records[-1].test.accuracy for r in run_repeats_vectorized(spec, jobs, "main")]
+    sd = float(np.std(sequential, ddof=1))
+    assert abs(float(np.mean(vectorized)) - float(np.mean(sequential))) <= sd + 1e-9, (sequential, vectorized)
+    if not privacy:
+        np.testing.assert_allclose(vectorized, sequential, atol=2e-3)
