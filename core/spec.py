@@ -70,10 +70,12 @@ class BaselineSpec(_Strict):
 class ExecutionSpec(_Strict):
     """How the simulation runs; never changes the numbers it produces."""
 
-    engine: Literal["auto", "sequential"] = "auto"
+    engine: Literal["auto", "sequential", "vectorized"] = Field(
+        "auto", description="auto: vectorized when the model and plugins allow it, else sequential"
+    )
     workers: int | None = Field(None, ge=1, description="parallel worker processes; default: CPU cores")
     threads_per_worker: int = Field(1, ge=1)
-    device: Literal["cpu"] = "cpu"
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: the vectorized engine on the GPU")
     out_dir: str | None = None
     checkpoints: bool = True
     progress: bool = True

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +26,7 @@ import torch
 
 from fedcore.components import FederatedData
 from fedcore.engine.simulation import RunResult, run_centralized, run_federated
-from fedcore.errors import FedcoreUserError
+from fedcore.errors import SpecError
 from fedcore.registry import PluginManager
 from fedcore.spec import Experiment, ExperimentSpec, build_components, resolved_yaml
 from fedcore.types import RoundRecord, json_digest
@@ -89,20 +89,105 @@ def load_data(spec: ExperimentSpec, seed: int, plugins: PluginManager) -> Federa
     return _DATA_CACHE[key]
 
 
-def preflight(experiment: Experiment) -> None:
+def preflight(experiment: Experiment) -> dict[str, bool]:
     """Load the first repeat's data and create every site's stages before anything is written.
 
     Bad data and impossible privacy budgets fail here, as user errors, with no run
-    directory left behind.
+    directory left behind. Returns, per arm, whether the vectorized engine runs it.
     """
     from fedcore.engine.simulation import site_stages
 
     spec = experiment.spec
+    vectorized: dict[str, bool] = {}
     for arm in experiment.arms:
         data = load_data(arm.spec, spec.seed, experiment.plugins)
         components = build_components(arm.spec, experiment.plugins)
         for site in data.sites:
             site_stages(arm.spec, components, data, site, spec.seed)
+        vectorized[arm.label] = vectorized_allowed(arm.spec, build_components(arm.spec, experiment.plugins), data)
+    return vectorized
+
+
+def vectorized_allowed(spec: ExperimentSpec, components: Any, data: FederatedData) -> bool:
+    """Whether the vectorized engine runs ``spec`` (exactly what the sequential engine would)."""
+    if spec.execution.engine == "sequential":
+        return False
+    if spec.execution.device == "cuda" and not torch.cuda.is_available():
+        raise SpecError(
+            "execution.device is cuda but no CUDA device is available", where="execution.device", hint="use device: cpu"
+        )
+    from fedcore.engine import vectorized
+
+    reason = vectorized.unsupported_reason(spec, components, data)
+    if reason is not None and (spec.execution.engine == "vectorized" or spec.execution.device == "cuda"):
+        raise SpecError(
+            f"the vectorized engine cannot run this spec: {reason}",
+            where="execution.engine",
+            hint="use engine: auto (falls back to the sequential engine) or engine: sequential, on device: cpu",
+        )
+    return reason is None
+
+
+def execution_units(jobs: list[Job], vectorized: dict[str, bool], workers: int) -> list[list[Job]]:
+    """Jobs grouped into what one process runs at once.
+
+    Repeats of a vectorized arm train together (one stacked computation), split
+    into ``workers`` chunks so both cores stay busy; everything else runs one job at a time.
+    """
+    units: list[list[Job]] = []
+    groups: dict[tuple[str, str], list[Job]] = {}
+    for job in jobs:
+        if vectorized.get(job.arm, False):
+            groups.setdefault((job.mode, job.arm), []).append(job)
+        else:
+            units.append([job])
+    for group in groups.values():
+        chunks = max(1, min(workers, len(group)))
+        units += [group[i::chunks] for i in range(chunks)]
+    return units
+
+
+def _save_checkpoint(job: Job, result: RunResult, run_dir: Path) -> None:
+    if job.spec.execution.checkpoints and result.final_weights is not None:
+        ckpt = run_dir / "checkpoints"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        stem = f"{job.mode}-{_slug(job.arm)}-r{job.repeat}"
+        np.savez(ckpt / f"{stem}.npz", **dict(result.final_weights.arrays))
+        if result.aggregator_state:
+            torch.save(result.aggregator_state, ckpt / f"{stem}-aggregator.pt")
+    result.final_weights = None  # not needed past the checkpoint; keeps results small to pickle
+
+
+def _ledger_dir(run_dir: Path, job: Job) -> Path:
+    return run_dir / "ledger" / f"{_slug(job.arm)}-r{job.repeat}"
+
+
+def execute_unit(
+    unit: list[Job],
+    run_dir: Path,
+    plugins: PluginManager | None,
+    on_round: Callable[[RoundRecord], None] | None,
+    vectorized: bool,
+) -> list[RunResult]:
+    """Run a unit in this process: one job sequentially, or a group of repeats vectorized."""
+    if not vectorized:
+        return [execute_job(job, run_dir, plugins, on_round) for job in unit]
+    from fedcore.engine import vectorized as vec
+
+    plugins = plugins or PluginManager()
+    spec = unit[0].spec
+    options = vec.EngineOptions(device=spec.execution.device)
+    runs = [
+        vec.RunJob(build_components(spec, plugins), load_data(spec, j.seed, plugins), j.repeat, j.seed, _ledger_dir(run_dir, j))
+        for j in unit
+    ]
+    if unit[0].mode == "centralized":
+        results = vec.run_centralized_vectorized(spec, runs, unit[0].arm, on_round, options)
+    else:
+        results = vec.run_repeats_vectorized(spec, runs, unit[0].arm, on_round, options)
+    for job, result in zip(unit, results, strict=True):
+        _save_checkpoint(job, result, run_dir)
+    return results
 
 
 def execute_job(
@@ -119,18 +204,10 @@ def execute_job(
     if job.mode == "centralized":
         result = run_centralized(spec, components, data, job.arm, job.repeat, job.seed, on_round)
     else:
-        ledger_dir = run_dir / "ledger" / f"{_slug(job.arm)}-r{job.repeat}"
         result = run_federated(
-            spec, components, data, job.arm, job.repeat, job.seed, on_round, ledger_dir=ledger_dir
+            spec, components, data, job.arm, job.repeat, job.seed, on_round, ledger_dir=_ledger_dir(run_dir, job)
         )
-    if spec.execution.checkpoints and result.final_weights is not None:
-        ckpt = run_dir / "checkpoints"
-        ckpt.mkdir(parents=True, exist_ok=True)
-        stem = f"{job.mode}-{_slug(job.arm)}-r{job.repeat}"
-        np.savez(ckpt / f"{stem}.npz", **dict(result.final_weights.arrays))
-        if result.aggregator_state:
-            torch.save(result.aggregator_state, ckpt / f"{stem}-aggregator.pt")
-    result.final_weights = None  # not needed past the checkpoint; keeps results small to pickle
+    _save_checkpoint(job, result, run_dir)
     return result
 
 
@@ -147,8 +224,8 @@ def _worker_init(events: Any, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(job: Job, run_dir: str) -> RunResult:
-    return execute_job(job, Path(run_dir), None, _WORKER_QUEUE.put)
+def _worker_run(unit: list[Job], run_dir: str, vectorized: bool) -> list[RunResult]:
+    return execute_unit(unit, Path(run_dir), None, _WORKER_QUEUE.put, vectorized)
 
 
 def default_workers(n_jobs: int) -> int:
@@ -217,7 +294,7 @@ def run_experiment(
     spec = experiment.spec
     plugins = experiment.plugins
     jobs = plan_jobs(experiment)
-    preflight(experiment)
+    vectorized = preflight(experiment)
     run_dir = timestamped_run_dir(spec, out)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.resolved.yaml").write_text(resolved_yaml(spec))
@@ -226,6 +303,7 @@ def run_experiment(
         (run_dir / "arms.json").write_text(json.dumps(arms_yaml, indent=1))
     workers = workers or spec.execution.workers or default_workers(len(jobs))
     workers = min(workers, len(jobs))
+    units = execution_units(jobs, vectorized, workers)
     show = spec.execution.progress if progress is None else progress
     plugins.hook.fedcore_run_start(spec=spec, run_dir=run_dir, n_runs=len(jobs))
     started = time.perf_counter()
@@ -241,11 +319,12 @@ def run_experiment(
 
         if workers <= 1:
             torch.set_num_threads(spec.execution.threads_per_worker)
-            for job in jobs:
-                results.append(execute_job(job, run_dir, plugins, on_round))
-                bars.job_done()
+            for unit in units:
+                results += execute_unit(unit, run_dir, plugins, on_round, vectorized.get(unit[0].arm, False))
+                for _ in unit:
+                    bars.job_done()
         else:
-            results = _run_parallel(jobs, run_dir, workers, spec.execution.threads_per_worker, on_round, bars)
+            results = _run_parallel(units, vectorized, run_dir, workers, spec.execution.threads_per_worker, on_round, bars)
     total = time.perf_counter() - started
     data_sections = load_data(experiment.arms[0].spec, spec.seed, plugins)
     summary = write_summary(run_dir, experiment, results, total, data_sections)
@@ -255,7 +334,8 @@ def run_experiment(
 
 
 def _run_parallel(
-    jobs: list[Job],
+    units: list[list[Job]],
+    vectorized: dict[str, bool],
     run_dir: Path,
     workers: int,
     threads: int,
@@ -279,26 +359,25 @@ def _run_parallel(
 
     drainer = threading.Thread(target=drain, daemon=True)
     drainer.start()
-    results: dict[str, RunResult] = {}
+    results: list[RunResult] = []
     try:
         with ProcessPoolExecutor(
             max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(events, threads)
         ) as pool:
-            # Longest jobs first keeps both cores busy until the end.
-            ordered = sorted(jobs, key=lambda j: -_job_cost(j))
-            futures: dict[Future[RunResult], Job] = {pool.submit(_worker_run, j, str(run_dir)): j for j in ordered}
-            for future in _as_completed(futures):
-                job = futures[future]
-                try:
-                    results[job.key] = future.result()
-                except FedcoreUserError:
-                    raise
-                bars.job_done()
+            # Longest units first keeps both cores busy until the end.
+            ordered = sorted(units, key=lambda u: -sum(_job_cost(j) for j in u))
+            futures: dict[Future[list[RunResult]], list[Job]] = {
+                pool.submit(_worker_run, unit, str(run_dir), vectorized.get(unit[0].arm, False)): unit for unit in ordered
+            }
+            for future in as_completed(futures):
+                results += future.result()
+                for _ in futures[future]:
+                    bars.job_done()
     finally:
         stop.set()
         drainer.join()
         manager.shutdown()
-    return [results[j.key] for j in jobs]
+    return results
 
 
 def _job_cost(job: Job) -> int:
@@ -306,9 +385,3 @@ def _job_cost(job: Job) -> int:
     if job.mode == "centralized":
         return spec.baseline_epochs
     return spec.training.rounds * spec.training.local_epochs * (2 if spec.privacy else 1)
-
-
-def _as_completed(futures: dict[Future[RunResult], Job]) -> Any:
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)

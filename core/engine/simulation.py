@@ -20,7 +20,6 @@ import torch
 from fedcore.components import (
     Aggregator,
     FederatedData,
-    Ledger,
     LocalTrainingStage,
     PrivacyMechanism,
     RoundContext,
@@ -84,15 +83,18 @@ class Site:
         load_weights(self.trainer.module, message.weights)
         ctx = RoundContext(self.data.site, message.round, message.weights, self.generator, dict(extras or {}))
         outcome = self.trainer.run(ctx, self._x, self._y, self.spec.training.local_epochs)
-        delta = weights_of(self.trainer.module) - message.weights
+        return self.release(ctx, message, outcome.steps, outcome.mean_loss, time.perf_counter() - start)
+
+    def release(self, ctx: RoundContext, message: GlobalModel, steps: int, mean_loss: float, seconds: float) -> ClientUpdate:
+        """The update of the site's trained module, through every stage's ``transform_update``."""
         update = ClientUpdate(
             site=self.data.site,
             round=message.round,
-            delta=delta,
+            delta=weights_of(self.trainer.module) - message.weights,
             n_samples=self.data.n_train,
-            local_steps=outcome.steps,
-            train_loss=outcome.mean_loss,
-            train_seconds=time.perf_counter() - start,
+            local_steps=steps,
+            train_loss=mean_loss,
+            train_seconds=seconds,
         )
         for stage in self.stages:
             update = stage.transform_update(ctx, update)
@@ -241,9 +243,127 @@ def make_sites(spec: ExperimentSpec, components: Components, data: FederatedData
     ]
 
 
-def _ledger_append(ledger: Ledger | None, records: list[LedgerRecord]) -> None:
-    if ledger is not None and records:
-        ledger.append(records)
+class FederatedRun:
+    """One federated training driven round by round: server, sites, ledger, evaluation.
+
+    :func:`run_federated` trains the sites one after another; the vectorized
+    engine trains many runs' sites at once and hands the updates back to
+    :meth:`finish_round`, so both engines share everything but local training.
+    """
+
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        components: Components,
+        data: FederatedData,
+        arm: str,
+        repeat: int,
+        seed: int,
+        on_round: RoundCallback | None = None,
+        ledger_dir: Any = None,
+    ) -> None:
+        self.spec = spec
+        self.components = components
+        self.data = data
+        self.on_round = on_round
+        self.start = time.perf_counter()
+        self.initial = weights_of(initial_module(components, data, seed))
+        self.sites = make_sites(spec, components, data, seed)
+        self.server = Server(
+            self.initial, components.aggregator, components.privacy, components.secure_aggregation, derive_seed(seed, 2)
+        )
+        self.result = RunResult(arm=arm, repeat=repeat, mode="federated")
+        self.ledger = components.ledger
+        if self.ledger is not None:
+            self.ledger.open(ledger_dir, ["server", *(site_name(s.data.site) for s in self.sites)])
+            opening = [
+                LedgerRecord(kind="spec", round=0, writer="server", payload_sha256=json_digest(spec.model_dump(mode="json"))),
+                LedgerRecord(kind="global-model", round=0, writer="server", payload_sha256=self.initial.sha256()),
+            ]
+            for name, stats in sorted(data.released_statistics.items()):
+                opening.append(
+                    LedgerRecord(
+                        kind="preprocessing", round=0, writer="server", payload_sha256=json_digest(stats), metadata={"name": name}
+                    )
+                )
+            self.ledger.append(opening)
+        if components.secure_aggregation is not None:
+            components.secure_aggregation.open(len(self.sites), self.initial)
+
+    def begin_round(self, round_: int) -> tuple[GlobalModel, dict[str, Weights]] | None:
+        """The round's broadcast, or None when a privacy mechanism refuses the round (the run stops)."""
+        refusal = self.server.refuse_round(round_)
+        if refusal is not None:
+            self.stop(f"stopped before round {round_}: {refusal}")
+            return None
+        return self.server.broadcast(round_)
+
+    def stop(self, reason: str) -> None:
+        """End the run early (a privacy budget refused a round); the rounds done are kept."""
+        self.result.stopped_reason = reason
+
+    def finish_round(self, round_: int, updates: Sequence[ClientUpdate], seconds_so_far: float) -> None:
+        """Aggregate the round's released updates, record them on the ledger, evaluate on every site."""
+        began = time.perf_counter()
+        records = [
+            LedgerRecord(
+                kind="site-update",
+                round=round_,
+                writer=site_name(u.site),
+                payload_sha256=u.digest(),
+                metadata={"n_samples": u.n_samples, "bytes": u.nbytes()},
+            )
+            for u in updates
+        ]
+        new_weights = self.server.aggregate(round_, updates)
+        records.append(LedgerRecord(kind="aggregate", round=round_, writer="server", payload_sha256=new_weights.sha256()))
+        privacy = self.server.privacy_spent([r for site in self.sites for r in site.privacy_spent()])
+        for report in privacy:
+            records.append(
+                LedgerRecord(
+                    kind="privacy-spent",
+                    round=round_,
+                    writer="server",
+                    payload_sha256=json_digest(report.model_dump(mode="json")),
+                    metadata={"epsilon": report.epsilon, "delta": report.delta, "unit": report.unit},
+                )
+            )
+        if self.ledger is not None:
+            self.ledger.append(records)
+        round_seconds = seconds_so_far + time.perf_counter() - began
+        evaluation_message = GlobalModel(round=round_, weights=new_weights)
+        evaluations = [site.evaluate(evaluation_message) for site in self.sites]
+        record = RoundRecord(
+            arm=self.result.arm,
+            repeat=self.result.repeat,
+            round=round_,
+            mode="federated",
+            epoch=round_ * self.spec.training.local_epochs,
+            validation=pooled(evaluations, "validation"),
+            test=pooled(evaluations, "test"),
+            per_site=evaluations,
+            train_loss=float(np.mean([u.train_loss for u in updates])),
+            round_seconds=round_seconds,
+            update_bytes=[u.nbytes() for u in updates],
+            update_seconds=[u.train_seconds for u in updates],
+            privacy=privacy,
+        )
+        self.result.records.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def close(self) -> RunResult:
+        """Stop the secure aggregator and close the ledger; the run's result."""
+        try:
+            if self.components.secure_aggregation is not None:
+                self.components.secure_aggregation.close()
+        finally:
+            if self.ledger is not None:
+                self.result.ledger = self.ledger.close()
+        self.result.wall_seconds = time.perf_counter() - self.start
+        self.result.final_weights = self.server.weights
+        self.result.aggregator_state = self.components.aggregator.state_dict()
+        return self.result
 
 
 def run_federated(
@@ -257,96 +377,24 @@ def run_federated(
     ledger_dir: Any = None,
     stop_after_rounds: int | None = None,
 ) -> RunResult:
-    """Train one federated run: every round, every site, then evaluate on every site."""
-    start = time.perf_counter()
-    initial = weights_of(initial_module(components, data, seed))
-    sites = make_sites(spec, components, data, seed)
-    server = Server(
-        initial, components.aggregator, components.privacy, components.secure_aggregation, derive_seed(seed, 2)
-    )
-    ledger = components.ledger
-    if ledger is not None:
-        ledger.open(ledger_dir, ["server", *(site_name(s.data.site) for s in sites)])
-        opening = [
-            LedgerRecord(kind="spec", round=0, writer="server", payload_sha256=json_digest(spec.model_dump(mode="json"))),
-            LedgerRecord(kind="global-model", round=0, writer="server", payload_sha256=initial.sha256()),
-        ]
-        for name, stats in sorted(data.released_statistics.items()):
-            opening.append(
-                LedgerRecord(kind="preprocessing", round=0, writer="server", payload_sha256=json_digest(stats), metadata={"name": name})
-            )
-        _ledger_append(ledger, opening)
-    if components.secure_aggregation is not None:
-        components.secure_aggregation.open(len(sites), initial)
-    result = RunResult(arm=arm, repeat=repeat, mode="federated")
+    """Train one federated run: every round, every site one after another, then evaluate."""
+    run = FederatedRun(spec, components, data, arm, repeat, seed, on_round, ledger_dir)
     rounds = spec.training.rounds if stop_after_rounds is None else min(stop_after_rounds, spec.training.rounds)
     try:
         for round_ in range(1, rounds + 1):
             round_start = time.perf_counter()
-            refusal = server.refuse_round(round_)
-            if refusal is not None:
-                result.stopped_reason = f"stopped before round {round_}: {refusal}"
+            broadcast = run.begin_round(round_)
+            if broadcast is None:
                 break
-            message, extras = server.broadcast(round_)
+            message, extras = broadcast
             try:
-                updates = [site.train(message, extras) for site in sites]
+                updates = [site.train(message, extras) for site in run.sites]
             except PrivacyBudgetError as exc:
-                result.stopped_reason = f"stopped in round {round_}: {exc}"
+                run.stop(f"stopped in round {round_}: {exc}")
                 break
-            records = [
-                LedgerRecord(
-                    kind="site-update",
-                    round=round_,
-                    writer=site_name(u.site),
-                    payload_sha256=u.digest(),
-                    metadata={"n_samples": u.n_samples, "bytes": u.nbytes()},
-                )
-                for u in updates
-            ]
-            new_weights = server.aggregate(round_, updates)
-            records.append(LedgerRecord(kind="aggregate", round=round_, writer="server", payload_sha256=new_weights.sha256()))
-            site_reports = [r for site in sites for r in site.privacy_spent()]
-            privacy = server.privacy_spent(site_reports)
-            for report in privacy:
-                records.append(
-                    LedgerRecord(
-                        kind="privacy-spent",
-                        round=round_,
-                        writer="server",
-                        payload_sha256=json_digest(report.model_dump(mode="json")),
-                        metadata={"epsilon": report.epsilon, "delta": report.delta, "unit": report.unit},
-                    )
-                )
-            _ledger_append(ledger, records)
-            round_seconds = time.perf_counter() - round_start
-            evaluation_message = GlobalModel(round=round_, weights=new_weights)
-            evaluations = [site.evaluate(evaluation_message) for site in sites]
-            record = RoundRecord(
-                arm=arm,
-                repeat=repeat,
-                round=round_,
-                mode="federated",
-                epoch=round_ * spec.training.local_epochs,
-                validation=pooled(evaluations, "validation"),
-                test=pooled(evaluations, "test"),
-                per_site=evaluations,
-                train_loss=float(np.mean([u.train_loss for u in updates])),
-                round_seconds=round_seconds,
-                update_bytes=[u.nbytes() for u in updates],
-                update_seconds=[u.train_seconds for u in updates],
-                privacy=privacy,
-            )
-            result.records.append(record)
-            if on_round is not None:
-                on_round(record)
+            run.finish_round(round_, updates, time.perf_counter() - round_start)
     finally:
-        if components.secure_aggregation is not None:
-            components.secure_aggregation.close()
-        if ledger is not None:
-            result.ledger = ledger.close()
-    result.wall_seconds = time.perf_counter() - start
-    result.final_weights = server.weights
-    result.aggregator_state = components.aggregator.state_dict()
+        result = run.close()
     return result
 
 
