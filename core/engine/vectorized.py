@@ -593,6 +593,7 @@ def run_repeats_vectorized(
     local training is shared, so each run's numbers are what it would get alone.
     """
     options = options or EngineOptions()
+    group_start = time.perf_counter()
     runs: list[_FederatedRun] = []
     try:
         for job in jobs:
@@ -639,7 +640,12 @@ def run_repeats_vectorized(
         for run in runs:
             run.close()
         raise
-    return [run.close() for run in runs]
+    results = [run.close() for run in runs]
+    # Runs trained together are charged an equal share of the group's wall time.
+    share = (time.perf_counter() - group_start) / len(results)
+    for result in results:
+        result.wall_seconds = share
+    return results
 
 
 def run_federated_vectorized(

@@ -428,7 +428,8 @@ def build_report(run_dir: Path | str) -> Path:
     out += [
         "",
         "Convergence epoch: the first epoch at which validation accuracy comes within 0.5 points of its "
-        "final value and stays there (federated: round × local epochs).",
+        "final value and stays there (federated: round × local epochs). Processing time: wall time of a "
+        "training; trainings the vectorized engine runs together are each charged an equal share.",
         "",
     ]
     report = run_dir / "report.md"
