@@ -327,7 +327,7 @@ def run_experiment(
             results = _run_parallel(units, vectorized, run_dir, workers, spec.execution.threads_per_worker, on_round, bars)
     total = time.perf_counter() - started
     data_sections = load_data(experiment.arms[0].spec, spec.seed, plugins)
-    summary = write_summary(run_dir, experiment, results, total, data_sections)
+    summary = write_summary(run_dir, experiment, results, total, data_sections, vectorized)
     build_report(run_dir)
     plugins.hook.fedcore_run_end(summary=summary, run_dir=run_dir)
     return run_dir

@@ -82,8 +82,12 @@ def write_summary(
     results: Sequence[RunResult],
     total_seconds: float,
     data: FederatedData,
+    vectorized: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
-    """Write ``summary.json`` from the finished trainings and return it."""
+    """Write ``summary.json`` from the finished trainings and return it.
+
+    :param vectorized: per arm label, whether the vectorized engine trained it.
+    """
     from fedcore.engine.runner import baseline_key
 
     by_arm: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
@@ -103,6 +107,15 @@ def write_summary(
                 "assignments": [[p, v] for p, v in arm.assignments],
                 "privacy_specs": [p.model_dump() for p in arm.spec.privacy],
                 "aggregator": arm.spec.aggregator.model_dump(),
+                "setup": {
+                    "model": arm.spec.model.use,
+                    "aggregator": arm.spec.aggregator.use,
+                    "privacy": [p.use for p in arm.spec.privacy] or ["none"],
+                    "secure_aggregation": arm.spec.secure_aggregation.use if arm.spec.secure_aggregation else "none",
+                    "ledger": arm.spec.ledger.use if arm.spec.ledger else "none",
+                    "attacks": [a.use for a in arm.spec.attacks] or ["none"],
+                    "engine": "vectorized" if (vectorized or {}).get(arm.label) else "sequential",
+                },
                 "federated": {"runs": fed_runs, "aggregate": _aggregate(fed_runs)},
                 "centralized": {"runs": cen_runs, "aggregate": _aggregate(cen_runs), "of_arm": first_label_by_key[key]}
                 if cen_runs
@@ -408,6 +421,17 @@ def build_report(run_dir: Path | str) -> Path:
         )
     for title, body in data.get("sections", {}).items():
         out += ["", f"### {title}", "", body]
+    out += ["", "## Setup", ""]
+    for arm in summary["arms"]:
+        setup = arm.get("setup")
+        if setup:
+            prefix = f"- **{arm['label']}**: " if len(summary["arms"]) > 1 else "- "
+            out.append(
+                f"{prefix}model `{setup['model']}`, aggregator `{setup['aggregator']}`, privacy "
+                f"{', '.join(f'`{p}`' for p in setup['privacy'])}, secure aggregation `{setup['secure_aggregation']}`, "
+                f"ledger `{setup['ledger']}`, attacks {', '.join(f'`{a}`' for a in setup['attacks'])}; "
+                f"{setup['engine']} engine (every setting: `spec.resolved.yaml`)"
+            )
     for arm in summary["arms"]:
         title = "Table I: centralized vs federated" if len(summary["arms"]) == 1 else f"Table I — {arm['label']}"
         out += ["", f"## {title}", "", "Test split, pooled over sites; mean ± sd over repeats.", "", _table_one(arm)]
