@@ -59,7 +59,7 @@ _PER_STEP_SEAMS = ("prepare", "sampler", "gradient_step", "transform_gradients")
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 #: DP batches are padded to a multiple of this, so few graph shapes are compiled
-_DP_PAD = 8
+_DP_PAD = 4
 #: steps of DP noise drawn per generator call. Fixed, because torch's normal stream
 #: depends on how draws are split: a site's noise must not depend on who it trains with.
 _NOISE_CHUNK = 16
@@ -321,15 +321,17 @@ class StackedTrainer:
                 plan = self._poisson_plan(tasks, sizes, dp)  # type: ignore[arg-type]
             index, weight_mask, active = plan
             gidx = index + offsets.view(-1, 1, 1)
-            x_epoch, y_epoch = x_all[gidx], y_all[gidx]
-            w_epoch = row_weight[gidx] * weight_mask
-            w_epoch = w_epoch / w_epoch.sum(dim=2, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
             if dp[0] is None:
+                # index_select on a flat index gathers several times faster than advanced indexing.
+                flat = gidx.reshape(-1)
+                x_epoch = x_all.index_select(0, flat).view(*gidx.shape, x_all.shape[1])
+                y_epoch = y_all.index_select(0, flat).view(gidx.shape)
+                w_epoch = row_weight.index_select(0, flat).view(gidx.shape) * weight_mask
+                w_epoch = w_epoch / w_epoch.sum(dim=2, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
                 self._run_epoch(x_epoch, y_epoch, w_epoch, active, loss_sum)
             else:
                 # DP weights are the class weights themselves (Opacus sums per-sample losses).
-                w_dp = row_weight[gidx] * weight_mask
-                self._run_dp_epoch(tasks, x_epoch, y_epoch, w_dp, active, loss_sum)
+                self._run_dp_epoch(tasks, x_all, y_all, gidx, row_weight[gidx] * weight_mask, active, loss_sum)
             steps += active.sum(axis=1)
         mean = (loss_sum.cpu().numpy() / np.maximum(steps, 1)).tolist()
         return [CopyOutcome(int(s), float(m)) for s, m in zip(steps, mean, strict=True)]
@@ -396,12 +398,14 @@ class StackedTrainer:
     def _run_dp_epoch(
         self,
         tasks: Sequence[CopyTask],
-        x: torch.Tensor,
-        y: torch.Tensor,
+        x_all: torch.Tensor,
+        y_all: torch.Tensor,
+        gidx: torch.Tensor,
         w: torch.Tensor,
         active: np.ndarray,
         loss_sum: torch.Tensor,
     ) -> None:
+        """DP-SGD steps of one epoch; ``gidx (S, steps, width)`` indexes the rows of ``x_all``."""
         dp = [task.dp for task in tasks]
         clip = torch.tensor([d.max_grad_norm for d in dp], dtype=self.dtype, device=self.device)  # type: ignore[union-attr]
         scale = torch.tensor([d.expected_batch_size for d in dp], dtype=self.dtype, device=self.device)  # type: ignore[union-attr]
@@ -412,31 +416,46 @@ class StackedTrainer:
         largest = (w > 0).sum(dim=2).amax(dim=0).cpu().numpy()
         widths = np.maximum(_DP_PAD, -(-largest // _DP_PAD) * _DP_PAD).tolist()
         n_steps = active.shape[1]
+        # One noise buffer for the epoch: a fresh one per chunk is written twice (zeros, noise).
+        buffer = torch.empty(self.n_copies, min(_NOISE_CHUNK, n_steps), self.layout.size, dtype=self.dtype)
         for start in range(0, n_steps, _NOISE_CHUNK):
             chunk = min(_NOISE_CHUNK, n_steps - start)
-            noise = self._noise(tasks, std, start, chunk, active)
+            noise = self._noise(tasks, std, start, chunk, active, buffer[:, :chunk]).to(self.device)
             for t in range(start, start + chunk):
                 k = widths[t]
-                grad, losses = self.dp_step(
-                    self.views, x[:, t, :k], y[:, t, :k], w[:, t, :k], clip, noise[:, t - start], scale
-                )
+                # Each step gathers its own rows at its own width (gathering the whole epoch
+                # at its widest batch copies more), by index_select: ~5x faster than x[rows].
+                rows = gidx[:, t, :k].reshape(-1)
+                x_t = x_all.index_select(0, rows).view(self.n_copies, k, -1)
+                y_t = y_all.index_select(0, rows).view(self.n_copies, k)
+                grad, losses = self.dp_step(self.views, x_t, y_t, w[:, t, :k], clip, noise[:, t - start], scale)
                 self._optimizer_step(grad, active[:, t])
                 loss_sum += losses * active_t[:, t]
 
     def _noise(
-        self, tasks: Sequence[CopyTask], std: Sequence[float], start: int, chunk: int, active: np.ndarray
+        self,
+        tasks: Sequence[CopyTask],
+        std: Sequence[float],
+        start: int,
+        chunk: int,
+        active: np.ndarray,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Gaussian noise for ``chunk`` steps of every copy, each from its own generator.
 
         A copy draws only for the steps it takes, so its stream does not depend on
-        which other copies it is trained with.
+        which other copies it is trained with. Written into ``out (S, chunk, P)`` (CPU)
+        when given; rows of steps not taken are zero.
         """
-        out = torch.zeros(self.n_copies, chunk, self.layout.size, dtype=self.dtype)
+        if out is None:
+            out = torch.empty(self.n_copies, chunk, self.layout.size, dtype=self.dtype)
         for i, task in enumerate(tasks):
             taken = int(active[i, start : start + chunk].sum())
-            if taken:
-                out[i, :taken] = torch.randn(taken, self.layout.size, generator=task.generator, dtype=self.dtype) * std[i]
-        return out.to(self.device)
+            # out[i, :taken] is contiguous, so normal_ draws exactly what randn(taken, P) would,
+            # scaled in the same pass.
+            out[i, :taken].normal_(0.0, std[i], generator=task.generator)
+            out[i, taken:].zero_()
+        return out
 
 
 def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> torch.Tensor:
