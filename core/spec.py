@@ -382,15 +382,34 @@ def check_capabilities(spec: ExperimentSpec, plugins: PluginManager, source: Spe
         component.check_spec(spec, components)
 
 
-def _arm_label(assignments: Sequence[tuple[str, Any]]) -> str:
-    def show(value: Any) -> str:
-        if isinstance(value, dict) and "use" in value:
-            return PluginRef.model_validate(value).label()
-        if isinstance(value, list) and all(isinstance(v, dict) and "use" in v for v in value):
-            return "+".join(PluginRef.model_validate(v).label() for v in value) or "none"
-        return str(value)
+def _as_refs(value: Any) -> list[dict[str, Any]] | None:
+    """A swept value as a list of plugin references, or None when it is not one."""
+    if isinstance(value, dict) and "use" in value:
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, dict) and "use" in v for v in value):
+        return value
+    return None
 
-    return ", ".join(f"{path}={show(value)}" for path, value in assignments) or "main"
+
+def _show(value: Any, alternatives: Sequence[Any]) -> str:
+    """A swept value for an arm label: plugin references show only the settings that vary."""
+    refs = _as_refs(value)
+    if refs is None:
+        return str(value)
+    others = [r for r in (_as_refs(v) for v in alternatives) if r is not None]
+    parts = []
+    for index, ref in enumerate(refs):
+        settings = ref.get("settings") or {}
+        # Compared with the same plugin at the same place in the other values: what tells them apart.
+        peers = [o[index].get("settings") or {} for o in others if len(o) > index and o[index]["use"] == ref["use"]]
+        varying = {key: val for key, val in settings.items() if any(peer.get(key) != val for peer in peers)}
+        inner = ",".join(f"{k}={v}" for k, v in varying.items())
+        parts.append(f"{ref['use']}({inner})" if inner else ref["use"])
+    return "+".join(parts) or "none"
+
+
+def _arm_label(assignments: Sequence[tuple[str, Any]], sweep: dict[str, list[Any]]) -> str:
+    return ", ".join(f"{path}={_show(value, sweep[path])}" for path, value in assignments) or "main"
 
 
 def load_experiment(
@@ -423,7 +442,7 @@ def load_experiment(
             for path_, value in assignments:
                 raw = set_path(raw, path_, value)
             arm_spec = _validate_arm(raw, source, plugins)
-            arms.append(Arm(_arm_label(assignments), arm_spec, assignments))
+            arms.append(Arm(_arm_label(assignments, spec.sweep), arm_spec, assignments))
     return Experiment(spec, arms, plugins, source)
 
 
