@@ -43,7 +43,19 @@ def test_sweep_expands_with_whole_plugin_references() -> None:
     lrs = {(a.spec.aggregator.settings["server_learning_rate"], a.spec.training.learning_rate) for a in experiment.arms}
     assert lrs == {(1.0, 0.001), (1.0, 0.01), (0.5, 0.001), (0.5, 0.01)}
     assert all(a.spec.sweep == {} for a in experiment.arms)
-    assert "fedavg(server_learning_rate=0.5)" in experiment.arms[2].label
+    assert experiment.arms[2].label == "aggregator=fedavg(server_learning_rate=0.5), training.learning_rate=0.001"
+    assert experiment.arms[0].label == "aggregator=fedavg, training.learning_rate=0.001"
+
+
+def test_arm_labels_show_only_what_differs_between_plugin_references() -> None:
+    text = TINY_SPEC + (
+        "sweep:\n"
+        "  aggregator:\n"
+        "    - {use: fedavg, settings: {server_learning_rate: 1.0}}\n"
+        "    - {use: fedavg, settings: {server_learning_rate: 0.5}}\n"
+    )
+    labels = [arm.label for arm in load_experiment(text=text).arms]
+    assert labels == ["aggregator=fedavg(server_learning_rate=1.0)", "aggregator=fedavg(server_learning_rate=0.5)"]
 
 
 BAD_SPECS = {
