@@ -144,3 +144,19 @@ def test_resolved_spec_is_complete_yaml(tiny_spec: Path) -> None:
     experiment = load_experiment(tiny_spec)
     reloaded = ExperimentSpec.model_validate(yaml.safe_load(resolved_yaml(experiment.spec)))
     assert reloaded == experiment.spec
+
+
+def test_forcing_the_vectorized_engine_on_a_spec_it_cannot_run_is_a_user_error(tiny_spec: Path, run_cli, tmp_path: Path) -> None:
+    result = run_cli(
+        "run", str(tiny_spec), "--set", "execution.engine=vectorized", "--set", "aggregator.use=fedprox",
+        "--out", str(tmp_path / "out"),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "execution.engine" in result.stderr and "vectorized engine cannot run this spec" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_without_a_device_is_a_user_error(tiny_spec: Path, run_cli, tmp_path: Path) -> None:
+    result = run_cli("run", str(tiny_spec), "--set", "execution.device=cuda", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "no CUDA device" in result.stderr
