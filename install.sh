@@ -9,4 +9,5 @@ PYTHON=${PYTHON:-python3}
 # CrypTen (secure aggregation) cannot be an extra: it must be installed --no-deps.
 .venv/bin/python -m pip install --quiet --no-deps -r requirements/crypten.txt
 .venv/bin/python -m pip install --quiet onnx==1.18.0 omegaconf==2.4.0
+echo "(pip's notes that crypten requires sklearn, torchvision, tensorboard or future are expected: the secure sum needs none of them)"
 echo "fedcore installed in .venv ($(.venv/bin/fedcore --version))"
