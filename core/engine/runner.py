@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,9 @@ class Job:
     def key(self) -> str:
         return f"{self.mode}:{self.arm}:{self.repeat}"
 
-    @property
+    @cached_property
     def spec(self) -> ExperimentSpec:
+        """The job's spec, parsed once (the JSON is what crosses to worker processes)."""
         return ExperimentSpec.model_validate_json(self.spec_json)
 
 

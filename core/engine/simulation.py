@@ -74,15 +74,16 @@ class Site:
         self.n_classes = n_classes
         self.generator = torch.Generator().manual_seed(seed)
         self.trainer = LocalTrainer(module, spec.training, self.stages, data.class_counts(n_classes))
-        # A copy: dataset arrays may be read-only, and torch wants writable storage.
-        self._x = torch.tensor(data.x_train)
-        self._y = torch.tensor(data.y_train)
+        # The site's training tensors, made once. A copy: dataset arrays may be read-only,
+        # and torch wants writable storage.
+        self.x_train = torch.tensor(data.x_train)
+        self.y_train = torch.tensor(data.y_train)
 
     def train(self, message: GlobalModel, extras: dict[str, Weights] | None = None) -> ClientUpdate:
         start = time.perf_counter()
         load_weights(self.trainer.module, message.weights)
         ctx = RoundContext(self.data.site, message.round, message.weights, self.generator, dict(extras or {}))
-        outcome = self.trainer.run(ctx, self._x, self._y, self.spec.training.local_epochs)
+        outcome = self.trainer.run(ctx, self.x_train, self.y_train, self.spec.training.local_epochs)
         return self.release(ctx, message, outcome.steps, outcome.mean_loss, time.perf_counter() - start)
 
     def release(self, ctx: RoundContext, message: GlobalModel, steps: int, mean_loss: float, seconds: float) -> ClientUpdate:

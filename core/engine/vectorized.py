@@ -541,7 +541,7 @@ class _FederatedRun(FederatedRun):
         try:
             for site, class_weight, dp in zip(self.sites, self.class_weights, self.dp, strict=True):
                 ctx = RoundContext(site.data.site, round_, self.message.weights, site.generator, dict(extras or {}))
-                x, y = torch.from_numpy(site.data.x_train), torch.from_numpy(site.data.y_train)
+                x, y = site.x_train, site.y_train
                 for stage in site.stages:
                     if _overrides(stage, "transform_training_data"):
                         x, y = stage.transform_training_data(ctx, x, y)
