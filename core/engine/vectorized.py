@@ -60,9 +60,6 @@ _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 #: DP batches are padded to a multiple of this, so few graph shapes are compiled
 _DP_PAD = 4
-#: steps of DP noise drawn per generator call. Fixed, because torch's normal stream
-#: depends on how draws are split: a site's noise must not depend on who it trains with.
-_NOISE_CHUNK = 16
 
 
 def _overrides(stage: LocalTrainingStage, method: str) -> bool:
@@ -408,53 +405,52 @@ class StackedTrainer:
         """DP-SGD steps of one epoch; ``gidx (S, steps, width)`` indexes the rows of ``x_all``."""
         dp = [task.dp for task in tasks]
         clip = torch.tensor([d.max_grad_norm for d in dp], dtype=self.dtype, device=self.device)  # type: ignore[union-attr]
-        scale = torch.tensor([d.expected_batch_size for d in dp], dtype=self.dtype, device=self.device)  # type: ignore[union-attr]
-        std = [d.noise_multiplier * d.max_grad_norm for d in dp]  # type: ignore[union-attr]
-        active_t = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device)
+        batch = torch.tensor([d.expected_batch_size for d in dp], dtype=self.dtype, device=self.device)  # type: ignore[union-attr]
+        # The step weighs each real row by 1/B instead of dividing the (S, P) clipped sum by
+        # B; the noise is drawn already divided (N(0, (sigma C)^2) / B is N(0, (sigma C / B)^2)).
+        std = [d.noise_multiplier * d.max_grad_norm / d.expected_batch_size for d in dp]  # type: ignore[union-attr]
+        real = (w > 0).to(self.dtype)
+        row_scale = real / batch.view(-1, 1, 1)
+        # The logged loss is the mean over a step's real rows (0 for an empty batch or a
+        # step not taken), as the privacy plugin logs it.
+        loss_weight = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device) / real.sum(dim=2).clamp_min(1).to(
+            loss_sum.dtype
+        )
         # Real rows come first in every padded batch: each step computes only as many rows
         # as its largest batch needs (rounded up, so few step shapes get compiled).
-        largest = (w > 0).sum(dim=2).amax(dim=0).cpu().numpy()
+        largest = real.sum(dim=2).amax(dim=0).cpu().numpy().astype(np.int64)
         widths = np.maximum(_DP_PAD, -(-largest // _DP_PAD) * _DP_PAD).tolist()
-        n_steps = active.shape[1]
-        # One noise buffer for the epoch: a fresh one per chunk is written twice (zeros, noise).
-        buffer = torch.empty(self.n_copies, min(_NOISE_CHUNK, n_steps), self.layout.size, dtype=self.dtype)
-        for start in range(0, n_steps, _NOISE_CHUNK):
-            chunk = min(_NOISE_CHUNK, n_steps - start)
-            noise = self._noise(tasks, std, start, chunk, active, buffer[:, :chunk]).to(self.device)
-            for t in range(start, start + chunk):
-                k = widths[t]
-                # Each step gathers its own rows at its own width (gathering the whole epoch
-                # at its widest batch copies more), by index_select: ~5x faster than x[rows].
-                rows = gidx[:, t, :k].reshape(-1)
-                x_t = x_all.index_select(0, rows).view(self.n_copies, k, -1)
-                y_t = y_all.index_select(0, rows).view(self.n_copies, k)
-                grad, losses = self.dp_step(self.views, x_t, y_t, w[:, t, :k], clip, noise[:, t - start], scale)
-                self._optimizer_step(grad, active[:, t])
-                loss_sum += losses * active_t[:, t]
+        # One (S, P) noise buffer, refilled right before each step: it is still in cache when
+        # the step reads it (a buffer of many steps is read back from memory, ~0.3 ms a step).
+        buffer = torch.empty(self.n_copies, self.layout.size, dtype=self.dtype)
+        for t in range(active.shape[1]):
+            noise = self._noise(tasks, std, active[:, t], buffer).to(self.device)
+            k = widths[t]
+            # Each step gathers its own rows at its own width (gathering the whole epoch
+            # at its widest batch copies more), by index_select: ~5x faster than x[rows].
+            rows = gidx[:, t, :k].reshape(-1)
+            x_t = x_all.index_select(0, rows).view(self.n_copies, k, -1)
+            y_t = y_all.index_select(0, rows).view(self.n_copies, k)
+            grad, losses = self.dp_step(self.views, x_t, y_t, w[:, t, :k], clip, noise, row_scale[:, t, :k])
+            self._optimizer_step(grad, active[:, t])
+            loss_sum += losses * loss_weight[:, t]
 
     def _noise(
-        self,
-        tasks: Sequence[CopyTask],
-        std: Sequence[float],
-        start: int,
-        chunk: int,
-        active: np.ndarray,
-        out: torch.Tensor | None = None,
+        self, tasks: Sequence[CopyTask], std: Sequence[float], taken: np.ndarray, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Gaussian noise for ``chunk`` steps of every copy, each from its own generator.
+        """Gaussian noise ``N(0, std_i^2)`` for one step of every copy, each from its own generator.
 
-        A copy draws only for the steps it takes, so its stream does not depend on
-        which other copies it is trained with. Written into ``out (S, chunk, P)`` (CPU)
-        when given; rows of steps not taken are zero.
+        A copy draws only for a step it takes (``taken[i]``), exactly ``P`` values, so its
+        stream does not depend on which other copies it is trained with. Written into
+        ``out (S, P)`` (CPU) when given; rows of copies not stepping are zero.
         """
         if out is None:
-            out = torch.empty(self.n_copies, chunk, self.layout.size, dtype=self.dtype)
+            out = torch.empty(self.n_copies, self.layout.size, dtype=self.dtype)
         for i, task in enumerate(tasks):
-            taken = int(active[i, start : start + chunk].sum())
-            # out[i, :taken] is contiguous, so normal_ draws exactly what randn(taken, P) would,
-            # scaled in the same pass.
-            out[i, :taken].normal_(0.0, std[i], generator=task.generator)
-            out[i, taken:].zero_()
+            if taken[i]:
+                out[i].normal_(0.0, std[i], generator=task.generator)
+            else:
+                out[i].zero_()
         return out
 
 

@@ -101,14 +101,17 @@ def make_train_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..
 
 
 def make_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """``step(params, x, y, w, clip, noise, scale) -> (noisy_grads (S, P), losses (S,))`` (DP-SGD).
+    """``step(params, x, y, w, clip, noise, row_scale) -> (noisy_grads (S, P), loss_sums (S,))`` (DP-SGD).
 
-    Every row's gradient (per-sample loss ``w_i * nll_i``, ``w_i`` the row's class weight,
-    0 on padding rows) is
-    clipped to L2 norm ``clip`` (S,) with Opacus's factor ``min(1, C / (norm + 1e-6))``;
-    the clipped sum plus ``noise`` (S, P) is divided by ``scale`` (S,), Opacus's expected
-    batch size. The caller draws the noise from each site's own generator. The logged
-    loss is the mean of ``w_i * nll_i`` over the real rows (as the privacy plugin logs it).
+    Every row's gradient (per-sample loss ``w_i * nll_i``, ``w_i`` the row's class weight)
+    is clipped to L2 norm ``clip`` (S,) with Opacus's factor ``min(1, C / (norm + 1e-6))``
+    and weighed by ``row_scale`` (S, K): ``1 / B`` on real rows, 0 on padding, with ``B``
+    Opacus's expected batch size. The result is ``sum_i row_scale_i * clipped_i + noise``,
+    i.e. Opacus's ``(clipped_sum + N(0, (sigma C)^2)) / B`` with ``noise`` (S, P) drawn
+    already divided by ``B`` by the caller, from each site's own generator. Scaling the
+    per-row factors instead of the (S, P) sum saves two passes over every parameter per
+    step. ``loss_sums`` is ``sum_i w_i * nll_i`` over the real rows; the caller divides by
+    the number of real rows (the privacy plugin logs that mean).
 
     Models made only of ``nn.Linear`` layers on 2-D inputs take the ghost-norm path
     (:func:`make_ghost_dp_step`, what Opacus calls fast gradient clipping): per-sample
@@ -136,13 +139,11 @@ def make_vmap_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[
         w: torch.Tensor,
         clip: torch.Tensor,
         noise: torch.Tensor,
-        scale: torch.Tensor,
+        row_scale: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         grads, row_losses = per_sample(params, x, y, w)
         flat = torch.cat([g.reshape(g.shape[0], g.shape[1], -1) for g in grads], dim=2)  # (S, K, P)
-        clipped_sum = clip_and_sum(flat, clip, (w > 0).to(flat.dtype))
-        losses = row_losses.sum(dim=1) / (w > 0).sum(dim=1).clamp_min(1).to(w.dtype)
-        return (clipped_sum + noise) / scale.unsqueeze(1), losses
+        return clip_and_sum(flat, clip, row_scale) + noise, row_losses.sum(dim=1)
 
     return step
 
@@ -206,6 +207,9 @@ def make_ghost_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable
 
     deltas_of = grad_and_value(copy_loss, has_aux=True)
 
+    # Layers with a bias add ||delta_i||^2 to the row's squared gradient norm.
+    bias_term = [0.0 if bias is None else 1.0 for _, _, bias in layers]
+
     def copy_step(
         params: list[torch.Tensor],
         x: torch.Tensor,
@@ -213,27 +217,25 @@ def make_ghost_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable
         w: torch.Tensor,
         clip: torch.Tensor,
         noise: torch.Tensor,
-        scale: torch.Tensor,
+        row_scale: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.shape[0]
         probes = [torch.zeros(rows, layer.out_features, dtype=x.dtype, device=x.device) for layer, _, _ in layers]
         deltas, (_, (loss, inputs)) = deltas_of(probes, params, x, y, w)
-        norms2 = torch.zeros(rows, dtype=x.dtype, device=x.device)
-        for (_, _, bias), delta, a in zip(layers, deltas, inputs, strict=True):
-            d2 = (delta * delta).sum(dim=1)
-            norms2 = norms2 + d2 * (a * a).sum(dim=1)
-            if bias is not None:
-                norms2 = norms2 + d2
-        factor = (clip / (norms2.sqrt() + 1e-6)).clamp(max=1.0) * (w > 0).to(x.dtype)
+        # ||g_i||^2 = sum over layers of ||delta_i||^2 (||a_i||^2 + [bias]); one norm kernel
+        # per tensor and one combine (fewer ops matter: a step of a few copies is op-bound).
+        delta_norms = torch.stack([torch.linalg.vector_norm(d, dim=1) for d in deltas], dim=1)
+        input_norms = torch.stack([torch.linalg.vector_norm(a, dim=1) for a in inputs], dim=1)
+        bias = torch.tensor(bias_term, dtype=x.dtype, device=x.device)
+        norms2 = (delta_norms.square() * (input_norms.square() + bias)).sum(dim=1)
+        factor = (clip / (norms2.sqrt() + 1e-6)).clamp(max=1.0) * row_scale
         pieces: list[torch.Tensor | None] = [None] * len(names)
-        for (_, weight, bias), delta, a in zip(layers, deltas, inputs, strict=True):
+        for (layer, weight, bias_index), delta, a in zip(layers, deltas, inputs, strict=True):
             scaled = delta * factor.unsqueeze(1)
             pieces[weight] = scaled.t().mm(a).reshape(-1)
-            if bias is not None:
-                pieces[bias] = scaled.sum(dim=0)
-        clipped_sum = torch.cat(pieces)  # type: ignore[arg-type]
-        mean_loss = loss / (w > 0).sum().clamp_min(1).to(w.dtype)
-        return (clipped_sum + noise) / scale, mean_loss
+            if bias_index is not None:
+                pieces[bias_index] = scaled.sum(dim=0)
+        return torch.cat(pieces) + noise, loss  # type: ignore[arg-type]
 
     return vmap(copy_step)
 
@@ -241,7 +243,8 @@ def make_ghost_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable
 def clip_and_sum(per_sample: torch.Tensor, max_norm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``sum_i mask_i * g_i * min(1, C / (||g_i|| + 1e-6))`` for ``per_sample (S, K, P)``, ``C (S,)``.
 
-    The clip factor is Opacus's (``opacus.optimizers.optimizer``), per copy.
+    The clip factor is Opacus's (``opacus.optimizers.optimizer``), per copy; ``mask (S, K)``
+    weighs each row (0 on padding; ``1 / B`` on real rows carries the division by the batch size).
     """
     norms = per_sample.norm(dim=2)
     factor = (max_norm.unsqueeze(1) / (norms + 1e-6)).clamp(max=1.0) * mask
