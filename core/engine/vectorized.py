@@ -19,8 +19,10 @@ Record-level DP-SGD (a stage exposing ``dp_parameters``): Poisson sampling drawn
 from the site's generator (a Binomial batch size, then a uniform subset of that
 size: the same distribution as Opacus's per-row Bernoulli mask, at O(batch) cost),
 per-sample gradients by ``vmap(grad)``, Opacus's clipping, Gaussian noise
-``N(0, (sigma * C)^2)`` from the site's generator, division by the expected batch
-size; the stage's own ``finish`` steps its accountant by the steps taken.
+``N(0, (sigma * C)^2)`` from a :class:`fedcore.noise.GaussianNoise` stream keyed from
+the site's generator (as the privacy plugin's own DP-SGD step draws it), division by
+the expected batch size; the stage's own ``finish`` steps its accountant by the steps
+taken.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from torch.optim.adam import adam as functional_adam
 
 from fedcore.components import FederatedData, LocalTrainingStage, RoundContext
+from fedcore.noise import GaussianNoise
 from fedcore.engine.simulation import (
     FederatedRun,
     RunResult,
@@ -311,6 +314,9 @@ class StackedTrainer:
         row_weight = self._row_weights(tasks, y_all)
         loss_sum = torch.zeros(self.n_copies, dtype=torch.float64, device=self.device)
         steps = np.zeros(self.n_copies, dtype=np.int64)
+        # Each copy's noise stream is keyed from its generator once per call (round), before
+        # any batch is drawn, as the privacy plugin's own DP-SGD step keys it.
+        noise = None if dp[0] is None else GaussianNoise.from_generators([t.generator for t in tasks], self.layout.size, self.dtype)
         for _ in range(epochs):
             if dp[0] is None:
                 plan = self._shuffled_plan(tasks, sizes)
@@ -328,7 +334,7 @@ class StackedTrainer:
                 self._run_epoch(x_epoch, y_epoch, w_epoch, active, loss_sum)
             else:
                 # DP weights are the class weights themselves (Opacus sums per-sample losses).
-                self._run_dp_epoch(tasks, x_all, y_all, gidx, row_weight[gidx] * weight_mask, active, loss_sum)
+                self._run_dp_epoch(tasks, noise, x_all, y_all, gidx, row_weight[gidx] * weight_mask, active, loss_sum)  # type: ignore[arg-type]
             steps += active.sum(axis=1)
         mean = (loss_sum.cpu().numpy() / np.maximum(steps, 1)).tolist()
         return [CopyOutcome(int(s), float(m)) for s, m in zip(steps, mean, strict=True)]
@@ -395,6 +401,7 @@ class StackedTrainer:
     def _run_dp_epoch(
         self,
         tasks: Sequence[CopyTask],
+        noise_streams: GaussianNoise,
         x_all: torch.Tensor,
         y_all: torch.Tensor,
         gidx: torch.Tensor,
@@ -424,7 +431,8 @@ class StackedTrainer:
         # the step reads it (a buffer of many steps is read back from memory, ~0.3 ms a step).
         buffer = torch.empty(self.n_copies, self.layout.size, dtype=self.dtype)
         for t in range(active.shape[1]):
-            noise = self._noise(tasks, std, active[:, t], buffer).to(self.device)
+            # A copy not stepping draws nothing: its stream never depends on its companions.
+            noise = noise_streams.draw(buffer, std, active[:, t]).to(self.device)
             k = widths[t]
             # Each step gathers its own rows at its own width (gathering the whole epoch
             # at its widest batch copies more), by index_select: ~5x faster than x[rows].
@@ -434,25 +442,6 @@ class StackedTrainer:
             grad, losses = self.dp_step(self.views, x_t, y_t, w[:, t, :k], clip, noise, row_scale[:, t, :k])
             self._optimizer_step(grad, active[:, t])
             loss_sum += losses * loss_weight[:, t]
-
-    def _noise(
-        self, tasks: Sequence[CopyTask], std: Sequence[float], taken: np.ndarray, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Gaussian noise ``N(0, std_i^2)`` for one step of every copy, each from its own generator.
-
-        A copy draws only for a step it takes (``taken[i]``), exactly ``P`` values, so its
-        stream does not depend on which other copies it is trained with. Written into
-        ``out (S, P)`` (CPU) when given; rows of copies not stepping are zero.
-        """
-        if out is None:
-            out = torch.empty(self.n_copies, self.layout.size, dtype=self.dtype)
-        for i, task in enumerate(tasks):
-            if taken[i]:
-                out[i].normal_(0.0, std[i], generator=task.generator)
-            else:
-                out[i].zero_()
-        return out
-
 
 def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> torch.Tensor:
     """Row indices of ``steps`` Poisson-subsampled batches of ``range(n)``, padded with -1.

@@ -20,10 +20,12 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.components import Aggregator, LocalTrainingStage, PrivacyMechanism, RoundContext, SiteInfo
 from fedcore.errors import PrivacyBudgetError, SpecError
+from fedcore.noise import KEY_BYTES, GaussianNoise, add_noise
 from fedcore.plugins.privacy.accounting import Accountant, calibrate_noise_multiplier, prv_eps_error
 from fedcore.plugins.privacy.gaussian import BUDGET_SLACK, BudgetRefused, clip_weights, mechanism_index
 from fedcore.types import ClientUpdate, PrivacySpent, SecureSum, Weights
@@ -178,15 +180,13 @@ class CentralDP(PrivacyMechanism):
         z_update, sigma_b = self.noise_split(summed.n_sites)
         bound = self.clip.value
         std = z_update * bound
-        noisy = {
-            name: (np.asarray(a, dtype=np.float64) + generator.normal(0.0, std, size=a.shape)).astype(a.dtype)
-            for name, a in summed.weighted_delta_sum.arrays.items()
-        }
+        noisy = add_noise(summed.weighted_delta_sum.arrays, std, generator.bytes(KEY_BYTES))
         extras_sum = dict(summed.extras_sum)
         if sigma_b is not None:
             unclipped = extras_sum.pop(UNCLIPPED, None)
             count = float(unclipped["count"][0]) if unclipped is not None else 0.0
-            noisy_fraction = (count + generator.normal(0.0, sigma_b)) / summed.n_sites
+            count_noise = GaussianNoise([generator.bytes(KEY_BYTES)], 1, torch.float64).sample(sigma_b)
+            noisy_fraction = (count + float(count_noise[0])) / summed.n_sites
             self.clip.value = bound * math.exp(-self.s.clip_learning_rate * (noisy_fraction - self.s.target_quantile))
             self.clip.history.append(self.clip.value)
         self.accountant.step(self._calibrated(), 1.0, 1)

@@ -4,7 +4,9 @@ Small pure functions so that any engine (the sequential loop here, the vectorize
 engine that trains many sites at once) does exactly the same arithmetic as Opacus's
 ``DPOptimizer``: clip every per-sample gradient to ``max_grad_norm`` (over all
 parameters together), sum, add ``N(0, (noise_multiplier * max_grad_norm)^2)`` per
-coordinate, divide by the *expected* batch size ``sample_rate * n``.
+coordinate, divide by the *expected* batch size ``sample_rate * n``. The noise comes
+from a :class:`fedcore.noise.GaussianNoise` stream (AES-128-CTR bits) keyed from the
+site's generator once per round; the vectorized engine draws it the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
+
+from fedcore.noise import GaussianNoise
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -150,13 +154,14 @@ def linear_chain_clipped_sum(
 
 
 def add_noise_and_average(
-    summed: Sequence[torch.Tensor], noise_std: float, generator: torch.Generator, expected_batch_size: float
+    summed: Sequence[torch.Tensor], noise: torch.Tensor, expected_batch_size: float
 ) -> list[torch.Tensor]:
-    """``(sum + N(0, noise_std^2)) / expected_batch_size`` per tensor (new tensors)."""
-    return [
-        (s + torch.normal(0.0, noise_std, size=s.shape, generator=generator, dtype=s.dtype)) / expected_batch_size
-        for s in summed
-    ]
+    """``(sum + noise) / expected_batch_size`` per tensor (new tensors).
+
+    ``noise`` is one flat draw of ``N(0, noise_std^2)`` covering every tensor in order.
+    """
+    pieces = torch.split(noise.to(summed[0].dtype), [s.numel() for s in summed])
+    return [(s + n.view_as(s)) / expected_batch_size for s, n in zip(summed, pieces, strict=True)]
 
 
 def per_sample_gradients(
@@ -192,32 +197,22 @@ def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
 
 
 def clip_and_noise(
-    per_sample_grads: Sequence[torch.Tensor],
-    max_grad_norm: float,
-    noise_std: float,
-    generator: torch.Generator,
-    expected_batch_size: float,
+    per_sample_grads: Sequence[torch.Tensor], max_grad_norm: float, noise: torch.Tensor, expected_batch_size: float
 ) -> list[torch.Tensor]:
-    """The DP-SGD gradient: clip each sample to ``max_grad_norm``, sum, add noise, average.
+    """The DP-SGD gradient: clip each sample to ``max_grad_norm``, sum, add ``noise``, average.
 
-    Returns new tensors shaped like the parameters; the inputs are not modified.
+    ``noise`` is one flat draw covering every parameter in order. Returns new tensors
+    shaped like the parameters; the inputs are not modified.
     """
-    if len(per_sample_grads[0]):
-        factors = clip_factors(per_sample_norms(per_sample_grads), max_grad_norm)
-        summed = [torch.einsum("b,b...->...", factors, g) for g in per_sample_grads]
-    else:
-        summed = [g.sum(dim=0) for g in per_sample_grads]
-    return add_noise_and_average(summed, noise_std, generator, expected_batch_size)
+    return add_noise_and_average(clipped_sum(per_sample_grads, max_grad_norm), noise, expected_batch_size)
 
 
-def noisy_zero_gradient(
-    parameters: Sequence[torch.Tensor], noise_std: float, generator: torch.Generator, expected_batch_size: float
-) -> list[torch.Tensor]:
-    """The DP-SGD gradient of an empty Poisson batch: noise only (Opacus steps on it too)."""
-    return [
-        torch.normal(0.0, noise_std, size=p.shape, generator=generator, dtype=p.dtype) / expected_batch_size
-        for p in parameters
-    ]
+def clipped_sum(per_sample_grads: Sequence[torch.Tensor], max_grad_norm: float) -> list[torch.Tensor]:
+    """``sum_i g_i * min(1, C / (||g_i|| + 1e-6))`` per parameter (zeros for an empty batch)."""
+    if not len(per_sample_grads[0]):
+        return [g.sum(dim=0) for g in per_sample_grads]
+    factors = clip_factors(per_sample_norms(per_sample_grads), max_grad_norm)
+    return [torch.einsum("b,b...->...", factors, g) for g in per_sample_grads]
 
 
 def dp_gradient_step(
@@ -227,25 +222,33 @@ def dp_gradient_step(
 
     Linear chains (the paper's MLP) take the one-backward clipped sum of
     :func:`linear_chain_clipped_sum`; any other module takes torch.func's per-sample
-    gradients. Both add the same noise from ``generator``.
+    gradients. Both add noise from one :class:`~fedcore.noise.GaussianNoise` stream
+    keyed from ``generator`` at the first step; an empty Poisson batch releases the
+    noise alone (Opacus steps on it too).
     """
+    stream: GaussianNoise | None = None
+
+    def draw(trainable: Sequence[torch.Tensor]) -> torch.Tensor:
+        nonlocal stream
+        if stream is None:
+            dtype = trainable[0].dtype if trainable[0].dtype == torch.float64 else torch.float32
+            stream = GaussianNoise.from_generators([generator], sum(p.numel() for p in trainable), dtype)
+        return stream.sample(params.noise_std)
 
     def step(module: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         trainable = [p for p in module.parameters() if p.requires_grad]
         layers = linear_chain(module)
         if len(yb) == 0:
-            grads = noisy_zero_gradient(trainable, params.noise_std, generator, params.expected_batch_size)
+            summed = [torch.zeros_like(p) for p in trainable]
             loss = torch.zeros(())
         elif layers is not None:
             summed, _, losses = linear_chain_clipped_sum(layers, loss_fn, xb, yb, params.max_grad_norm)
-            grads = add_noise_and_average(summed, params.noise_std, generator, params.expected_batch_size)
             loss = losses.mean()
         else:
             per_sample, losses = per_sample_gradients(module, loss_fn, xb, yb)
-            grads = clip_and_noise(
-                per_sample, params.max_grad_norm, params.noise_std, generator, params.expected_batch_size
-            )
+            summed = clipped_sum(per_sample, params.max_grad_norm)
             loss = losses.detach().mean()
+        grads = add_noise_and_average(summed, draw(trainable), params.expected_batch_size)
         for p, g in zip(trainable, grads, strict=True):
             p.grad = g
         return loss

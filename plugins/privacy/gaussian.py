@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.components import LocalTrainingStage, PrivacyMechanism, RoundContext, SiteInfo
 from fedcore.errors import PrivacyBudgetError, SpecError
+from fedcore.noise import KEY_BYTES, add_noise, key_from
 from fedcore.plugins.privacy.accounting import (
     Accountant,
     Composition,
@@ -136,9 +137,9 @@ class RecordLevelStage(_AccountedStage):
         if settings.class_weighted_loss:
             # Class counts steer every row's loss weight, so they are a release: noised
             # (L2 sensitivity 1 when a row is added or removed) and accounted.
-            rng = np.random.default_rng([info.seed, info.site, 0xC1A55])
-            counts = np.asarray(info.class_counts, dtype=np.float64)
-            noisy = counts + rng.normal(0.0, settings.class_count_noise_multiplier, size=counts.shape)
+            key = np.random.default_rng([info.seed, info.site, 0xC1A55]).bytes(KEY_BYTES)
+            counts = {"counts": np.asarray(info.class_counts, dtype=np.float64)}
+            noisy = add_noise(counts, settings.class_count_noise_multiplier, key)["counts"]
             self._noisy_class_counts = np.maximum(noisy, 1.0)
             fixed = ((settings.class_count_noise_multiplier, 1.0, 1),)
             self.notes.append(
@@ -256,12 +257,9 @@ def clip_weights(weights: Weights, max_norm: float) -> tuple[Weights, float]:
 
 
 def add_gaussian_noise(weights: Weights, std: float, generator: torch.Generator) -> Weights:
-    """``weights`` plus i.i.d. ``N(0, std^2)`` on every coordinate (drawn in float64 from ``generator``)."""
-    out = {}
-    for name, array in weights.arrays.items():
-        noise = torch.normal(0.0, std, size=array.shape, generator=generator, dtype=torch.float64).numpy()
-        out[name] = (array.astype(np.float64) + noise).astype(array.dtype)
-    return Weights(arrays=out)
+    """``weights`` plus i.i.d. ``N(0, std^2)`` on every coordinate, in float64 from a
+    :class:`fedcore.noise.GaussianNoise` stream keyed from ``generator``."""
+    return Weights(arrays=add_noise(weights.arrays, std, key_from(generator)))
 
 
 class SiteLevelStage(_AccountedStage):

@@ -1,0 +1,134 @@
+"""Gaussian noise for DP-SGD: keyed AES-128-CTR streams, Box-Muller in numpy's SIMD kernels.
+
+Drawing ``P`` Gaussian values per site and step is, after the matmuls, the largest cost
+of a DP-SGD step for a small model (the paper's MLP has 15,427 parameters). torch's CPU
+sampler (``Tensor.normal_``) draws every uniform from one mt19937 call, about 2.4 ns a
+value on the reference machine; here the uniform bits come from AES-128 in counter mode
+(``cryptography``/OpenSSL with AES-NI, about 0.3 ns per 32 bits) and the Box-Muller
+transform runs as a few whole-array numpy ufuncs, about 1.5 ns a value in all
+(``benchmarks/engine_speed.py`` prints both). The bits are also cryptographically
+strong -- the generator Opacus's ``secure_mode`` uses (torchcsprng's AES-CTR) -- where
+mt19937's state can be reconstructed from its outputs.
+
+Each stream is ``AES-128-CTR(key)`` over a zero counter: 2 ``ceil(P/2)`` 32-bit words
+per draw, the first half ``k1`` and the second ``k2``; the values are
+``sqrt(-2 ln((k1 + 1) / 2^32)) * std * (cos, sin)(2 pi k2 / 2^32)`` (cosines first, the
+last sine dropped when ``P`` is odd). Radii reach 6.66 standard deviations (torch's
+24-bit uniforms stop at 5.77). Keys come from the caller's seeded ``torch.Generator``,
+so a run is reproducible from its seed; a deployment that wants unpredictable noise
+seeds from the operating system instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+KEY_BYTES = 16
+_WORD = 4
+_TWO_POW_32 = 2.0**-32
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def key_from(generator: torch.Generator) -> bytes:
+    """A 16-byte stream key drawn from ``generator`` (advancing it)."""
+    return bytes(torch.randint(0, 256, (KEY_BYTES,), generator=generator, dtype=torch.int64).tolist())
+
+
+class GaussianNoise:
+    """Independent ``N(0, std^2)`` streams, one per row of an ``(S, P)`` buffer.
+
+    :param keys: one 16-byte AES key per stream (row).
+    :param width: ``P``, the values one draw writes per row.
+    :param dtype: ``torch.float32`` or ``torch.float64`` (the transform runs in it).
+    """
+
+    def __init__(self, keys: Sequence[bytes], width: int, dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in _NUMPY_DTYPE:
+            raise ValueError(f"Gaussian noise is drawn in float32 or float64, not {dtype}")
+        if any(len(key) != KEY_BYTES for key in keys):
+            raise ValueError(f"every stream key must be {KEY_BYTES} bytes")
+        self.width = width
+        self.dtype = dtype
+        self.half = -(-width // 2)
+        self._encryptors = [Cipher(algorithms.AES(key), modes.CTR(bytes(KEY_BYTES))).encryptor() for key in keys]
+        self._zeros = bytes(2 * self.half * _WORD)
+        # One row of keystream at a time stays in cache; update_into wants block size - 1
+        # spare bytes after its output (4 spare words).
+        self._bits = np.empty(2 * self.half + KEY_BYTES // _WORD, dtype=np.uint32)
+        # The angles of every row; the radii are computed in the output itself. Few
+        # scratch bytes matter: the training step that reads the noise wants the cache.
+        self._angle = np.empty((len(keys), self.half), dtype=_NUMPY_DTYPE[dtype])
+
+    @classmethod
+    def from_generators(
+        cls, generators: Sequence[torch.Generator], width: int, dtype: torch.dtype = torch.float32
+    ) -> GaussianNoise:
+        """One stream per generator, keyed by :func:`key_from` (each generator advances)."""
+        return cls([key_from(g) for g in generators], width, dtype)
+
+    def draw(self, out: torch.Tensor, std: Sequence[float], rows: Sequence[bool] | np.ndarray | None = None) -> torch.Tensor:
+        """Fill ``out`` (S, P), contiguous on the CPU, with row ``i`` ~ ``N(0, std[i]^2)``.
+
+        :param out: the buffer to write (returned).
+        :param std: one standard deviation per row.
+        :param rows: which rows draw (default all); the others are zeroed and their
+            streams do not advance, so a stream's values never depend on the other rows.
+        """
+        n_rows = len(self._encryptors)
+        if out.shape != (n_rows, self.width) or out.dtype != self.dtype or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError(f"noise goes into a contiguous CPU {self.dtype} tensor of shape ({n_rows}, {self.width})")
+        drawing = np.ones(n_rows, dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+        h, rest, bits, angle = self.half, self.width - self.half, self._bits, self._angle
+        values = out.numpy()
+        radius = values[:, :h]
+        keystream = memoryview(bits).cast("B")
+        for i in np.flatnonzero(drawing):
+            self._encryptors[i].update_into(self._zeros, keystream)
+            np.copyto(radius[i], bits[:h], casting="unsafe")
+            np.multiply(bits[h : 2 * h], 2.0 * math.pi * _TWO_POW_32, out=angle[i], dtype=angle.dtype, casting="unsafe")
+        if not drawing.all():
+            # Rows that do not draw hold stale values; make them harmless until zeroed below.
+            radius[~drawing] = 0.0
+            angle[~drawing] = 0.0
+        np.add(radius, 1.0, out=radius)
+        np.multiply(radius, _TWO_POW_32, out=radius)  # uniform in (0, 1]
+        np.log(radius, out=radius)
+        variance = np.asarray(std, dtype=radius.dtype).reshape(-1, 1)
+        np.multiply(radius, -2.0 * variance * variance, out=radius)
+        np.sqrt(radius, out=radius)
+        # Sines first (into the second half), while the first half still holds the radii.
+        np.sin(angle[:, :rest], out=values[:, h:])
+        np.multiply(values[:, h:], radius[:, :rest], out=values[:, h:])
+        np.cos(angle, out=angle)
+        np.multiply(radius, angle, out=radius)
+        if not drawing.all():
+            values[~drawing] = 0.0
+        return out
+
+    def sample(self, std: float) -> torch.Tensor:
+        """One draw of a single-stream sampler as a new ``(P,)`` tensor."""
+        out = torch.empty(1, self.width, dtype=self.dtype)
+        return self.draw(out, [std])[0]
+
+
+def add_noise(arrays: Mapping[str, np.ndarray], std: float, key: bytes) -> dict[str, np.ndarray]:
+    """Each array plus i.i.d. ``N(0, std^2)`` per value, drawn in float64 from one stream
+    keyed by ``key`` (arrays in their given order) and cast back to the array's dtype.
+
+    :param arrays: named arrays (a model update, a sum of updates); not modified.
+    :param std: the noise standard deviation.
+    :param key: the 16-byte stream key.
+    """
+    sizes = [int(np.asarray(a).size) for a in arrays.values()]
+    noise = GaussianNoise([key], max(1, sum(sizes)), torch.float64).sample(std).numpy()
+    out, start = {}, 0
+    for (name, array), size in zip(arrays.items(), sizes, strict=True):
+        values = np.asarray(array)
+        out[name] = (values.astype(np.float64) + noise[start : start + size].reshape(values.shape)).astype(values.dtype)
+        start += size
+    return out

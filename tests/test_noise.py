@@ -1,0 +1,91 @@
+"""fedcore.noise: the Gaussian streams every DP-SGD step draws its noise from."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from scipy import stats
+
+from fedcore.noise import GaussianNoise, key_from
+
+KEYS = [bytes(range(16)), bytes(range(16, 32)), bytes(range(32, 48))]
+
+
+def _reference(key: bytes, width: int, draws: int, std: float) -> np.ndarray:
+    """The documented construction written independently: AES-128-CTR keystream over a zero
+    counter, 2*ceil(P/2) little-endian 32-bit words per draw, Box-Muller in float64."""
+    half = -(-width // 2)
+    words = np.frombuffer(
+        Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(8 * half * draws)), dtype="<u4"
+    ).reshape(draws, 2 * half)
+    k1, k2 = words[:, :half].astype(np.float64), words[:, half:].astype(np.float64)
+    radius = std * np.sqrt(-2.0 * np.log((k1 + 1.0) / 2.0**32))
+    angle = 2.0 * math.pi * k2 / 2.0**32
+    return np.concatenate([radius * np.cos(angle), (radius * np.sin(angle))[:, : width - half]], axis=1)
+
+
+@pytest.mark.parametrize("width", [7, 10])
+def test_values_are_the_documented_box_muller_over_aes_ctr(width: int) -> None:
+    noise = GaussianNoise([KEYS[0]], width, torch.float64)
+    got = np.stack([noise.sample(0.5).numpy() for _ in range(3)])
+    np.testing.assert_allclose(got, _reference(KEYS[0], width, 3, 0.5), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_are_normal_with_their_own_standard_deviation(dtype: torch.dtype) -> None:
+    std = [0.5, 2.0, 1.0]
+    noise = GaussianNoise(KEYS, 20_001, dtype)
+    out = torch.empty(3, 20_001, dtype=dtype)
+    draws = np.concatenate([noise.draw(out, std).numpy().astype(np.float64) for _ in range(5)], axis=1)
+    for row, s in zip(draws, std, strict=True):
+        assert stats.kstest(row / s, "norm").pvalue > 1e-3
+        n = len(row)
+        assert abs(row.mean()) < 4 * s / math.sqrt(n)
+        assert abs(row.std() - s) < 4 * s / math.sqrt(2 * n)
+    assert abs(np.corrcoef(draws[0], draws[2])[0, 1]) < 4 / math.sqrt(draws.shape[1])
+
+
+def test_tails_have_the_normal_mass_up_to_the_documented_bound() -> None:
+    """32-bit uniforms: radii up to sqrt(2 ln 2^32) = 6.66 sd (torch's 24-bit ones stop at 5.77)."""
+    values = np.concatenate([GaussianNoise([KEYS[1]], 1_000_000).sample(1.0).numpy() for _ in range(4)])
+    assert np.isfinite(values).all()
+    assert 4.5 < np.abs(values).max() <= math.sqrt(2 * 32 * math.log(2)) + 1e-5
+    # Two-sided tail mass beyond 4 sd: 6.3e-5 of 4 million values, about 253.
+    assert 180 < (np.abs(values) > 4).sum() < 330
+
+
+def test_same_key_same_values_and_rows_that_skip_a_draw_do_not_advance() -> None:
+    a, b = GaussianNoise(KEYS, 64), GaussianNoise(KEYS, 64)
+    out_a, out_b = torch.empty(3, 64), torch.empty(3, 64)
+    first = a.draw(out_a, [1.0] * 3).clone()
+    torch.testing.assert_close(first, b.draw(out_b, [1.0] * 3), rtol=0, atol=0)
+    assert not torch.equal(first[0], first[1]), "each row has its own stream"
+    skipped = a.draw(out_a, [1.0] * 3, rows=[True, False, True]).clone()
+    assert not skipped[1].any()
+    again = a.draw(out_a, [1.0] * 3).clone()
+    expected = GaussianNoise([KEYS[1]], 64)
+    expected.sample(1.0)
+    torch.testing.assert_close(again[1], expected.sample(1.0), rtol=0, atol=0)
+    torch.testing.assert_close(skipped[0], b.draw(out_b, [1.0] * 3)[0], rtol=0, atol=0)
+
+
+def test_keys_come_from_the_seeded_generator() -> None:
+    assert key_from(torch.Generator().manual_seed(3)) == key_from(torch.Generator().manual_seed(3))
+    assert key_from(torch.Generator().manual_seed(3)) != key_from(torch.Generator().manual_seed(4))
+    assert len(key_from(torch.Generator())) == 16
+
+
+def test_wrong_buffers_and_keys_are_refused() -> None:
+    noise = GaussianNoise(KEYS, 8)
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        noise.draw(torch.empty(3, 8, dtype=torch.float64), [1.0] * 3)
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        noise.draw(torch.empty(8, 3).t(), [1.0] * 3)
+    with pytest.raises(ValueError, match="16 bytes"):
+        GaussianNoise([b"short"], 8)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        GaussianNoise(KEYS, 8, torch.float16)
