@@ -70,10 +70,28 @@ def test_central_dp_noises_only_the_sum_and_adapts_the_clip_norm() -> None:
     z_update, sigma_b = mechanism.noise_split(3)
     noise = noisy.weighted_delta_sum["w"] - summed.weighted_delta_sum["w"]
     assert stats.kstest(noise / (z_update * 1.0), "norm").pvalue > 1e-3
-    assert mechanism.clip.value > 1.0  # all clipped: the norm grows towards the median
     assert (z_update ** -2 + (2 * sigma_b) ** -2) ** -0.5 == pytest.approx(mechanism.noise_multiplier)
     spent = mechanism.privacy_spent([])
     assert spent is not None and spent.unit == "site" and spent.steps == 1
+
+
+def test_central_dp_adapts_the_clip_norm_from_the_noised_unclipped_count() -> None:
+    """Andrew et al.'s update C <- C exp(-lr (b - q)), b the noised fraction of unclipped sites:
+    recovered over many server draws, b has the true fraction (0: every site clipped) as its
+    mean and sigma_b / n_sites as its spread."""
+    settings = CentralDPSettings(epsilon=2.0, accountant="rdp", clipping="adaptive", clip_norm=1.0)
+    big = {"w": np.full(400, 1.0, dtype=np.float32)}  # norm 20: every site is clipped
+    fractions = []
+    for seed in range(200):
+        mechanism = CentralDP(settings)
+        stages = [mechanism.site_stage(site_info(s)) for s in range(3)]
+        released = [st.transform_update(ctx(), update(big, site=s)) for s, st in enumerate(stages)]
+        mechanism.transform_sum(plain_sum(1, released), np.random.default_rng(seed))
+        fractions.append(settings.target_quantile - np.log(mechanism.clip.value) / settings.clip_learning_rate)
+    _, sigma_b = mechanism.noise_split(3)
+    spread = sigma_b / 3
+    assert abs(np.mean(fractions)) < 4 * spread / np.sqrt(len(fractions))
+    assert np.std(fractions) == pytest.approx(spread, rel=0.2)
 
 
 def test_central_dp_refuses_aggregators_that_see_individual_updates() -> None:
