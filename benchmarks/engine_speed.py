@@ -9,8 +9,10 @@ workload: 3 sites x 50,000 rows (40,000 train), MLP 128-64-32, Adam, batch 32, 5
 - seconds per round of one repeat: plain loop, sequential engine, vectorized engine;
 - per-repeat seconds per round when 10 repeats train as one computation, in one process
   and split over two processes (both cores);
-- DP-SGD (gaussian, record level, epsilon 1): vectorized DP vs vectorized non-private, and
-  the sequential engine's DP path;
+- DP-SGD (gaussian, record level, epsilon 1): vectorized DP vs vectorized non-private (1
+  repeat: the median of ``--trials`` alternating pairs; 10 repeats in one process and over
+  two as ``specs/paper.yaml`` runs them), vs the plain non-private loop, the cost of the
+  noise alone (fedcore's sampler and torch's), and the sequential engine's DP path;
 - the centralized baseline's seconds per epoch (plain loop vs 10 repeats vectorized);
 - an estimate of the full ``specs/paper.yaml`` (10 repeats x 10 rounds with DP plus 10
   centralized baselines of 50 epochs) from those figures.
@@ -27,6 +29,7 @@ import multiprocessing as mp
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -158,6 +161,30 @@ def _worker(args: tuple[int, int, int, bool]) -> float:
     return vectorized_round(exp, datas, seeds).wall * count
 
 
+def noise_seconds_per_round(data, epochs: int) -> tuple[float, float]:
+    """CPU seconds to draw one round's DP noise for every site of one repeat and nothing else
+    (``P`` values per site and step): fedcore's AES-CTR streams, and torch's ``normal_``."""
+    from fedcore.engine.simulation import initial_module
+    from fedcore.noise import GaussianNoise
+    from fedcore.spec import build_components
+
+    exp = experiment(rounds=1, epochs=epochs, dp=True)
+    size = sum(p.numel() for p in initial_module(build_components(exp.spec, exp.plugins), data, 0).parameters())
+    sites = len(data.sites)
+    steps = sum(-(-len(site.y_train) // 32) for site in data.sites) * epochs // sites
+    out = torch.empty(sites, size)
+    streams = GaussianNoise.from_generators([torch.Generator().manual_seed(s) for s in range(sites)], size)
+    with Clock() as ours:
+        for _ in range(steps):
+            streams.draw(out, [1.0] * sites)
+    generators = [torch.Generator().manual_seed(s) for s in range(sites)]
+    with Clock() as theirs:
+        for _ in range(steps):
+            for row, generator in zip(out, generators):
+                row.normal_(0.0, 1.0, generator=generator)
+    return ours.cpu, theirs.cpu
+
+
 @dataclass
 class Row:
     label: str
@@ -170,6 +197,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 local epoch per round instead of 5 (figures x5 shown)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--skip-sequential-dp", action="store_true", help="the sequential DP round is the slowest part")
+    parser.add_argument("--trials", type=int, default=5, help="alternating DP / non-private 1-repeat rounds for the overhead's median")
     args = parser.parse_args()
     torch.set_num_threads(1)
     epochs = 1 if args.quick else 5
@@ -194,21 +222,32 @@ def main() -> None:
         Row(f"vectorized, {args.repeats} repeats in 1 process, per repeat", vectorized_round(exp, datas, seeds)),
     ]
     half = args.repeats // 2
-    began = time.perf_counter()
-    with mp.get_context("spawn").Pool(2) as pool:
-        per_worker = pool.map(_worker, [(0, half, epochs, False), (half, args.repeats - half, epochs, False)])
-    two = Clock()
-    two.wall = max(per_worker) / args.repeats
-    two.cpu = float("nan")
-    rows.append(Row(f"vectorized, {args.repeats} repeats over 2 processes, per repeat", two,
-                    f"wall of the slower worker; call {time.perf_counter() - began:.0f} s incl. data, compile"))
+
+    def two_processes(dp: bool, label: str) -> Row:
+        began = time.perf_counter()
+        with mp.get_context("spawn").Pool(2) as pool:
+            per_worker = pool.map(_worker, [(0, half, epochs, dp), (half, args.repeats - half, epochs, dp)])
+        two = Clock()
+        two.wall = max(per_worker) / args.repeats
+        two.cpu = float("nan")
+        return Row(label, two, f"wall of the slower worker; call {time.perf_counter() - began:.0f} s incl. data, compile")
+
+    rows.append(two_processes(False, f"vectorized, {args.repeats} repeats over 2 processes, per repeat"))
     dp1 = vectorized_round(exp_dp, [data], [seed])
     rows.append(Row("vectorized DP-SGD, 1 repeat", dp1))
     rows.append(Row(f"vectorized DP-SGD, {args.repeats} repeats in 1 process, per repeat", vectorized_round(exp_dp, datas, seeds)))
+    rows.append(two_processes(True, f"vectorized DP-SGD, {args.repeats} repeats over 2 processes, per repeat"))
     if not args.skip_sequential_dp:
         rows.append(Row("sequential engine DP-SGD (privacy plugin's path)", sequential_round(experiment(rounds=1, epochs=1, dp=True), data, seed), "1 local epoch, x5"))
         rows[-1].clock.cpu *= epochs
         rows[-1].clock.wall *= epochs
+    # The 1-repeat overhead from alternating pairs of rounds: one pair moves with the
+    # machine's other jobs by +-5 %; the median of several pairs does not.
+    pair_ratios = []
+    for _ in range(args.trials):
+        non_private = vectorized_round(exp, [data], [seed])
+        private = vectorized_round(exp_dp, [data], [seed])
+        pair_ratios.append(private.cpu / non_private.cpu)
     central_plain = plain_centralized_epoch(exp, data, seed)
     central_vec = centralized_vectorized_epoch(exp, datas, seeds)
 
@@ -222,9 +261,19 @@ def main() -> None:
         unit = "" if row.clock.cpu == row.clock.cpu else " (wall)"
         print(f"{row.label:58s} {cpu:7.2f} {wall:7.2f} {ratio:10.2f}x{unit}  {row.note}")
     vec1, vec_r, two_wall = rows[2].clock, rows[3].clock, rows[4].clock
-    dp_1, dp_r = rows[5].clock, rows[6].clock
+    dp_1, dp_r, dp_two = rows[5].clock, rows[6].clock, rows[7].clock
     print(f"\nDP-SGD overhead (vectorized DP / vectorized non-private, CPU): 1 repeat {dp_1.cpu / vec1.cpu:.2f}x, "
-          f"{args.repeats} repeats together {dp_r.cpu / vec_r.cpu:.2f}x")
+          f"{args.repeats} repeats together {dp_r.cpu / vec_r.cpu:.2f}x; "
+          f"{args.repeats} repeats over 2 processes as specs/paper.yaml runs them (wall) {dp_two.wall / two_wall.wall:.2f}x")
+    if pair_ratios:
+        print(f"DP-SGD overhead, 1 repeat, median of {len(pair_ratios)} alternating pairs of rounds: "
+              f"{float(np.median(pair_ratios)):.2f}x (range {min(pair_ratios):.2f}-{max(pair_ratios):.2f})")
+    print(f"DP-SGD vs the plain PyTorch loop without DP (CPU): 1 repeat {dp_1.cpu / plain.cpu:.2f}x, "
+          f"{args.repeats} repeats together {dp_r.cpu / plain.cpu:.2f}x per repeat")
+    noise, torch_noise = (seconds * scale for seconds in noise_seconds_per_round(data, epochs))
+    print(f"of which drawing the Gaussian noise alone (P values per site and step): {noise:.2f} CPU s per round of one "
+          f"repeat = {noise / (vec1.cpu * scale):.2f}x / {noise / (vec_r.cpu * scale):.2f}x the whole non-private round "
+          f"(1 repeat / repeats together); torch's normal_ would take {torch_noise:.2f} ({torch_noise / noise:.2f}x)")
     print(f"centralized baseline, CPU seconds per epoch of 120,000 rows: plain {central_plain.cpu:.2f}, "
           f"{args.repeats} repeats vectorized {central_vec.cpu:.2f} per repeat ({central_plain.cpu / central_vec.cpu:.2f}x)")
     two_vs_one = two_wall.wall / vec_r.wall

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 KEY_BYTES = 16
 _WORD = 4
 _TWO_POW_32 = 2.0**-32
+_ANGLE = 2.0 * math.pi * _TWO_POW_32
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
@@ -60,6 +61,7 @@ class GaussianNoise:
         # One row of keystream at a time stays in cache; update_into wants block size - 1
         # spare bytes after its output (4 spare words).
         self._bits = np.empty(2 * self.half + KEY_BYTES // _WORD, dtype=np.uint32)
+        self._keystream = memoryview(self._bits).cast("B")
         # The angles of every row; the radii are computed in the output itself. Few
         # scratch bytes matter: the training step that reads the noise wants the cache.
         self._angle = np.empty((len(keys), self.half), dtype=_NUMPY_DTYPE[dtype])
@@ -82,16 +84,16 @@ class GaussianNoise:
         n_rows = len(self._encryptors)
         if out.shape != (n_rows, self.width) or out.dtype != self.dtype or out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError(f"noise goes into a contiguous CPU {self.dtype} tensor of shape ({n_rows}, {self.width})")
-        drawing = np.ones(n_rows, dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+        drawing = None if rows is None or all(rows) else np.asarray(rows, dtype=bool)
         h, rest, bits, angle = self.half, self.width - self.half, self._bits, self._angle
         values = out.numpy()
         radius = values[:, :h]
-        keystream = memoryview(bits).cast("B")
-        for i in np.flatnonzero(drawing):
+        keystream = self._keystream
+        for i in range(n_rows) if drawing is None else np.flatnonzero(drawing):
             self._encryptors[i].update_into(self._zeros, keystream)
             np.copyto(radius[i], bits[:h], casting="unsafe")
-            np.multiply(bits[h : 2 * h], 2.0 * math.pi * _TWO_POW_32, out=angle[i], dtype=angle.dtype, casting="unsafe")
-        if not drawing.all():
+            np.multiply(bits[h : 2 * h], _ANGLE, out=angle[i], dtype=angle.dtype, casting="unsafe")
+        if drawing is not None:
             # Rows that do not draw hold stale values; make them harmless until zeroed below.
             radius[~drawing] = 0.0
             angle[~drawing] = 0.0
@@ -106,7 +108,7 @@ class GaussianNoise:
         np.multiply(values[:, h:], radius[:, :rest], out=values[:, h:])
         np.cos(angle, out=angle)
         np.multiply(radius, angle, out=radius)
-        if not drawing.all():
+        if drawing is not None:
             values[~drawing] = 0.0
         return out
 

@@ -196,6 +196,12 @@ class StackedTrainer:
         self.views = self.layout.views(self.flat)
         self.step = shared_step("train", self.module, self.layout, backend)
         self.dp_step = shared_step("dp", self.module, self.layout, backend)
+        self._adam_kwargs: dict[str, Any] = dict(
+            lr=training.learning_rate, beta1=_ADAM_BETAS[0], beta2=_ADAM_BETAS[1], weight_decay=training.weight_decay,
+            eps=_ADAM_EPS, amsgrad=False, maximize=False,
+        )  # fmt: skip
+        kernel_name = "_fused_adamw_" if training.optimizer == "adamw" else "_fused_adam_"
+        self._adam_kernel = getattr(torch, kernel_name, None) if self.device.type == "cpu" else None
         self.reset_optimizer()
 
     # -- weights
@@ -240,12 +246,9 @@ class StackedTrainer:
     def _fused_adam(self, grad: torch.Tensor, step: int) -> None:
         t = self.training
         self._step.fill_(float(step))
-        kwargs = dict(
-            lr=t.learning_rate, beta1=_ADAM_BETAS[0], beta2=_ADAM_BETAS[1], weight_decay=t.weight_decay,
-            eps=_ADAM_EPS, amsgrad=False, maximize=False,
-        )  # fmt: skip
-        kernel = getattr(torch, "_fused_adamw_" if t.optimizer == "adamw" else "_fused_adam_", None)
-        if self.device.type == "cpu" and kernel is not None:
+        kwargs = self._adam_kwargs
+        kernel = self._adam_kernel
+        if kernel is not None:
             # The aten kernel torch.optim.Adam(fused=True) calls, without ~100 us of
             # per-call Python around it (this runs once per step).
             kernel([self.flat], [grad], [self.exp_avg], [self.exp_avg_sq], [], [self._step], **kwargs)
@@ -392,8 +395,9 @@ class StackedTrainer:
     ) -> None:
         active_t = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device)
         all_active = bool(active.all())
+        step = self.step.resolve(self.views, x[:, 0], y[:, 0], w[:, 0])
         for t in range(active.shape[1]):
-            grad, losses = self.step(self.views, x[:, t], y[:, t], w[:, t])
+            grad, losses = step(self.views, x[:, t], y[:, t], w[:, t])
             on = active[:, t]
             self._optimizer_step(grad, on)
             loss_sum += losses if all_active else losses * active_t[:, t]
@@ -419,10 +423,13 @@ class StackedTrainer:
         real = (w > 0).to(self.dtype)
         row_scale = real / batch.view(-1, 1, 1)
         # The logged loss is the mean over a step's real rows (0 for an empty batch or a
-        # step not taken), as the privacy plugin logs it.
+        # step not taken), as the privacy plugin logs it; summed once per epoch.
         loss_weight = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device) / real.sum(dim=2).clamp_min(1).to(
             loss_sum.dtype
         )
+        step_losses: list[torch.Tensor] = []
+        every_copy_steps = active.all(axis=0)
+        steps_by_width: dict[int, Callable[..., Any]] = {}
         # Real rows come first in every padded batch: each step computes only as many rows
         # as its largest batch needs (rounded up, so few step shapes get compiled).
         largest = real.sum(dim=2).amax(dim=0).cpu().numpy().astype(np.int64)
@@ -432,16 +439,22 @@ class StackedTrainer:
         buffer = torch.empty(self.n_copies, self.layout.size, dtype=self.dtype)
         for t in range(active.shape[1]):
             # A copy not stepping draws nothing: its stream never depends on its companions.
-            noise = noise_streams.draw(buffer, std, active[:, t]).to(self.device)
+            noise = noise_streams.draw(buffer, std, None if every_copy_steps[t] else active[:, t]).to(self.device)
             k = widths[t]
             # Each step gathers its own rows at its own width (gathering the whole epoch
             # at its widest batch copies more), by index_select: ~5x faster than x[rows].
             rows = gidx[:, t, :k].reshape(-1)
             x_t = x_all.index_select(0, rows).view(self.n_copies, k, -1)
             y_t = y_all.index_select(0, rows).view(self.n_copies, k)
-            grad, losses = self.dp_step(self.views, x_t, y_t, w[:, t, :k], clip, noise, row_scale[:, t, :k])
+            args = (self.views, x_t, y_t, w[:, t, :k], clip, noise, row_scale[:, t, :k])
+            step = steps_by_width.get(k)
+            if step is None:
+                step = steps_by_width[k] = self.dp_step.resolve(*args)
+            grad, losses = step(*args)
             self._optimizer_step(grad, active[:, t])
-            loss_sum += losses * loss_weight[:, t]
+            step_losses.append(losses)
+        if step_losses:
+            loss_sum += (torch.stack(step_losses, dim=1) * loss_weight[:, : len(step_losses)]).sum(dim=1)
 
 def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> torch.Tensor:
     """Row indices of ``steps`` Poisson-subsampled batches of ``range(n)``, padded with -1.
