@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 from fedcore.engine.vectorized import CopyTask, DPConfig, StackedTrainer, poisson_batches
 from fedcore.engine.vectorized_step import CompiledStep, ParamLayout, make_dp_step
@@ -86,6 +87,30 @@ def test_an_empty_batch_releases_only_the_noise() -> None:
     x, y, w = torch.randn(2, 8, 6), torch.randint(0, 3, (2, 8)), torch.zeros(2, 8)
     grads, _ = step(layout.views(flat), x, y, w, torch.full((2,), clip), noise, w / expected_batch)
     torch.testing.assert_close(grads, noise)
+
+
+def test_the_engine_noise_on_each_copy_is_opacus_sigma_c_over_the_expected_batch() -> None:
+    """End to end through StackedTrainer: batches so sparse that every one is empty release
+    only noise; with SGD at learning rate 1 a step moves each parameter by minus the noise,
+    whose spread must be Opacus's sigma * C / expected batch size, per copy."""
+    module = torch.nn.Linear(100, 100)
+    configs = [
+        DPConfig(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=1e-12, expected_batch_size=batch, steps_per_epoch=1)
+        for sigma, clip, batch in ((1.1, 1.0, 32.0), (0.7, 3.0, 8.0))
+    ]
+    trainer = StackedTrainer(module, TrainingSpec(optimizer="sgd", learning_rate=1.0, batch_size=8), 2)
+    start = trainer.flat.clone()
+    tasks = [
+        CopyTask(torch.randn(40, 100), torch.randint(0, 3, (40,)), torch.Generator().manual_seed(s), dp=dp)
+        for s, dp in zip((5, 6), configs, strict=True)
+    ]
+    assert [o.steps for o in trainer.train(tasks, 1)] == [1, 1]
+    for copy, dp in enumerate(configs):
+        released = (start[copy] - trainer.flat[copy]).double() / (dp.noise_multiplier * dp.max_grad_norm / dp.expected_batch_size)
+        # Spread within 4 standard errors (a 5 % error in the scale is 7 of them), normal shape.
+        assert abs(float(released.std()) - 1.0) < 4 / math.sqrt(2 * released.numel())
+        assert abs(float(released.mean())) < 4 / math.sqrt(released.numel())
+        assert stats.kstest(released.numpy(), "norm").pvalue > 1e-3
 
 
 @pytest.mark.parametrize("n,rate", [(5000, 0.0064), (40, 0.4)], ids=["rejection", "bernoulli-mask"])
