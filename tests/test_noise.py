@@ -10,7 +10,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
-from fedcore.noise import GaussianNoise, key_from
+from fedcore.noise import DeviceGaussianNoise, GaussianNoise, key_from
 
 KEYS = [bytes(range(16)), bytes(range(16, 32)), bytes(range(32, 48))]
 
@@ -89,3 +89,20 @@ def test_wrong_buffers_and_keys_are_refused() -> None:
         GaussianNoise([b"short"], 8)
     with pytest.raises(ValueError, match="float32 or float64"):
         GaussianNoise(KEYS, 8, torch.float16)
+
+
+def test_the_device_sampler_draws_each_row_at_its_scale_and_skips_rows_that_do_not_step() -> None:
+    """DeviceGaussianNoise is what the vectorized engine uses on CUDA; its contract is
+    checked here on the CPU (CI has no GPU)."""
+    noise = DeviceGaussianNoise(KEYS[:2], 20_000, torch.float32, "cpu")
+    out = torch.empty(2, 20_000)
+    draws = noise.draw(out, [0.5, 3.0]).double()
+    for row, s in zip(draws, (0.5, 3.0), strict=True):
+        assert abs(float(row.std()) - s) < 4 * s / math.sqrt(2 * len(row))
+    again = DeviceGaussianNoise(KEYS[:2], 20_000, torch.float32, "cpu")
+    skipped = again.draw(torch.empty(2, 20_000), [0.5, 3.0], rows=[False, True])
+    assert not skipped[0].any()
+    fresh = DeviceGaussianNoise(KEYS[:1], 20_000, torch.float32, "cpu").draw(torch.empty(1, 20_000), [0.5])
+    torch.testing.assert_close(fresh[0], draws[0].float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        noise.draw(torch.empty(3, 20_000), [1.0] * 3)

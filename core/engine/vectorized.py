@@ -37,7 +37,7 @@ import torch
 from torch.optim.adam import adam as functional_adam
 
 from fedcore.components import FederatedData, LocalTrainingStage, RoundContext
-from fedcore.noise import GaussianNoise
+from fedcore.noise import DeviceGaussianNoise, GaussianNoise
 from fedcore.engine.simulation import (
     FederatedRun,
     RunResult,
@@ -319,7 +319,7 @@ class StackedTrainer:
         steps = np.zeros(self.n_copies, dtype=np.int64)
         # Each copy's noise stream is keyed from its generator once per call (round), before
         # any batch is drawn, as the privacy plugin's own DP-SGD step keys it.
-        noise = None if dp[0] is None else GaussianNoise.from_generators([t.generator for t in tasks], self.layout.size, self.dtype)
+        noise = None if dp[0] is None else self._noise_streams([t.generator for t in tasks])
         for _ in range(epochs):
             if dp[0] is None:
                 plan = self._shuffled_plan(tasks, sizes)
@@ -402,10 +402,17 @@ class StackedTrainer:
             self._optimizer_step(grad, on)
             loss_sum += losses if all_active else losses * active_t[:, t]
 
+    def _noise_streams(self, generators: Sequence[torch.Generator]) -> GaussianNoise | DeviceGaussianNoise:
+        """One noise stream per copy, keyed from its generator: AES-CTR on the CPU, the
+        device's own generator elsewhere (drawing on the CPU would bound a GPU step)."""
+        if self.device.type == "cpu":
+            return GaussianNoise.from_generators(generators, self.layout.size, self.dtype)
+        return DeviceGaussianNoise.from_generators(generators, self.layout.size, self.dtype, self.device)
+
     def _run_dp_epoch(
         self,
         tasks: Sequence[CopyTask],
-        noise_streams: GaussianNoise,
+        noise_streams: GaussianNoise | DeviceGaussianNoise,
         x_all: torch.Tensor,
         y_all: torch.Tensor,
         gidx: torch.Tensor,
@@ -436,10 +443,10 @@ class StackedTrainer:
         widths = np.maximum(_DP_PAD, -(-largest // _DP_PAD) * _DP_PAD).tolist()
         # One (S, P) noise buffer, refilled right before each step: it is still in cache when
         # the step reads it (a buffer of many steps is read back from memory, ~0.3 ms a step).
-        buffer = torch.empty(self.n_copies, self.layout.size, dtype=self.dtype)
+        buffer = torch.empty(self.n_copies, self.layout.size, dtype=self.dtype, device=self.device)
         for t in range(active.shape[1]):
             # A copy not stepping draws nothing: its stream never depends on its companions.
-            noise = noise_streams.draw(buffer, std, None if every_copy_steps[t] else active[:, t]).to(self.device)
+            noise = noise_streams.draw(buffer, std, None if every_copy_steps[t] else active[:, t])
             k = widths[t]
             # Each step gathers its own rows at its own width (gathering the whole epoch
             # at its widest batch copies more), by index_select: ~5x faster than x[rows].
