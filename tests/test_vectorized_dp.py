@@ -89,10 +89,12 @@ def test_an_empty_batch_releases_only_the_noise() -> None:
     torch.testing.assert_close(grads, noise)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")
 def test_the_engine_noise_on_each_copy_is_opacus_sigma_c_over_the_expected_batch() -> None:
     """End to end through StackedTrainer: batches so sparse that every one is empty release
     only noise; with SGD at learning rate 1 a step moves each parameter by minus the noise,
-    whose spread must be Opacus's sigma * C / expected batch size, per copy."""
+    whose spread must be Opacus's sigma * C / expected batch size, per copy, and whose
+    distribution must be the one plain Opacus releases."""
     module = torch.nn.Linear(100, 100)
     configs = [
         DPConfig(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=1e-12, expected_batch_size=batch, steps_per_epoch=1)
@@ -111,6 +113,31 @@ def test_the_engine_noise_on_each_copy_is_opacus_sigma_c_over_the_expected_batch
         assert abs(float(released.std()) - 1.0) < 4 / math.sqrt(2 * released.numel())
         assert abs(float(released.mean())) < 4 / math.sqrt(released.numel())
         assert stats.kstest(released.numpy(), "norm").pvalue > 1e-3
+        # The same release from plain Opacus: its DPOptimizer stepping on a batch whose
+        # per-sample gradients are all zero; the two samples come from one distribution.
+        opacus = _opacus_noise_release(dp, width=100).double() / (dp.noise_multiplier * dp.max_grad_norm / dp.expected_batch_size)
+        assert stats.ks_2samp(released.numpy(), opacus.numpy()).pvalue > 1e-3
+        assert float(released.std() / opacus.std()) == pytest.approx(1.0, abs=6 / math.sqrt(released.numel()))
+
+
+def _opacus_noise_release(dp: DPConfig, width: int) -> torch.Tensor:
+    """What one Opacus DP-SGD step moves a Linear(width, width) by when every per-sample
+    gradient is zero: SGD at learning rate 1 on (0 + N(0, (sigma C)^2)) / B."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    torch.manual_seed(11)
+    model = GradSampleModule(torch.nn.Linear(width, width))
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=int(dp.expected_batch_size),
+    )
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    (model(torch.randn(4, width)) * 0.0).sum().backward()
+    optimizer.step()
+    return before - torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 @pytest.mark.parametrize("n,rate", [(5000, 0.0064), (40, 0.4)], ids=["rejection", "bernoulli-mask"])
