@@ -84,7 +84,9 @@ class GaussianNoise:
         n_rows = len(self._encryptors)
         if out.shape != (n_rows, self.width) or out.dtype != self.dtype or out.device.type != "cpu" or not out.is_contiguous():
             raise ValueError(f"noise goes into a contiguous CPU {self.dtype} tensor of shape ({n_rows}, {self.width})")
-        drawing = None if rows is None or all(rows) else np.asarray(rows, dtype=bool)
+        drawing = None if rows is None else np.asarray(rows, dtype=bool)
+        if drawing is not None and drawing.all():
+            drawing = None  # every row draws: skip the per-row bookkeeping
         h, rest, bits, angle = self.half, self.width - self.half, self._bits, self._angle
         values = out.numpy()
         radius = values[:, :h]

@@ -435,7 +435,6 @@ class StackedTrainer:
             loss_sum.dtype
         )
         step_losses: list[torch.Tensor] = []
-        every_copy_steps = active.all(axis=0)
         steps_by_width: dict[int, Callable[..., Any]] = {}
         # Real rows come first in every padded batch: each step computes only as many rows
         # as its largest batch needs (rounded up, so few step shapes get compiled).
@@ -446,7 +445,7 @@ class StackedTrainer:
         buffer = torch.empty(self.n_copies, self.layout.size, dtype=self.dtype, device=self.device)
         for t in range(active.shape[1]):
             # A copy not stepping draws nothing: its stream never depends on its companions.
-            noise = noise_streams.draw(buffer, std, None if every_copy_steps[t] else active[:, t])
+            noise = noise_streams.draw(buffer, std, active[:, t])
             k = widths[t]
             # Each step gathers its own rows at its own width (gathering the whole epoch
             # at its widest batch copies more), by index_select: ~5x faster than x[rows].

@@ -222,15 +222,14 @@ def make_ghost_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable
         rows = x.shape[0]
         probes = [torch.zeros(rows, layer.out_features, dtype=x.dtype, device=x.device) for layer, _, _ in layers]
         deltas, (_, (loss, inputs)) = deltas_of(probes, params, x, y, w)
-        # ||g_i||^2 = sum over layers of ||delta_i||^2 (||a_i||^2 + [bias]); one norm kernel
-        # per tensor and one combine (fewer ops matter: a step of a few copies is op-bound).
+        # ||g_i||^2 = sum over layers of ||delta_i||^2 (||a_i||^2 + [bias]).
         delta_norms = torch.stack([torch.linalg.vector_norm(d, dim=1) for d in deltas], dim=1)
         input_norms = torch.stack([torch.linalg.vector_norm(a, dim=1) for a in inputs], dim=1)
         bias = torch.tensor(bias_term, dtype=x.dtype, device=x.device)
         norms2 = (delta_norms.square() * (input_norms.square() + bias)).sum(dim=1)
         factor = (clip / (norms2.sqrt() + 1e-6)).clamp(max=1.0) * row_scale
         pieces: list[torch.Tensor | None] = [None] * len(names)
-        for (layer, weight, bias_index), delta, a in zip(layers, deltas, inputs, strict=True):
+        for (_, weight, bias_index), delta, a in zip(layers, deltas, inputs, strict=True):
             scaled = delta * factor.unsqueeze(1)
             pieces[weight] = scaled.t().mm(a).reshape(-1)
             if bias_index is not None:

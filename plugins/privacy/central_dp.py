@@ -20,12 +20,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.components import Aggregator, LocalTrainingStage, PrivacyMechanism, RoundContext, SiteInfo
 from fedcore.errors import PrivacyBudgetError, SpecError
-from fedcore.noise import KEY_BYTES, GaussianNoise, add_noise
+from fedcore.noise import KEY_BYTES, add_noise
 from fedcore.plugins.privacy.accounting import Accountant, calibrate_noise_multiplier, prv_eps_error
 from fedcore.plugins.privacy.gaussian import BUDGET_SLACK, BudgetRefused, clip_weights, mechanism_index
 from fedcore.types import ClientUpdate, PrivacySpent, SecureSum, Weights
@@ -185,8 +184,8 @@ class CentralDP(PrivacyMechanism):
         if sigma_b is not None:
             unclipped = extras_sum.pop(UNCLIPPED, None)
             count = float(unclipped["count"][0]) if unclipped is not None else 0.0
-            count_noise = GaussianNoise([generator.bytes(KEY_BYTES)], 1, torch.float64).sample(sigma_b)
-            noisy_fraction = (count + float(count_noise[0])) / summed.n_sites
+            noisy_count = add_noise({"count": np.array([count])}, sigma_b, generator.bytes(KEY_BYTES))["count"][0]
+            noisy_fraction = float(noisy_count) / summed.n_sites
             self.clip.value = bound * math.exp(-self.s.clip_learning_rate * (noisy_fraction - self.s.target_quantile))
             self.clip.history.append(self.clip.value)
         self.accountant.step(self._calibrated(), 1.0, 1)
