@@ -79,6 +79,11 @@ class ExecutionSpec(_Strict):
     out_dir: str | None = None
     checkpoints: bool = True
     progress: bool = True
+    reproducible_noise: bool = Field(
+        False,
+        description="research mode: DP noise, DP sampling and ledger salts derived from `seed` "
+        "(not private against anyone who knows the seed); default: the OS CSPRNG (fedcore.randomness)",
+    )
 
 
 class ExperimentSpec(_Strict):

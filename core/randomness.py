@@ -1,0 +1,33 @@
+"""Where secret randomness comes from: the OS CSPRNG by default, the seed only on request.
+
+The spec's ``seed`` governs everything that should replicate (splits, initialization,
+site order, non-private batch order). What protects privacy -- DP noise keys, DP
+sampling, ledger commitment salts -- must not be predictable from a spec that the
+report prints, so it is drawn from :func:`os.urandom` unless the run asks for the
+research mode ``execution.reproducible_noise: true``, where it is derived from the
+seed and a label naming its use (the report then says the run is not private against
+anyone who knows the seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+
+def secret_bytes(size: int, reproducible: bool, seed: int, *label: str | int) -> bytes:
+    """``size`` secret bytes: fresh from the OS, or derived from ``seed`` and ``label``.
+
+    :param size: how many bytes.
+    :param reproducible: the run's ``execution.reproducible_noise``.
+    :param seed: the spec's seed (read only in reproducible mode).
+    :param label: what the bytes are for and whose they are, e.g. ``("dp-noise", arm, repeat,
+        site, round)``; distinct labels give independent bytes in reproducible mode.
+    """
+    if size <= 0:
+        raise ValueError("secret_bytes needs a positive size")
+    if not reproducible:
+        return os.urandom(size)
+    material = json.dumps(["fedcore", seed, *label], separators=(",", ":")).encode()
+    return hashlib.shake_256(material).digest(size)
