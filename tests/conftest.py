@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# Ledger signing keys of test runs go to a throwaway directory, never the user's own key directory.
+os.environ.setdefault("FEDCORE_KEYS_DIR", tempfile.mkdtemp(prefix="fedcore-test-keys-"))
 
 TINY_SPEC = """\
 name: tiny

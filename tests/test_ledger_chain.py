@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from fedcore.cli import cli
 from fedcore.plugins.ledgers.chain import canonical_bytes, canonical_json, entry_hash, metadata_text
-from fedcore.plugins.ledgers.keys import KeyRing, sign
+from fedcore.plugins.ledgers.keys import KeyRing, default_keys_dir, sign
 from fedcore.plugins.ledgers.sqlite_chain import SqliteChainLedger
 from fedcore.plugins.ledgers.verify import COLUMNS, verify_target
 from fedcore.types import LedgerRecord
@@ -73,7 +73,7 @@ def run(pristine: tuple[Path, dict], tmp_path: Path) -> tuple[Path, dict]:
     """A private copy of the pristine ledger to tamper with; keys copied out as the hospital's anchor."""
     source, summary = pristine
     shutil.copytree(source, tmp_path / "run")
-    shutil.copy(source / "ledger" / "keys" / "public-keys.json", tmp_path / "anchor.json")
+    shutil.copy(source / "ledger" / "main-r0" / "public-keys.json", tmp_path / "anchor.json")
     return tmp_path / "run", summary
 
 
@@ -107,15 +107,33 @@ def test_fresh_ledger_verifies(run: tuple[Path, dict], tmp_path: Path) -> None:
     assert summary["consensus"].startswith("none: single-writer signed hash chain")
 
 
-def test_private_keys_are_owner_only_and_anchor_is_separate(run: tuple[Path, dict]) -> None:
-    run_dir, _ = run
-    keys = run_dir / "ledger" / "keys"
+def test_private_keys_are_owner_only_outside_the_run_and_anchor_is_separate(run: tuple[Path, dict]) -> None:
+    run_dir, summary = run
+    keys = default_keys_dir("ed25519")
+    assert summary["keys_dir"] == str(keys.resolve())
     assert stat.S_IMODE(os.stat(keys).st_mode) == 0o700
     for name in PARTICIPANTS:
         assert stat.S_IMODE(os.stat(keys / f"{name}.key.pem").st_mode) == 0o600
-    anchor = json.loads((keys / "public-keys.json").read_text())
-    assert sorted(anchor["keys"]) == PARTICIPANTS
-    assert "PRIVATE" not in (keys / "public-keys.json").read_text()
+    assert not [p for p in run_dir.rglob("*") if p.is_file() and b"PRIVATE" in p.read_bytes()]
+    anchor_file = run_dir / "ledger" / "main-r0" / "public-keys.json"
+    assert sorted(json.loads(anchor_file.read_text())["keys"]) == PARTICIPANTS
+
+
+def test_keys_dir_inside_the_run_is_refused_and_no_key_file_is_overwritten(tmp_path: Path) -> None:
+    from fedcore.errors import DataError
+
+    inside = SqliteChainLedger(SqliteChainLedger.Settings(keys_dir=str(tmp_path / "run" / "keys")))
+    with pytest.raises(DataError, match="must not live in the run directory"):
+        inside.open(tmp_path / "run" / "ledger" / "main-r0", ["site-0"])
+    elsewhere = tmp_path / "somewhere"
+    elsewhere.mkdir()
+    (elsewhere / "public-keys.json").write_text("someone else's file")
+    (elsewhere / "server.key.pem").write_text("not ours")
+    ledger = SqliteChainLedger(SqliteChainLedger.Settings(keys_dir=str(elsewhere)))
+    with pytest.raises(DataError, match="unreadable private key"):
+        ledger.open(tmp_path / "run2" / "ledger" / "main-r0", ["site-0"])
+    assert (elsewhere / "public-keys.json").read_text() == "someone else's file"
+    assert (elsewhere / "server.key.pem").read_text() == "not ours"
 
 
 COLUMN_NAMES = [c.strip() for c in COLUMNS.split(",")]
@@ -196,7 +214,7 @@ def test_inserted_entry_with_valid_hash_and_forged_signature_is_caught(run: tupl
                   payload_sha256="ee" * 32, metadata_json="{}", prev_hash=prev, time_ns=table[5][7] + 1)
     canonical = canonical_bytes(**fields)
     # The attacker holds site-2's key, not site-1's.
-    attacker = KeyRing(run_dir / "ledger" / "keys", "ed25519")
+    attacker = KeyRing(default_keys_dir("ed25519"), "ed25519")
     attacker.ensure(["site-2"])
     forged = (6, 1, "site-update", "site-1", "ee" * 32, "{}", prev, fields["time_ns"], entry_hash(canonical),
               base64.b64encode(sign(attacker.private("site-2"), canonical)).decode())
@@ -212,7 +230,8 @@ def test_truncated_tail_is_caught_against_the_head(run: tuple[Path, dict], tmp_p
     table = rows(db)
     rewrite(db, table[:-5])  # the whole last round: a shorter chain that is valid in itself
     (db.parent / "heads.jsonl").write_text("")  # the attacker also wipes the heads kept next to it
-    assert check(run_dir, tmp_path / "anchor.json").ok  # nothing inside the ledger reveals it...
+    alone = check(run_dir, tmp_path / "anchor.json")
+    assert alone.ok and "no head checked" in alone.message  # nothing inside the ledger reveals it...
     result = check(run_dir, tmp_path / "anchor.json", summary["head"])  # ...the head the hospital kept does
     assert (result.ok, result.first_bad_sequence) == (False, len(table) - 5)
 
@@ -235,7 +254,7 @@ def test_entry_resigned_with_another_sites_key_is_caught(run: tuple[Path, dict],
     ledger_id = json.loads(table[0][5])["ledger_id"]
     canonical = canonical_bytes(ledger_id=ledger_id, seq=entry[0], round=entry[1], kind=entry[2], writer=entry[3],
                                 payload_sha256=entry[4], metadata_json=entry[5], prev_hash=entry[6], time_ns=entry[7])
-    ring = KeyRing(run_dir / "ledger" / "keys", "ed25519")
+    ring = KeyRing(default_keys_dir("ed25519"), "ed25519")
     ring.ensure(["site-2"])
     table[seq] = (*entry[:9], base64.b64encode(sign(ring.private("site-2"), canonical)).decode())
     rewrite(db, table)
@@ -284,7 +303,7 @@ def test_spec_fingerprints_are_a_trust_anchor(run: tuple[Path, dict], tmp_path: 
     (run_dir / "spec.resolved.yaml").write_text(
         json.dumps({"ledger": {"use": "sqlite-chain", "settings": {"trusted_fingerprints": fingerprints}}})
     )
-    shutil.rmtree(run_dir / "ledger" / "keys")  # nothing of the run's own key files is needed
+    (run_dir / "ledger" / "main-r0" / "public-keys.json").unlink()  # nothing of the run's own key files is needed
     result = verify_target(run_dir, None, None, workers=1)
     assert result.ok, result.message
     fingerprints["site-2"] = "sha256:" + "0" * 64
@@ -304,17 +323,17 @@ def test_site_update_signed_with_unexpected_key_is_rejected_and_recorded(tmp_pat
     trusted = {p: fingerprint(ring.public(p)) for p in PARTICIPANTS}
     (keys / "site-1.key.pem").unlink()  # site-1's key is replaced by one the federation never agreed on
     ledger = SqliteChainLedger(SqliteChainLedger.Settings(keys_dir=str(keys), trusted_fingerprints=trusted))
-    ledger.open(tmp_path / "ledger" / "main-r0", PARTICIPANTS[1:])
+    ledger.open(tmp_path / "run" / "ledger" / "main-r0", PARTICIPANTS[1:])
     ledger.append(_round_records(1))
     summary = ledger.close()
     assert summary["rejected_updates"] == 1
-    table = rows(tmp_path / "ledger" / "main-r0" / "ledger.sqlite")
+    table = rows(tmp_path / "run" / "ledger" / "main-r0" / "ledger.sqlite")
     rejected = [r for r in table if r[2] == "site-update-rejected"]
     assert len(rejected) == 1 and rejected[0][3] == "server" and json.loads(rejected[0][5])["claimed_writer"] == "site-1"
     # ...and the ledger, checked against the agreed fingerprints, is intact.
-    anchor = tmp_path / "spec.resolved.yaml"
+    anchor = tmp_path / "run" / "spec.resolved.yaml"
     anchor.write_text(json.dumps({"ledger": {"settings": {"trusted_fingerprints": trusted}}}))
-    assert verify_target(tmp_path, None, None, workers=1).ok
+    assert verify_target(tmp_path / "run", None, None, workers=1).ok
 
 
 def test_parallel_verification_finds_the_same_entry(tmp_path: Path) -> None:
@@ -355,7 +374,7 @@ def test_cli_exit_codes(run: tuple[Path, dict], tmp_path: Path) -> None:
     not_a_ledger = tmp_path / "junk.sqlite"
     not_a_ledger.write_bytes(b"not a database at all" * 10)
     junk = runner.invoke(cli, ["ledger", "verify", str(not_a_ledger), "--ledger", "sqlite-chain", "--keys", str(tmp_path / "anchor.json")])
-    assert junk.exit_code == 2 and "not a sqlite-chain ledger" in junk.output
+    assert junk.exit_code == 1 and "TAMPERED: entry 0" in junk.output and "unreadable ledger" in junk.output
     db = db_of(run_dir)
     rewrite(db, [r for r in rows(db) if r[0] != 4])
     tampered = runner.invoke(cli, ["ledger", "verify", str(db), "--keys", str(tmp_path / "anchor.json")])

@@ -39,7 +39,7 @@ def test_fresh_run_ledger_verifies_with_the_cli(tmp_path: Path) -> None:
     assert ledger["consensus"].startswith("none: single-writer signed hash chain")
     assert ledger["head"] in (run_dir / "report.md").read_text()
     fedcore = Path(sys.executable).with_name("fedcore")
-    anchor = run_dir / "ledger" / "keys" / "public-keys.json"
+    anchor = run_dir / "ledger" / "main-r0" / "public-keys.json"
     ok = subprocess.run([str(fedcore), "ledger", "verify", str(run_dir), "--keys", str(anchor)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     ok = subprocess.run([str(fedcore), "ledger", "verify", str(db), "--keys", str(anchor), "--head", ledger["head"]],

@@ -371,7 +371,8 @@ def _ledger_table(summary: dict[str, Any]) -> str:
     first = rows[0][1]["ledger"]
     lines = [
         f"Ledger `{first.get('ledger', '?')}`; consensus: {first.get('consensus', 'n/a')}; "
-        f"signatures: {first.get('signature', 'n/a')}.",
+        f"signatures: {first.get('signature', 'n/a')}."
+        + (f" Private signing keys: `{first['keys_dir']}` (outside the run directory)." if first.get("keys_dir") else ""),
         "",
         "| Arm | Repeat | " + " | ".join(title for _, title in LEDGER_COLUMNS) + " | Final head |",
         "|---|---|" + "---|" * len(LEDGER_COLUMNS) + "---|",

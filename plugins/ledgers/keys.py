@@ -1,10 +1,17 @@
 """Participants' signing keys and the public trust anchor that hospitals hold.
 
-In simulation every participant's private key lives with the run, one PEM file
-per participant with mode 0600 in a 0700 directory. The public keys are written
-to ``public-keys.json`` next to them: that file (or the fingerprints in it) is
-the trust anchor a hospital keeps, and verification takes expected keys only
-from there, never from the ledger itself.
+Private keys never live in a run directory: anyone holding the directory could
+otherwise append validly signed entries. They sit in a key directory outside it
+(:func:`default_keys_dir`: ``$FEDCORE_KEYS_DIR``, else
+``$XDG_DATA_HOME/fedcore/keys``, else ``~/.local/share/fedcore/keys``; one
+subdirectory per signature scheme), one PEM file per participant with mode 0600
+in a 0700 directory, created on first use and never overwritten. In simulation
+one machine plays every participant, so one key directory holds every
+participant's key; deployed, each party holds only its own.
+
+The public keys are written to ``public-keys.json`` next to each ledger: that
+file (or the fingerprints in it) is the trust anchor a hospital keeps, and
+verification takes expected keys only from there, never from the ledger itself.
 """
 
 from __future__ import annotations
@@ -29,6 +36,19 @@ from fedcore.errors import DataError
 Algorithm = Literal["ed25519", "ecdsa-p256"]
 KEYS_FORMAT = "fedcore-ledger-keys-v1"
 PUBLIC_KEYS_FILE = "public-keys.json"
+#: environment variable naming the private key directory
+KEYS_DIR_ENV = "FEDCORE_KEYS_DIR"
+
+
+def default_keys_dir(algorithm: Algorithm) -> Path:
+    """Where private signing keys live unless ``ledger.settings.keys_dir`` says otherwise."""
+    base = os.environ.get(KEYS_DIR_ENV)
+    if base:
+        root = Path(base).expanduser()
+    else:
+        data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        root = Path(data_home) / "fedcore" / "keys"
+    return root / algorithm
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -133,20 +153,17 @@ class TrustAnchor:
 
 
 class KeyRing:
-    """Private keys of a run's participants under ``directory`` (0700), created on first use.
+    """Private keys of participants under ``directory`` (0700), created on first use.
 
-    Several trainings of one run (sweep arms, repeats, possibly in parallel
-    processes) share one key ring, so a file lock serializes key creation.
+    Many trainings (sweep arms, repeats, runs, possibly in parallel processes)
+    share one key directory, so a file lock serializes key creation, and a key
+    file is created exclusively: an existing one is loaded, never replaced.
     """
 
     def __init__(self, directory: Path, algorithm: Algorithm) -> None:
         self.directory = directory
         self.algorithm = algorithm
         self._keys: dict[str, PrivateKey] = {}
-
-    @property
-    def public_keys_file(self) -> Path:
-        return self.directory / PUBLIC_KEYS_FILE
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -164,22 +181,22 @@ class KeyRing:
         return self.directory / f"{participant}.key.pem"
 
     def ensure(self, participants: Iterable[str]) -> None:
-        """Load each participant's key, creating missing ones, and refresh the public keys file."""
+        """Load each participant's key, creating missing ones (never replacing a file that exists)."""
         with self._locked():
             for participant in participants:
                 path = self._key_path(participant)
-                if path.exists():
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
                     self._keys[participant] = self._load_private(path)
                     continue
                 key = generate_private_key(self.algorithm)
                 pem = key.private_bytes(
                     serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
                 )
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(pem)
                 self._keys[participant] = key
-            self._write_public_keys()
 
     @staticmethod
     def _load_private(path: Path) -> PrivateKey:
@@ -191,22 +208,33 @@ class KeyRing:
             raise DataError("private key is neither Ed25519 nor ECDSA", where=str(path))
         return key
 
-    def _write_public_keys(self) -> None:
-        document = {"format": KEYS_FORMAT, "keys": {}}
-        existing = sorted(p for p in self.directory.glob("*.key.pem"))
-        for path in existing:
-            participant = path.name[: -len(".key.pem")]
-            key = self._keys.get(participant) or self._load_private(path)
-            public = key.public_key()
+    def anchor_document(self, participants: Iterable[str]) -> dict:
+        """The ``public-keys.json`` document (public keys and fingerprints) of ``participants``."""
+        document: dict = {"format": KEYS_FORMAT, "keys": {}}
+        for participant in sorted(participants):
+            public = self.public(participant)
             document["keys"][participant] = {
                 "algorithm": algorithm_of(public),
                 "public_key_pem": public_pem(public),
                 "fingerprint": fingerprint(public),
             }
-        tmp = self.public_keys_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.public_keys_file)
+        return document
+
+    def write_anchor(self, path: Path, participants: Iterable[str]) -> None:
+        """Write the trust anchor of ``participants`` to ``path``; an existing file must already say the same."""
+        text = json.dumps(self.anchor_document(participants), indent=1, sort_keys=True) + "\n"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if path.read_text(encoding="utf-8", errors="replace") != text:
+                raise DataError(
+                    "a different public-keys file is already there; it is not overwritten",
+                    where=str(path),
+                    hint="write the run to a new directory",
+                ) from None
+            return
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
 
     def private(self, participant: str) -> PrivateKey:
         try:

@@ -34,26 +34,22 @@ from fedcore.plugins.ledgers.chain import (
     metadata_text,
     head_message,
 )
-from fedcore.plugins.ledgers.keys import Algorithm, KeyRing, b64, fingerprint, public_pem, sign, verify_signature
-from fedcore.plugins.ledgers.verify import HEADS_FILE, LEDGER_FILE, verify_target
+from fedcore.plugins.ledgers.keys import (
+    PUBLIC_KEYS_FILE,
+    Algorithm,
+    KeyRing,
+    b64,
+    default_keys_dir,
+    fingerprint,
+    public_pem,
+    sign,
+    verify_signature,
+)
+from fedcore.plugins.ledgers.verify import HEADS_FILE, LEDGER_FILE, SCHEMA, verify_target
 from fedcore.types import LedgerHead, LedgerRecord
 
 CONSENSUS = "none: single-writer signed hash chain (embedded SQLite, no replication)"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    seq            INTEGER PRIMARY KEY,
-    round          INTEGER NOT NULL,
-    kind           TEXT NOT NULL,
-    writer         TEXT NOT NULL,
-    payload_sha256 TEXT NOT NULL,
-    metadata       TEXT NOT NULL,
-    prev_hash      TEXT NOT NULL,
-    time_ns        INTEGER NOT NULL,
-    entry_hash     TEXT NOT NULL,
-    signature      TEXT NOT NULL
-);
-"""
 
 #: record kinds whose writer's signature is checked against the expected key before they are accepted
 CHECKED_KINDS = frozenset({"site-update"})
@@ -65,7 +61,9 @@ class SqliteChainSettings(BaseModel):
     # ECDSA P-256 verified faster than Ed25519 with this OpenSSL (benchmarks/ledger_throughput.py) and is Fabric's scheme.
     algorithm: Algorithm = Field("ecdsa-p256", description="signature scheme of new keys: ecdsa-p256 or ed25519")
     keys_dir: str | None = Field(
-        None, description="directory of participants' private keys (created if missing); default: <run>/ledger/keys"
+        None,
+        description="directory of participants' private keys (created if missing, outside the run directory); "
+        "default: $FEDCORE_KEYS_DIR or ~/.local/share/fedcore/keys, per signature scheme",
     )
     trusted_fingerprints: dict[str, str] = Field(
         default_factory=dict,
@@ -102,10 +100,18 @@ class SqliteChainLedger(Ledger):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        keys_dir = Path(s.keys_dir) if s.keys_dir else directory.parent / "keys"
+        keys_dir = (Path(s.keys_dir).expanduser() if s.keys_dir else default_keys_dir(s.algorithm)).resolve()
+        run_dir = directory.resolve().parent.parent
+        if keys_dir == run_dir or run_dir in keys_dir.parents:
+            raise DataError(
+                "private signing keys must not live in the run directory (anyone holding it could sign entries)",
+                where="ledger.settings.keys_dir",
+                hint=f"use a directory outside {run_dir}, or leave keys_dir unset for {default_keys_dir(s.algorithm)}",
+            )
         self.keyring = KeyRing(keys_dir, s.algorithm)
         participants = list(dict.fromkeys(["server", *participants]))
         self.keyring.ensure(participants)
+        self.keyring.write_anchor(directory / PUBLIC_KEYS_FILE, participants)
         # The expected keys: trusted fingerprints when the spec gives them, else the keys just made.
         self._expected = {
             p: s.trusted_fingerprints.get(p, fingerprint(self.keyring.public(p))) for p in participants
@@ -120,6 +126,7 @@ class SqliteChainLedger(Ledger):
         self._opened = time.perf_counter()
         self._rounds: set[int] = set()
         self._bytes_after_first: int | None = None
+        self._head: LedgerHead | None = None
         last = conn.execute("SELECT seq, entry_hash, metadata FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
         if last is None:
             self.ledger_id = uuid.uuid4().hex
@@ -207,6 +214,7 @@ class SqliteChainLedger(Ledger):
             raise
         self._next_seq, self._last_hash = seq, prev
         head = self._signed_head(seq - 1, prev)
+        self._head = head
         self._stats["transactions"] += 1
         self._stats["entries"] += len(rows)
         self._stats["append_seconds"] += time.perf_counter() - start
@@ -256,6 +264,10 @@ class SqliteChainLedger(Ledger):
             "bytes": size,
             "bytes_per_round": round((size - (self._bytes_after_first or 0)) / rounds, 1),
             "head": f"{self._next_seq - 1}:{self._last_hash}",
+            # The head signed by the server: what `fedcore ledger verify` checks by default.
+            **({"head_signature": self._head.signature} if self._head is not None else {}),
+            "ledger_id": self.ledger_id,
+            "keys_dir": str(self.keyring.directory),
             "file": str(self.path),
         }
 
