@@ -171,7 +171,10 @@ def ledger() -> None:
 @click.option("--keys", type=click.Path(path_type=Path), default=None, help="expected public keys (trust anchors)")
 @click.option("--head", default=None, metavar="SEQ:HASH", help="the last signed head you received")
 @click.option("--ledger", "ledger_name", default=None, help="ledger plugin name (default: from the run's spec)")
-def ledger_verify(target: Path, keys: Path | None, head: str | None, ledger_name: str | None) -> None:
+@click.option(
+    "--openings", type=click.Path(path_type=Path), default=None, help="a party's openings folder: check its commitments"
+)
+def ledger_verify(target: Path, keys: Path | None, head: str | None, ledger_name: str | None, openings: Path | None) -> None:
     """Recompute the chain and every signature of TARGET (a run directory or ledger file)."""
     from fedcore.registry import PluginManager
 
@@ -188,11 +191,19 @@ def ledger_verify(target: Path, keys: Path | None, head: str | None, ledger_name
         name = choices[0]
     cls = manager.get("ledger", name, where="--ledger")
     result = cls.verify(target, keys=keys, head=head)  # type: ignore[attr-defined]
-    if result.ok:
-        click.echo(f"ok: {result.entries} entries verified{(' — ' + result.message) if result.message else ''}")
-        return
-    click.echo(f"TAMPERED: entry {result.first_bad_sequence}: {result.message}", err=True)
-    sys.exit(1)
+    if not result.ok:
+        click.echo(f"TAMPERED: entry {result.first_bad_sequence}: {result.message}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {result.entries} entries verified{(' — ' + result.message) if result.message else ''}")
+    if openings is not None:
+        check_openings = getattr(cls, "verify_openings", None)
+        if check_openings is None:
+            raise FedcoreUserError(f"ledger '{name}' cannot check openings", where="--openings")
+        opened, problem = check_openings(target, openings)
+        if problem is not None:
+            click.echo(f"TAMPERED: opening: {problem}", err=True)
+            sys.exit(1)
+        click.echo(f"ok: {opened} openings open their commitments")
 
 
 def _ledger_name_of(target: Path) -> str | None:

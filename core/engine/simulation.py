@@ -28,6 +28,7 @@ from fedcore.components import (
     SiteInfo,
     plain_sum,
 )
+from fedcore.commitments import Committer, json_bytes
 from fedcore.errors import PrivacyBudgetError
 from fedcore.engine.training import LocalTrainer, load_weights, predict, weights_of
 from fedcore.metrics import classification_metrics, pool
@@ -275,6 +276,8 @@ class FederatedRun:
         )
         self.result = RunResult(arm=arm, repeat=repeat, mode="federated")
         self.ledger = components.ledger
+        # Hiding commitments: each payload's opening stays with the party that made it.
+        self.commits = Committer(ledger_dir if self.ledger is not None else None, spec.execution.reproducible_noise, seed, arm, repeat)
         if self.ledger is not None:
             self.ledger.open(ledger_dir, ["server", *(site_name(s.data.site) for s in self.sites)])
             opening = [
@@ -282,10 +285,9 @@ class FederatedRun:
                 LedgerRecord(kind="global-model", round=0, writer="server", payload_sha256=self.initial.sha256()),
             ]
             for name, stats in sorted(data.released_statistics.items()):
+                digest = self.commits.commit("server", "preprocessing", 0, json_bytes(stats), name)
                 opening.append(
-                    LedgerRecord(
-                        kind="preprocessing", round=0, writer="server", payload_sha256=json_digest(stats), metadata={"name": name}
-                    )
+                    LedgerRecord(kind="preprocessing", round=0, writer="server", payload_sha256=digest, metadata={"name": name})
                 )
             self.ledger.append(opening)
         if components.secure_aggregation is not None:
@@ -311,13 +313,15 @@ class FederatedRun:
                 kind="site-update",
                 round=round_,
                 writer=site_name(u.site),
-                payload_sha256=u.digest(),
+                payload_sha256=self.commits.update(site_name(u.site), u),
                 metadata={"n_samples": u.n_samples, "bytes": u.nbytes()},
             )
             for u in updates
         ]
         new_weights = self.server.aggregate(round_, updates)
-        records.append(LedgerRecord(kind="aggregate", round=round_, writer="server", payload_sha256=new_weights.sha256()))
+        # Under central DP this is the released (noised) model, never a pre-noise quantity.
+        released = self.commits.commit("server", "aggregate", round_, new_weights.to_bytes())
+        records.append(LedgerRecord(kind="aggregate", round=round_, writer="server", payload_sha256=released))
         privacy = self.server.privacy_spent([r for site in self.sites for r in site.privacy_spent()])
         for report in privacy:
             records.append(

@@ -45,7 +45,7 @@ from fedcore.plugins.ledgers.keys import (
     sign,
     verify_signature,
 )
-from fedcore.plugins.ledgers.verify import HEADS_FILE, LEDGER_FILE, SCHEMA, verify_target
+from fedcore.plugins.ledgers.verify import HEADS_FILE, LEDGER_FILE, SCHEMA, verify_openings, verify_target
 from fedcore.types import LedgerHead, LedgerRecord
 
 CONSENSUS = "none: single-writer signed hash chain (embedded SQLite, no replication)"
@@ -276,3 +276,8 @@ class SqliteChainLedger(Ledger):
     @classmethod
     def verify(cls, target: Path, keys: Path | None = None, head: str | None = None) -> LedgerVerification:
         return verify_target(Path(target), keys, head)
+
+    @classmethod
+    def verify_openings(cls, target: Path, folder: Path) -> tuple[int, str | None]:
+        """Openings under ``folder`` checked against ``target``'s ledgers (see :mod:`fedcore.commitments`)."""
+        return verify_openings(Path(target), Path(folder))

@@ -443,3 +443,38 @@ def verify_target(target: Path, keys: Path | None, head: str | None, workers: in
     if keys is None and anchor is None:
         message += " (found next to the ledger: pass --keys with your own copy for an independent check)"
     return LedgerVerification(True, total, None, message + "; " + "; ".join(heads))
+
+
+def verify_openings(target: Path, folder: Path) -> tuple[int, str | None]:
+    """Check every opening under ``folder`` against the ledgers of ``target`` (verify those first).
+
+    Returns (openings that open a commitment on their ledger, the first problem or None).
+    A folder without openings, or a malformed openings file, is a :class:`DataError`.
+    """
+    from fedcore.commitments import OPENINGS_FILE, openings_under
+
+    ledgers = {path.parent.name: path for path in ledger_files(target)}
+    hint = "pass a party's own folder: RUN/sites/<site> for a site, RUN/openings for the coordinator"
+    try:
+        found = list(openings_under(folder))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"unreadable openings ({exc})", where=str(folder), hint=hint) from None
+    if not found:
+        raise DataError(f"no {OPENINGS_FILE} under this folder", where=str(folder), hint=hint)
+    count = 0
+    for name, where, openings in found:
+        path = ledgers.get(name)
+        if path is None:
+            return count, f"{where}: no ledger '{name}' under {target}"
+        entries, problem = read_entries(path)
+        if problem is not None:
+            return count, f"{path}: {problem.message}"
+        committed = {(e.kind, e.round, e.writer, e.payload_sha256) for e in entries}
+        for opening in openings:
+            reason = opening.check(where)
+            if reason is None and (opening.kind, opening.round, opening.writer, opening.commitment) not in committed:
+                reason = "no entry of the ledger holds this commitment"
+            if reason is not None:
+                return count, f"{where / OPENINGS_FILE}: {opening.kind} of round {opening.round} by {opening.writer}: {reason}"
+            count += 1
+    return count, None

@@ -1,0 +1,145 @@
+"""Hiding commitments for the audit ledger, and the openings their makers keep.
+
+A ledger entry about a payload (a site's released update, the coordinator's
+aggregate, a preprocessing statistic) holds ``SHA-256(salt || canonical bytes)``,
+never a plain digest: a plain digest is a deterministic function of the data, so
+anyone holding the ledger could confirm a guess about a record by hashing it.
+The salt is 16 bytes (128 bits) from :func:`fedcore.randomness.secret_bytes`,
+fresh per entry (derived from the seed only under ``execution.reproducible_noise``).
+
+The opening -- the salt and the canonical bytes -- stays with the party that made
+the payload: in simulation ``RUN/sites/<site>/openings/<ledger>/`` for a site and
+``RUN/openings/<ledger>/`` for the coordinator (``<ledger>`` is the ledger's
+directory name, e.g. ``main-r0``). Each holds ``openings.jsonl`` (one line per
+entry: kind, round, writer, name, commitment, salt in hex, payload file) and the
+payload files. An auditor given a holder's folder checks every opening against
+the ledger (``fedcore ledger verify RUN --openings FOLDER``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedcore.randomness import secret_bytes
+from fedcore.types import ClientUpdate
+
+#: bytes of salt per commitment (128 bits)
+SALT_BYTES = 16
+OPENINGS_DIR = "openings"
+OPENINGS_FILE = "openings.jsonl"
+
+
+def commitment(salt: bytes, payload: bytes) -> str:
+    """``SHA-256(salt || payload)`` in hex."""
+    return hashlib.sha256(salt + payload).hexdigest()
+
+
+def update_bytes(update: ClientUpdate) -> bytes:
+    """The canonical bytes of an update as released: what :meth:`ClientUpdate.digest` hashes."""
+    parts = [update.delta.to_bytes()]
+    for name in sorted(update.extras):
+        parts += [name.encode(), update.extras[name].to_bytes()]
+    return b"".join(parts)
+
+
+def json_bytes(payload: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, no spaces, UTF-8): what :func:`fedcore.types.json_digest` hashes."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def holder_dir(run_dir: Path, holder: str) -> Path:
+    """A party's own folder: the run directory for the coordinator (``server``), ``sites/<name>`` for a site."""
+    return run_dir if holder == "server" else run_dir / "sites" / holder
+
+
+@dataclass(frozen=True)
+class Opening:
+    """One line of ``openings.jsonl``: what a commitment on the ledger hides, and where its bytes are."""
+
+    kind: str
+    round: int
+    writer: str
+    name: str
+    commitment: str
+    salt: str
+    payload_file: str
+
+    def check(self, folder: Path) -> str | None:
+        """Why this opening does not open its commitment, or None."""
+        try:
+            salt = bytes.fromhex(self.salt)
+            payload = (folder / self.payload_file).read_bytes()
+        except (ValueError, OSError) as exc:
+            return f"unreadable opening ({type(exc).__name__})"
+        if len(salt) < SALT_BYTES:
+            return f"salt shorter than {SALT_BYTES} bytes"
+        if commitment(salt, payload) != self.commitment:
+            return "SHA-256(salt || payload) is not the commitment"
+        return None
+
+
+class Committer:
+    """Commits one training's ledger payloads; each opening is left with the party that made it.
+
+    :param ledger_dir: the ledger's directory (``RUN/ledger/<name>``), or None for a run
+        without a ledger (commitments are then computed and nothing is kept).
+    :param reproducible: ``execution.reproducible_noise`` (salts from the seed).
+    :param seed: the spec's seed.
+    :param arm: the sweep arm's label.
+    :param repeat: the repeat index.
+    """
+
+    def __init__(self, ledger_dir: Path | str | None, reproducible: bool, seed: int, arm: str, repeat: int) -> None:
+        self.ledger_dir = Path(ledger_dir) if ledger_dir is not None else None
+        self.reproducible = reproducible
+        self.seed = seed
+        self.arm = arm
+        self.repeat = repeat
+
+    def commit(self, writer: str, kind: str, round: int, payload: bytes, name: str = "") -> str:
+        """The commitment to ``payload``; its opening goes to ``writer``'s folder."""
+        label = ("ledger-salt", self.arm, self.repeat, writer, kind, round, name)
+        salt = secret_bytes(SALT_BYTES, self.reproducible, self.seed, *label)
+        digest = commitment(salt, payload)
+        if self.ledger_dir is not None:
+            folder = holder_dir(self.ledger_dir.parent.parent, writer) / OPENINGS_DIR / self.ledger_dir.name
+            folder.mkdir(parents=True, exist_ok=True)
+            payload_file = f"{kind}-r{round}{'-' + _slug(name) if name else ''}.bin"
+            tmp = folder / (payload_file + ".tmp")
+            tmp.write_bytes(payload)
+            os.replace(tmp, folder / payload_file)
+            opening = Opening(kind, round, writer, name, digest, salt.hex(), payload_file)
+            with open(folder / OPENINGS_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(asdict(opening), sort_keys=True) + "\n")
+        return digest
+
+    def update(self, writer: str, update: ClientUpdate) -> str:
+        """The commitment to a site's released update (its opening kept by the site)."""
+        return self.commit(writer, "site-update", update.round, update_bytes(update))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def openings_under(folder: Path) -> Iterator[tuple[str, Path, list[Opening]]]:
+    """(ledger directory name, opening folder, openings) for every ``openings.jsonl`` under ``folder``.
+
+    A malformed line is a :class:`ValueError` naming the file and line.
+    """
+    for path in sorted(folder.rglob(OPENINGS_FILE)):
+        openings = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                openings.append(Opening(**json.loads(line)))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: not an opening ({exc})") from None
+        yield path.parent.name, path.parent, openings
