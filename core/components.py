@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from fedcore.randomness import Secrets
 from fedcore.types import ClientUpdate, LedgerHead, LedgerRecord, PrivacySpent, SecureSum, Weights
 
 if TYPE_CHECKING:
@@ -180,6 +181,8 @@ class SiteInfo:
     rounds: int
     seed: int
     max_rows_per_patient: int | None = None
+    secrets: Secrets = field(default_factory=Secrets)
+    """Where the site's DP noise keys come from (the OS CSPRNG unless the run is reproducible)."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 
 def secret_bytes(size: int, reproducible: bool, seed: int, *label: str | int) -> bytes:
@@ -31,3 +32,23 @@ def secret_bytes(size: int, reproducible: bool, seed: int, *label: str | int) ->
         return os.urandom(size)
     material = json.dumps(["fedcore", seed, *label], separators=(",", ":")).encode()
     return hashlib.shake_256(material).digest(size)
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """The secret randomness of one training (one sweep arm, one repeat), handed to its plugins.
+
+    :ivar reproducible: the run's ``execution.reproducible_noise``.
+    :ivar seed: the training's seed (the spec's seed plus the repeat index).
+    :ivar arm: what tells the arm apart (the engine passes a digest of the arm's resolved
+        spec), so that arms never share noise, even in reproducible mode.
+    """
+
+    reproducible: bool = False
+    seed: int = 0
+    arm: str = ""
+
+    def bytes(self, size: int, *label: str | int) -> bytes:
+        """:func:`secret_bytes` for this training; ``label`` names the use and its owner,
+        e.g. ``("site-noise", site, round)``."""
+        return secret_bytes(size, self.reproducible, self.seed, self.arm, *label)

@@ -30,6 +30,7 @@ from fedcore.components import (
 )
 from fedcore.commitments import Committer, json_bytes
 from fedcore.errors import PrivacyBudgetError
+from fedcore.randomness import Secrets
 from fedcore.engine.training import LocalTrainer, load_weights, predict, weights_of
 from fedcore.metrics import classification_metrics, pool
 from fedcore.spec import Components, ExperimentSpec
@@ -210,6 +211,8 @@ def _site_info(data: FederatedData, site: SiteData, spec: ExperimentSpec, seed: 
         rounds=spec.training.rounds,
         seed=seed,
         max_rows_per_patient=data.max_rows_per_patient,
+        # The arm's resolved spec tells arms apart; seed = spec seed + repeat tells repeats apart.
+        secrets=Secrets(spec.execution.reproducible_noise, seed, json_digest(spec.model_dump(mode="json"))),
     )
 
 

@@ -10,7 +10,11 @@ clipping"): each site also sends the bit ``norm <= C`` as an extra tensor; the s
 sees only the sum of bits, adds ``N(0, sigma_b^2)``, and moves C geometrically towards
 the ``target_quantile`` of update norms: ``C <- C exp(-lr (unclipped_fraction - quantile))``.
 The two Gaussian releases of a round together are one Gaussian mechanism of multiplier
-``z = (z_update^-2 + (2 sigma_b)^-2)^-1/2`` (their Theorem 1), which is what is accounted.
+``z = (z_update^-2 + sigma_b^-2)^-1/2``, which is what is accounted: the update sum has
+L2 sensitivity C and noise ``z_update C``; the count of unclipped bits has sensitivity 1
+(a hospital present or absent changes it by one: its bit is 0 or 1) and noise ``sigma_b``.
+(Andrew et al.'s Theorem 1 has ``2 sigma_b`` for bits centred at 1/2, sensitivity 1/2; the
+bits sent here are not centred, and accounting them at 1/2 under-stated epsilon.)
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedcore.components import Aggregator, LocalTrainingStage, PrivacyMechanism, RoundContext, SiteInfo
 from fedcore.errors import PrivacyBudgetError, SpecError
 from fedcore.noise import KEY_BYTES, add_noise
+from fedcore.randomness import Secrets
 from fedcore.plugins.privacy.accounting import Accountant, calibrate_noise_multiplier, prv_eps_error
 from fedcore.plugins.privacy.gaussian import BUDGET_SLACK, BudgetRefused, clip_weights, mechanism_index
 from fedcore.types import ClientUpdate, PrivacySpent, SecureSum, Weights
@@ -105,6 +110,7 @@ class CentralDP(PrivacyMechanism):
         self.noise_multiplier: float | None = None
         self.rounds_planned: int | None = None
         self.rounds_done = 0
+        self.secrets = Secrets()
 
     @property
     def s(self) -> CentralDPSettings:
@@ -135,6 +141,8 @@ class CentralDP(PrivacyMechanism):
                 where=f"privacy[{self.name}].settings.epsilon",
             )
             self.rounds_planned = site.rounds
+        # The server's noise keys: the training's secret source (fresh from the OS by default).
+        self.secrets = site.secrets
         return CentralClipStage(self.clip, self.s.clipping == "adaptive")
 
     def noise_split(self, n_sites: int) -> tuple[float, float | None]:
@@ -143,9 +151,9 @@ class CentralDP(PrivacyMechanism):
         if self.s.clipping == "fixed":
             return z, None
         share = self.s.count_noise_share
-        # z^-2 = z_update^-2 + (2 sigma_b)^-2, with (2 sigma_b)^-2 = share * z^-2.
+        # z^-2 = z_update^-2 + sigma_b^-2 (the count's sensitivity is 1), with sigma_b^-2 = share * z^-2.
         z_update = z / math.sqrt(1 - share)
-        sigma_b = z / (2 * math.sqrt(share))
+        sigma_b = z / math.sqrt(share)
         return z_update, sigma_b
 
     def _calibrated(self) -> float:
@@ -179,12 +187,13 @@ class CentralDP(PrivacyMechanism):
         z_update, sigma_b = self.noise_split(summed.n_sites)
         bound = self.clip.value
         std = z_update * bound
-        noisy = add_noise(summed.weighted_delta_sum.arrays, std, generator.bytes(KEY_BYTES))
+        noisy = add_noise(summed.weighted_delta_sum.arrays, std, self.secrets.bytes(KEY_BYTES, "central-noise", summed.round))
         extras_sum = dict(summed.extras_sum)
         if sigma_b is not None:
             unclipped = extras_sum.pop(UNCLIPPED, None)
             count = float(unclipped["count"][0]) if unclipped is not None else 0.0
-            noisy_count = add_noise({"count": np.array([count])}, sigma_b, generator.bytes(KEY_BYTES))["count"][0]
+            count_key = self.secrets.bytes(KEY_BYTES, "central-count-noise", summed.round)
+            noisy_count = add_noise({"count": np.array([count])}, sigma_b, count_key)["count"][0]
             noisy_fraction = float(noisy_count) / summed.n_sites
             self.clip.value = bound * math.exp(-self.s.clip_learning_rate * (noisy_fraction - self.s.target_quantile))
             self.clip.history.append(self.clip.value)

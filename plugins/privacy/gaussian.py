@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.components import LocalTrainingStage, PrivacyMechanism, RoundContext, SiteInfo
 from fedcore.errors import PrivacyBudgetError, SpecError
-from fedcore.noise import KEY_BYTES, add_noise, key_from
+from fedcore.noise import KEY_BYTES, add_noise
 from fedcore.plugins.privacy.accounting import (
     Accountant,
     Composition,
@@ -137,7 +137,7 @@ class RecordLevelStage(_AccountedStage):
         if settings.class_weighted_loss:
             # Class counts steer every row's loss weight, so they are a release: noised
             # (L2 sensitivity 1 when a row is added or removed) and accounted.
-            key = np.random.default_rng([info.seed, info.site, 0xC1A55]).bytes(KEY_BYTES)
+            key = info.secrets.bytes(KEY_BYTES, "class-count-noise", info.site)
             counts = {"counts": np.asarray(info.class_counts, dtype=np.float64)}
             noisy = add_noise(counts, settings.class_count_noise_multiplier, key)["counts"]
             self._noisy_class_counts = np.maximum(noisy, 1.0)
@@ -256,12 +256,6 @@ def clip_weights(weights: Weights, max_norm: float) -> tuple[Weights, float]:
     return weights.map(lambda a: (a.astype(np.float64) * factor).astype(a.dtype)), norm
 
 
-def add_gaussian_noise(weights: Weights, std: float, generator: torch.Generator) -> Weights:
-    """``weights`` plus i.i.d. ``N(0, std^2)`` on every coordinate, in float64 from a
-    :class:`fedcore.noise.GaussianNoise` stream keyed from ``generator``."""
-    return Weights(arrays=add_noise(weights.arrays, std, key_from(generator)))
-
-
 class SiteLevelStage(_AccountedStage):
     """Clips the site's update to C and adds N(0, sigma^2 C^2) before it leaves the site.
 
@@ -303,7 +297,8 @@ class SiteLevelStage(_AccountedStage):
                 hint="use an aggregator that sends only the model update (fedavg, fedprox, fedadam...)",
             )
         clipped, self.last_norm = clip_weights(update.delta, self.settings.max_update_norm)
-        released = add_gaussian_noise(clipped, self.noise_std, ctx.generator)
+        key = self.info.secrets.bytes(KEY_BYTES, "site-noise", self.info.site, ctx.round)
+        released = Weights(arrays=add_noise(clipped.arrays, self.noise_std, key))
         self.accountant.step(self.noise_multiplier, 1.0, 1)
         self.rounds_done += 1
         return update.model_copy(update={"delta": released, "n_samples": 1})

@@ -1,0 +1,175 @@
+"""Everything that leaves a site, declared once: per message type and field, inside the DP
+guarantee or released outside it.
+
+A site sends four kinds of message (in simulation they are objects the engine hands
+over; deployed, they cross the network):
+
+- ``ClientUpdate`` every round (its ``extras`` by name),
+- ``SiteEvaluation`` every round (the global model's metrics on the site's splits),
+- ``SiteSummary`` once, during federated preprocessing (``FederatedData.released_statistics``),
+- ``SiteDescription`` once: the site's name and split sizes, shown in the report's data table.
+
+Each field is a :class:`Release`: what it is, and under which protection it is inside
+the guarantee (``"record"``: record-level DP-SGD at the site; ``"site"``: site-level
+noise at the site; ``"central"``: central DP, the coordinator noises the sum;
+``"none"``: no DP). A field inside the guarantee under every protection, ``"none"``
+included, carries nothing about the data (ids, round numbers). The report's
+"released outside the guarantee" list is :func:`outside_guarantee`; the test
+``tests/test_privacy_releases.py`` captures every message the sites of each bundled
+spec send and fails on any field not declared here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+#: every protection a run can have
+PROTECTIONS = frozenset({"none", "record", "site", "central"})
+#: inside the guarantee under every protection: carries nothing about the data
+PUBLIC = PROTECTIONS
+#: inside the guarantee wherever a DP mechanism protects the update
+DP = frozenset({"record", "site", "central"})
+#: never inside the guarantee
+OUTSIDE: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Release:
+    """One field of one message a site sends.
+
+    :ivar message: the message type (``ClientUpdate``, ``SiteEvaluation``, ...).
+    :ivar field: the field's dotted path; ``*`` stands for any one name (a column, an extra).
+    :ivar what: what it tells a reader, for the report.
+    :ivar inside: the protections under which it is inside the DP guarantee.
+    """
+
+    message: str
+    field: str
+    what: str
+    inside: frozenset[str]
+
+    def matches(self, message: str, path: str) -> bool:
+        return message == self.message and fnmatch.fnmatchcase(path, self.field)
+
+
+_METRICS = ("n", "loss", "accuracy", "precision", "recall", "f1")
+
+RELEASES: tuple[Release, ...] = (
+    Release("ClientUpdate", "site", "the site's index", PUBLIC),
+    Release("ClientUpdate", "round", "the round number", PUBLIC),
+    Release("ClientUpdate", "delta", "the model update (clipped and noised under DP)", DP),
+    Release(
+        "ClientUpdate",
+        "n_samples",
+        "the training-set size, as the update's weight (a constant 1 under site-level and central DP)",
+        frozenset({"site", "central"}),
+    ),
+    Release(
+        "ClientUpdate",
+        "local_steps",
+        "the number of local steps, which reveals the training-set size divided by the batch size",
+        OUTSIDE,
+    ),
+    Release("ClientUpdate", "train_loss", "the mean training loss at the site", OUTSIDE),
+    Release("ClientUpdate", "train_seconds", "the local training time (a timing side channel)", OUTSIDE),
+    Release(
+        "ClientUpdate",
+        "extras.scaffold.control_delta",
+        "SCAFFOLD's control-variate change (post-processing of DP-SGD under record-level DP)",
+        frozenset({"record"}),
+    ),
+    Release(
+        "ClientUpdate",
+        "extras.central-dp.unclipped",
+        "adaptive clipping's unclipped bit (only its noised, accounted sum is used)",
+        frozenset({"central"}),
+    ),
+    Release("SiteEvaluation", "site", "the site's index", PUBLIC),
+    *(
+        Release("SiteEvaluation", f"{split}.{metric}", f"the global model's {split} {metric} at the site (exact)", OUTSIDE)
+        for split in ("validation", "test")
+        for metric in _METRICS
+    ),
+    *(
+        Release(
+            "SiteEvaluation",
+            f"{split}_confusion",
+            f"the exact {split} confusion matrix at the site (its class counts included)",
+            OUTSIDE,
+        )
+        for split in ("validation", "test")
+    ),
+    Release("SiteSummary", "site", "the site's name", PUBLIC),
+    Release("SiteSummary", "rows", "preprocessing: the site's training rows", OUTSIDE),
+    Release("SiteSummary", "continuous.*.count", "preprocessing: non-missing values per column", OUTSIDE),
+    Release("SiteSummary", "continuous.*.missing", "preprocessing: missing values per column", OUTSIDE),
+    Release("SiteSummary", "continuous.*.total", "preprocessing: the sum of each continuous column", OUTSIDE),
+    Release(
+        "SiteSummary", "continuous.*.total_of_squares", "preprocessing: the sum of squares of each continuous column", OUTSIDE
+    ),
+    Release("SiteSummary", "categorical.*.counts.*", "preprocessing: exact category counts per column", OUTSIDE),
+    Release("SiteSummary", "categorical.*.missing", "preprocessing: missing values per categorical column", OUTSIDE),
+    Release("SiteDescription", "name", "the site's name", PUBLIC),
+    *(
+        Release("SiteDescription", split, f"the exact size of the site's {split} split", OUTSIDE)
+        for split in ("train", "validation", "test")
+    ),
+)
+
+
+def declaration(message: str, path: str) -> Release | None:
+    """The declared release of ``message``'s field ``path``, or None when undeclared."""
+    return next((r for r in RELEASES if r.matches(message, path)), None)
+
+
+def field_paths(value: Any, prefix: str = "") -> Iterator[str]:
+    """Every leaf field of a message as a dotted path (a tensor bundle is one leaf).
+
+    Pydantic models and mappings are walked by name; lists, numbers, strings and
+    :class:`~fedcore.types.Weights` are leaves.
+    """
+    from fedcore.types import Weights
+
+    if isinstance(value, Weights) or not isinstance(value, BaseModel | Mapping):
+        yield prefix
+        return
+    items = value.items() if isinstance(value, Mapping) else ((k, getattr(value, k)) for k in type(value).model_fields)
+    for key, item in items:
+        yield from field_paths(item, f"{prefix}.{key}" if prefix else str(key))
+
+
+def undeclared(message: str, value: Any) -> list[str]:
+    """The fields of one captured message that :data:`RELEASES` does not declare."""
+    return [path for path in field_paths(value) if declaration(message, path) is None]
+
+
+def protections(privacy: Iterable[Mapping[str, Any]]) -> frozenset[str]:
+    """The protections a run's ``privacy`` list gives (``{"none"}`` without a DP mechanism)."""
+    found = set()
+    for ref in privacy:
+        use, settings = ref.get("use"), ref.get("settings") or {}
+        if use == "gaussian":
+            found.add(settings.get("level", "record"))
+        elif use == "central-dp":
+            found.add("central")
+    return frozenset(found) or frozenset({"none"})
+
+
+def outside_guarantee(protection: frozenset[str], messages: Sequence[str] | None = None) -> list[Release]:
+    """The declared fields released outside the guarantee under ``protection``.
+
+    A field is inside when every protection the run has covers it.
+
+    :param protection: from :func:`protections`.
+    :param messages: only these message types (default: all).
+    """
+    return [
+        r
+        for r in RELEASES
+        if not protection <= r.inside and (messages is None or r.message in messages)
+    ]
