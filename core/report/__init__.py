@@ -127,6 +127,7 @@ def write_summary(
         "name": spec.name,
         "spec_sha256": json_digest(spec.model_dump(mode="json")),
         "seed": spec.seed,
+        "reproducible_noise": spec.execution.reproducible_noise,
         "repeats": spec.repeats,
         "rounds": spec.training.rounds,
         "local_epochs": spec.training.local_epochs,
@@ -304,6 +305,50 @@ def _privacy_section(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _protection(summary: dict[str, Any]) -> frozenset[str]:
+    """Every protection some arm of the run has (``{"none"}`` where none has DP)."""
+    from fedcore.releases import protections
+
+    return frozenset().union(*(protections(arm.get("privacy_specs", [])) for arm in summary["arms"]))
+
+
+def _releases_section(summary: dict[str, Any]) -> str:
+    """What left the sites outside the DP guarantee (from :mod:`fedcore.releases`), seed
+    exposure in the reproducible mode, and the non-private models in this directory."""
+    from fedcore.releases import outside_guarantee, protections
+
+    lines: list[str] = []
+    if summary.get("reproducible_noise"):
+        lines += [
+            f"**Not private against anyone who knows the seed ({summary['seed']}):** this run used "
+            "`execution.reproducible_noise: true`, so its DP noise, DP sampling and ledger salts were derived "
+            "from the seed. Use it for tests and exact replication only.",
+            "",
+        ]
+    by_protection: dict[frozenset[str], list[str]] = defaultdict(list)
+    for arm in summary["arms"]:
+        by_protection[protections(arm.get("privacy_specs", []))].append(arm["label"])
+    lines.append("Released outside the guarantee (every field sites send is declared in `fedcore.releases`):")
+    for protection, labels in by_protection.items():
+        if protection == {"none"}:
+            lines.append(f"- arm(s) {', '.join(labels)}: no DP mechanism; everything sites send is outside any guarantee")
+            continue
+        fields = "; ".join(f"`{r.message}.{r.field}`: {r.what}" for r in outside_guarantee(protection))
+        lines.append(f"- arm(s) {', '.join(labels)} ({', '.join(sorted(protection))} DP): {fields}")
+    centralized = [arm["label"] for arm in summary["arms"] if arm.get("centralized")]
+    if centralized and _protection(summary) != {"none"}:
+        lines += [
+            "",
+            "Non-private models in this directory: the centralized baseline (`checkpoints/centralized-*.npz`, "
+            "trained on the pooled data without DP); share only the federated checkpoints of DP arms.",
+        ]
+    return "\n".join(lines)
+
+
+#: data sections (by title) that hold no per-site counts, shown even when a DP arm runs
+SECTIONS_WITHOUT_COUNTS = frozenset({"Data: column types"})
+
+
 def _privacy_figure(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     """Test accuracy against the accounted ε, when several arms spend privacy (an ε sweep)."""
     points, references = [], []
@@ -416,12 +461,17 @@ def build_report(run_dir: Path | str) -> Path:
     out.append(f"{data['features']} features; classes: {', '.join(map(str, data['classes']))}.")
     if data.get("released_statistics"):
         out.append(
-            "Released by sites during preprocessing (outside any DP guarantee, digests on the ledger): "
+            "Released by sites during preprocessing (outside any DP guarantee, commitments on the ledger): "
             + ", ".join(data["released_statistics"])
             + "."
         )
+    private = _protection(summary) != {"none"}
+    withheld = [t for t in data.get("sections", {}) if private and t not in SECTIONS_WITHOUT_COUNTS]
     for title, body in data.get("sections", {}).items():
-        out += ["", f"### {title}", "", body]
+        if title not in withheld:
+            out += ["", f"### {title}", "", body]
+    if withheld:
+        out += ["", f"Withheld under DP (exact per-site counts): {', '.join(withheld)}."]
     out += ["", "## Setup", ""]
     for arm in summary["arms"]:
         setup = arm.get("setup")
@@ -443,8 +493,9 @@ def build_report(run_dir: Path | str) -> Path:
     if len(summary["arms"]) > 1:
         out += ["", "## Comparison of arms", "", _comparison_table(summary)]
     privacy = _privacy_section(summary)
-    if privacy:
+    if privacy or private:
         out += ["", "## Privacy", "", "ε is what the accountant computed for the steps actually run.", "", privacy]
+        out += ["", _releases_section(summary)]
     ledger = _ledger_table(summary)
     if ledger:
         out += ["", "## Table II: ledger", "", ledger]

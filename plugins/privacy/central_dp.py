@@ -211,7 +211,11 @@ class CentralDP(PrivacyMechanism):
         notes = [f"server noise on the sum of updates clipped at the sites ({self.s.clipping} clipping)"]
         if self.s.clipping == "adaptive":
             notes.append("clip norms by round: " + ", ".join(f"{c:.3g}" for c in self.clip.history))
-        notes.append("sites weighted equally (no sample count released); the server is trusted to add the noise")
+        notes.append(
+            "sites weighted equally: the update carries no sample count (its local step count and the per-site "
+            "metrics still reveal split sizes); the server is trusted to add the noise and to keep the clipped "
+            "updates (or only their sum, under secure aggregation) to itself"
+        )
         return PrivacySpent(
             mechanism=self.name,
             unit="site",

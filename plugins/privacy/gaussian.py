@@ -172,8 +172,8 @@ class RecordLevelStage(_AccountedStage):
         )
         self.notes += self._unit_notes()
         self.notes.append(
-            "released outside the guarantee: the site's training-set size (update weight) and any preprocessing "
-            "statistics listed in the report"
+            "released outside the guarantee: the site's training-set size (update weight), training loss, "
+            "per-site metrics and preprocessing statistics (listed below)"
         )
 
     def _record_budget(self, epsilon: float, delta: float) -> tuple[float, float]:
@@ -263,6 +263,8 @@ class SiteLevelStage(_AccountedStage):
     zero update), so the clipped update has L2 sensitivity C and the accountant sees one
     Gaussian mechanism of noise multiplier sigma per round. Sites are weighted equally:
     the released update carries no sample count, which would be a release of its own.
+    The noise key comes from ``SiteInfo.secrets``: fresh from the OS per site and round
+    unless the run is in the reproducible mode.
     """
 
     def __init__(self, mechanism: str, settings: GaussianSettings, info: SiteInfo) -> None:
@@ -315,7 +317,8 @@ class SiteLevelStage(_AccountedStage):
             steps=self.accountant.steps,
             notes=[
                 f"each update clipped to L2 norm {self.settings.max_update_norm:g} and noised at the site",
-                "sites weighted equally (no sample count released)",
+                "sites weighted equally: the update carries no sample count (its local step count and the "
+                "per-site metrics still reveal split sizes; see what is released outside the guarantee)",
             ],
         )
 
