@@ -121,3 +121,32 @@ def test_record_level_dp_refuses_oversampled_data() -> None:
 def test_settings_are_strict() -> None:
     with pytest.raises(SpecError, match="unknown key 'epsilonn'"):
         load_experiment(text=spec_text("{use: gaussian, settings: {epsilonn: 1.0}}"))
+
+
+def test_delta_must_be_below_one_over_the_protected_units() -> None:
+    """The issue's run: delta = 0.999 with epsilon = 0.01 ran with noise multiplier 0.41."""
+    from fedcore.plugins.privacy.gaussian import RecordLevelStage
+
+    settings = GaussianSettings(level="record", epsilon=0.01, delta=0.999, accountant="rdp")
+    with pytest.raises(SpecError, match=r"not below 1/n = 0\.001 \(n = 1000 training rows at site 0\)") as info:
+        RecordLevelStage("gaussian", settings, site_info())
+    assert "privacy[gaussian].settings.delta" in str(info.value)
+    with pytest.raises(SpecError, match=r"1/n = 0\.333 \(n = 3 hospitals"):
+        Gaussian(GaussianSettings(level="site", delta=0.5)).site_stage(site_info())
+    with pytest.raises(SpecError, match="not below 1/n"):
+        CentralDP(CentralDPSettings(delta=0.4)).site_stage(site_info())
+
+
+def test_delta_refused_before_a_run_starts(tmp_path) -> None:
+    from fedcore.engine.runner import preflight
+
+    experiment = load_experiment(text=spec_text("{use: gaussian, settings: {level: record, delta: 0.999, epsilon: 0.01}}"))
+    with pytest.raises(SpecError, match="not below 1/n"):
+        preflight(experiment)
+
+
+def test_several_mechanisms_in_one_privacy_list_are_refused() -> None:
+    two = "{use: gaussian, settings: {level: site}}, {use: central-dp}"
+    with pytest.raises(SpecError, match="2 privacy mechanisms in one run") as info:
+        load_experiment(text=spec_text(two))
+    assert "privacy.1" in str(info.value)

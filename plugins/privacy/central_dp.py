@@ -31,7 +31,14 @@ from fedcore.errors import PrivacyBudgetError, SpecError
 from fedcore.noise import KEY_BYTES, add_noise
 from fedcore.randomness import Secrets
 from fedcore.plugins.privacy.accounting import Accountant, calibrate_noise_multiplier, prv_eps_error
-from fedcore.plugins.privacy.gaussian import BUDGET_SLACK, BudgetRefused, clip_weights, mechanism_index
+from fedcore.plugins.privacy.gaussian import (
+    BUDGET_SLACK,
+    BudgetRefused,
+    check_delta,
+    clip_weights,
+    mechanism_index,
+    refuse_several_mechanisms,
+)
 from fedcore.types import ClientUpdate, PrivacySpent, SecureSum, Weights
 
 #: name of the clipped-or-not bit in ``ClientUpdate.extras`` (summed by any secure aggregator)
@@ -119,6 +126,7 @@ class CentralDP(PrivacyMechanism):
     # -- checks and calibration
 
     def check_spec(self, spec: Any, components: Any) -> None:
+        refuse_several_mechanisms(spec)
         aggregator = type(components.aggregator)
         if aggregator.needs_individual_updates or aggregator.aggregate is not Aggregator.aggregate:
             raise SpecError(
@@ -129,6 +137,7 @@ class CentralDP(PrivacyMechanism):
             )
 
     def site_stage(self, site: SiteInfo) -> LocalTrainingStage:
+        check_delta(self.name, self.s.delta, site.n_sites, "hospital", site.site)
         if self.noise_multiplier is None or self.rounds_planned != site.rounds:
             self.noise_multiplier = calibrate_noise_multiplier(
                 target_epsilon=self.s.epsilon,

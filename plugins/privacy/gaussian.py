@@ -70,6 +70,29 @@ def mechanism_index(spec: Any, component: PrivacyMechanism) -> int:
     return 0
 
 
+def refuse_several_mechanisms(spec: Any) -> None:
+    """Refuse a spec with more than one ``privacy`` entry: no accountant composes them."""
+    if len(spec.privacy) > 1:
+        raise SpecError(
+            f"{len(spec.privacy)} privacy mechanisms in one run ({', '.join(r.use for r in spec.privacy)}): "
+            "each accounts only its own noise, so the run's epsilon would be wrong",
+            where="privacy.1",
+            hint="keep one entry in privacy; to compare mechanisms, sweep over privacy",
+        )
+
+
+def check_delta(mechanism: str, delta: float, count: int, unit: str, site: int) -> None:
+    """Refuse ``delta >= 1/count``, ``count`` the protected units at a site: a larger delta
+    allows releasing one unit's data outright with probability delta per unit."""
+    bound = 1.0 / max(count, 1)
+    if delta >= bound:
+        raise SpecError(
+            f"delta {delta:g} is not below 1/n = {bound:.3g} (n = {count} {unit}s at site {site})",
+            where=f"privacy[{mechanism}].settings.delta",
+            hint=f"set delta below {bound:.3g}, e.g. {10 ** math.floor(math.log10(bound) - 1):.0e}",
+        )
+
+
 class BudgetRefused(PrivacyBudgetError):
     """A round would spend more than the budget; raised before the round's first step."""
 
@@ -124,6 +147,8 @@ class RecordLevelStage(_AccountedStage):
     """
 
     def __init__(self, mechanism: str, settings: GaussianSettings, info: SiteInfo) -> None:
+        # Rows, not patients: there are at least as many rows, so 1/rows is the stricter bound.
+        check_delta(mechanism, settings.delta, info.n_train, "training row", info.site)
         self._group = info.max_rows_per_patient or 1
         if settings.unit == "patient":
             self._record_target, record_delta = self._record_budget(settings.epsilon, settings.delta)
@@ -268,6 +293,7 @@ class SiteLevelStage(_AccountedStage):
     """
 
     def __init__(self, mechanism: str, settings: GaussianSettings, info: SiteInfo) -> None:
+        check_delta(mechanism, settings.delta, info.n_sites, "hospital", info.site)
         eps_error = prv_eps_error(settings.epsilon)
         super().__init__(mechanism, settings, info, settings.delta, eps_error)
         self.noise_multiplier = calibrate_noise_multiplier(
@@ -340,6 +366,7 @@ class Gaussian(PrivacyMechanism):
         return self.settings  # type: ignore[return-value]
 
     def check_spec(self, spec: Any, components: Any) -> None:
+        refuse_several_mechanisms(spec)
         index = mechanism_index(spec, self)
         if self.s.level == "record" and components.dataset.will_oversample():
             raise SpecError(
