@@ -40,19 +40,6 @@ def commitment(salt: bytes, payload: bytes) -> str:
     return hashlib.sha256(salt + payload).hexdigest()
 
 
-def update_bytes(update: ClientUpdate) -> bytes:
-    """The canonical bytes of an update as released: what :meth:`ClientUpdate.digest` hashes."""
-    parts = [update.delta.to_bytes()]
-    for name in sorted(update.extras):
-        parts += [name.encode(), update.extras[name].to_bytes()]
-    return b"".join(parts)
-
-
-def json_bytes(payload: Any) -> bytes:
-    """Canonical JSON bytes (sorted keys, no spaces, UTF-8): what :func:`fedcore.types.json_digest` hashes."""
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
 def holder_dir(run_dir: Path, holder: str) -> Path:
     """A party's own folder: the run directory for the coordinator (``server``), ``sites/<name>`` for a site."""
     return run_dir if holder == "server" else run_dir / "sites" / holder
@@ -121,7 +108,7 @@ class Committer:
 
     def update(self, writer: str, update: ClientUpdate) -> str:
         """The commitment to a site's released update (its opening kept by the site)."""
-        return self.commit(writer, "site-update", update.round, update_bytes(update))
+        return self.commit(writer, "site-update", update.round, update.canonical_bytes())
 
 
 def _slug(text: str) -> str:

@@ -159,13 +159,16 @@ class ClientUpdate(Frozen):
     def nbytes(self) -> int:
         return self.delta.nbytes() + sum(w.nbytes() for w in self.extras.values())
 
-    def digest(self) -> str:
-        """SHA-256 of the canonical bytes of the update as released (delta, then extras by name)."""
-        h = hashlib.sha256(self.delta.to_bytes())
+    def canonical_bytes(self) -> bytes:
+        """The update as released: the delta's bytes, then each extra's name and bytes, by name."""
+        parts = [self.delta.to_bytes()]
         for name in sorted(self.extras):
-            h.update(name.encode())
-            h.update(self.extras[name].to_bytes())
-        return h.hexdigest()
+            parts += [name.encode(), self.extras[name].to_bytes()]
+        return b"".join(parts)
+
+    def digest(self) -> str:
+        """SHA-256 of :meth:`canonical_bytes`."""
+        return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
 
 class SecureSum(Frozen):
@@ -260,6 +263,11 @@ class RoundRecord(Frozen):
     privacy: list[PrivacySpent] = Field(default_factory=list)
 
 
+def json_bytes(payload: Any) -> bytes:
+    """Canonical JSON (sorted keys, no spaces, UTF-8)."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
 def json_digest(payload: Any) -> str:
-    """SHA-256 of canonical JSON (sorted keys, no spaces, UTF-8)."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    """SHA-256 of :func:`json_bytes`."""
+    return hashlib.sha256(json_bytes(payload)).hexdigest()

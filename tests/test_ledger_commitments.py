@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from fedcore.cli import cli
-from fedcore.commitments import OPENINGS_FILE, SALT_BYTES, Committer, commitment, update_bytes
+from fedcore.commitments import OPENINGS_FILE, SALT_BYTES, Committer, commitment
 from fedcore.testing import run_spec_text
 from fedcore.types import ClientUpdate, Weights
 
@@ -39,7 +39,7 @@ def _update() -> ClientUpdate:
 
 
 def test_salts_are_fresh_by_default_and_seeded_only_in_reproducible_mode(tmp_path: Path) -> None:
-    payload = update_bytes(_update())
+    payload = _update().canonical_bytes()
     fresh = [Committer(None, False, 7, "main", 0).update("site-0", _update()) for _ in range(2)]
     assert fresh[0] != fresh[1]
     assert hashlib.sha256(payload).hexdigest() not in fresh  # not the plain digest

@@ -28,7 +28,7 @@ from fedcore.components import (
     SiteInfo,
     plain_sum,
 )
-from fedcore.commitments import Committer, json_bytes
+from fedcore.commitments import Committer
 from fedcore.errors import PrivacyBudgetError
 from fedcore.randomness import Secrets
 from fedcore.engine.training import LocalTrainer, load_weights, predict, weights_of
@@ -43,6 +43,7 @@ from fedcore.types import (
     RoundRecord,
     SiteEvaluation,
     Weights,
+    json_bytes,
     json_digest,
 )
 
