@@ -8,7 +8,7 @@ tolerate one faulty orderer. One channel (``fedcore``) whose config says
 ``BFT``; fedcore's Node chaincode is installed, approved by every organization
 and committed through ``peer lifecycle``, and runs as a chaincode-as-a-service
 process per organization (``fabric-chaincode-node server``), reached through the
-external builder in ``ccaas/bin``. A site's entries are endorsed by its own peer
+external builder in ``ccaas/bin`` (three shell scripts: detect, build, release). A site's entries are endorsed by its own peer
 and the coordinator's (endorsement policy below).
 
 Everything lives under one directory (``fedcore fabric up --dir``; default
@@ -100,14 +100,13 @@ class NetworkError(FedcoreUserError):
 
 def missing_binaries(directory: Path | None = None) -> list[str]:
     directory = directory or bin_dir()
-    return [b for b in (*BINARIES, "ccaas") if not (directory / b).is_file()] if directory.is_dir() else [*BINARIES]
+    return [b for b in BINARIES if not (directory / b).is_file()]
 
 
 def build(log: Any = print, force: bool = False) -> Path:
     """Build peer, orderer, osnadmin and configtxgen (CGO off) from Fabric's Go module, once per version."""
     target = bin_dir()
-    if not force and not [b for b in BINARIES if not (target / b).is_file()]:
-        _install_builder(target)
+    if not force and not missing_binaries(target):
         log(f"Fabric {FABRIC_VERSION} binaries already built in {target}")
         return target
     go = shutil.which("go")
@@ -123,9 +122,9 @@ def build(log: Any = print, force: bool = False) -> Path:
     started = time.monotonic()
     log(f"building Fabric {FABRIC_VERSION} ({FABRIC_MODULE}@{FABRIC_MODULE_VERSION}) into {target}: minutes on 2 cores")
     steps = [
-        [go, "mod", "download", FABRIC_MODULE],
         [go, "get", f"{FABRIC_MODULE}@{FABRIC_MODULE_VERSION}"],
-        [go, "build", "-trimpath", "-o", str(partial) + "/", *(f"{FABRIC_MODULE}/cmd/{b}" for b in BINARIES)],
+        [go, "build", "-trimpath", "-ldflags", f"-X {FABRIC_MODULE}/common/metadata.Version={FABRIC_VERSION}",
+         "-o", str(partial) + "/", *(f"{FABRIC_MODULE}/cmd/{b}" for b in BINARIES)],
     ]
     for command in steps:
         done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
@@ -134,17 +133,8 @@ def build(log: Any = print, force: bool = False) -> Path:
             raise NetworkError(f"`{' '.join(command[1:3])} ...` failed in {work}: {last}")
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
-    _install_builder(target)
     log(f"built in {time.monotonic() - started:.0f} s")
     return target
-
-
-def _install_builder(target: Path) -> None:
-    """The chaincode-as-a-service external builder (three scripts) next to the binaries."""
-    builder = target / "ccaas"
-    if builder.is_dir() and all((builder / "bin" / n).is_file() for n in ("detect", "build", "release")):
-        return
-    shutil.copytree(CCAAS_BUILDER_DIR, builder, dirs_exist_ok=True)
 
 
 # --------------------------------------------------------------------------- layout
@@ -472,7 +462,7 @@ def core_yaml(root: Path, org: Org, orgs: list[Org]) -> dict[str, Any]:
         # No Docker here: an empty endpoint turns the Docker builder off; chaincode runs as a service.
         "vm": {"endpoint": ""},
         "chaincode": {
-            "externalBuilders": [{"name": "ccaas", "path": str(bin_dir() / "ccaas"), "propagateEnvironment": []}],
+            "externalBuilders": [{"name": "ccaas", "path": str(CCAAS_BUILDER_DIR), "propagateEnvironment": []}],
             "installTimeout": "60s",
             "startuptimeout": "60s",
             "executetimeout": "30s",
@@ -764,8 +754,6 @@ class LocalNetwork:
         self.down()  # stale entries
         for b in BINARIES:
             self._binary(b)
-        if not (bin_dir() / "ccaas" / "bin" / "detect").is_file():
-            _install_builder(bin_dir())
         started = time.monotonic()
         profile = self.profile()
         try:
