@@ -218,6 +218,16 @@ def _ledger_name_of(target: Path) -> str | None:
     return None
 
 
+def _add_fabric_group() -> None:
+    """``fedcore fabric ...`` (the local Fabric network) lives with the fabric ledger plugin."""
+    from fedcore.plugins.ledgers.fabric.cli import fabric
+
+    cli.add_command(fabric)
+
+
+_add_fabric_group()
+
+
 def main() -> None:
     cli()
 
