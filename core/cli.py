@@ -7,27 +7,41 @@ Exit codes: 0 success, 1 internal error (or a ledger that fails verification),
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 import click
 
 from fedcore.errors import FedcoreUserError, RunFailure
+from fedcore.rundir import describe_job, read_status, write_error_log
+
+
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM, kept from click (which would print a bare 'Aborted!')."""
 
 
 class _Group(click.Group):
     """Turns every error into one line and the documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Interrupted() from exc
 
     def main(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         kwargs["standalone_mode"] = False
         try:
             return super().main(*args, **kwargs)
         except FedcoreUserError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {exc}{_in_run(exc)}", err=True)
             sys.exit(2)
         except RunFailure as exc:
-            click.echo(f"run failed: {exc}", err=True)
+            click.echo(f"run failed: {exc}{_in_run(exc)}", err=True)
             sys.exit(1)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
@@ -37,18 +51,40 @@ class _Group(click.Group):
         except click.ClickException as exc:
             click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except (KeyboardInterrupt, _Interrupted) as exc:
+            click.echo(f"interrupted{_in_run(exc.__cause__ or exc)}", err=True)
             sys.exit(130)
         except Exception as exc:  # internal error: one line, details in a log file
-            log = Path.cwd() / "fedcore-error.log"
-            try:
-                log.write_text(traceback.format_exc())
-                where = f" (traceback in {log})"
-            except OSError:
-                where = ""
-            click.echo(f"internal error: {type(exc).__name__}: {exc}{where}", err=True)
+            run_dir = getattr(exc, "fedcore_run_dir", None)
+            if getattr(exc, "fedcore_logged", False):
+                where = f" (traceback in {run_dir}/{(read_status(run_dir) or {}).get('log', 'error.log')})"
+            else:
+                try:
+                    where = f" (traceback in {write_error_log(run_dir, traceback.format_exc())})"
+                except OSError:
+                    where = ""
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"internal error: {type(exc).__name__}: {text}{_in_run(exc)}{where}", err=True)
             sys.exit(1)
+
+
+def _in_run(exc: BaseException) -> str:
+    """Which training failed and where its run directory is, for an error raised during a run."""
+    run_dir = getattr(exc, "fedcore_run_dir", None)
+    if run_dir is None:
+        return ""
+    status = read_status(run_dir) or {}
+    return f"{describe_job(status.get('job'))} [run {run_dir} is {status.get('state', 'failed')}]"
+
+
+def _terminate_on_sigterm() -> None:
+    """SIGTERM (a scheduler's stop) ends a run as Ctrl-C does: status ``interrupted``, workers killed."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 @click.group(cls=_Group)
@@ -78,20 +114,40 @@ def run(spec: Path, overrides: tuple[str, ...], out: Path | None, workers: int |
     from fedcore.spec import load_experiment
 
     experiment = load_experiment(spec, overrides)
-    if out is not None and out.exists() and any(out.iterdir()):
-        raise FedcoreUserError(f"output directory {out} is not empty", hint="choose a new --out directory")
+    if out is not None:
+        _check_out(out)
+    _terminate_on_sigterm()
     run_dir = run_experiment(experiment, out=out, workers=workers, progress=False if no_progress else None)
     click.echo(f"report: {run_dir / 'report.md'}")
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a new or empty directory the run can write."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FedcoreUserError(f"--out {out} exists and is not a directory", hint="choose a new --out directory")
+    if out.exists() and any(out.iterdir()):
+        raise FedcoreUserError(f"output directory {out} is not empty", hint="choose a new --out directory")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path.cwd())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FedcoreUserError(f"cannot create --out {out}: {parent} is not writable", hint="choose a writable directory")
 
 
 @cli.command()
 @click.argument("spec", type=click.Path(path_type=Path))
 @_set_option
-def validate(spec: Path, overrides: tuple[str, ...]) -> None:
-    """Check SPEC (keys, types, plugins, settings, compatibility) without running it."""
+@click.option("--quick", is_flag=True, help="check the spec only: skip reading data and calibrating budgets")
+def validate(spec: Path, overrides: tuple[str, ...], quick: bool) -> None:
+    """Check SPEC (keys, types, plugins, settings, compatibility, data, budgets) without training.
+
+    Makes every check `fedcore run` makes before its first round: it reads the data and
+    calibrates every privacy budget, as the run would.
+    """
+    from fedcore.engine.runner import preflight
     from fedcore.spec import load_experiment
 
     experiment = load_experiment(spec, overrides)
+    if not quick:
+        preflight(experiment)
     arms = len(experiment.arms)
     click.echo(f"{spec}: valid ({arms} arm{'s' if arms != 1 else ''} x {experiment.spec.repeats} repeat(s))")
 

@@ -12,12 +12,17 @@ class FedcoreUserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
+        self.message = message
         self.where = where
         self.hint = hint
         parts = [f"{where}: {message}" if where else message]
         if hint:
             parts.append(hint)
         super().__init__(" — ".join(parts).replace("\n", " "))
+
+    def relocated(self, where: str) -> FedcoreUserError:
+        """The same error (same class, message and fix) pointing at ``where`` instead."""
+        return type(self)(self.message, where=where, hint=self.hint)
 
 
 class SpecError(FedcoreUserError):

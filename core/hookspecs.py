@@ -90,6 +90,19 @@ def fedcore_run_end(summary: dict[str, Any], run_dir: Path) -> None:
     """
 
 
+@hookspec
+def fedcore_run_failed(run_dir: Path, status: dict[str, Any]) -> None:
+    """Called once when an experiment stops early: an error, Ctrl-C or SIGTERM.
+
+    ``fedcore_run_end`` is not called then. An observer that raises in any lifecycle
+    hook is logged by name and skipped; the run goes on.
+
+    :param run_dir: the run directory (its ``status.json`` and ``rounds.jsonl`` hold what was done).
+    :param status: the content of ``status.json``: ``state`` (``failed`` or ``interrupted``),
+        ``error``, ``error_kind`` and, when known, ``job`` (arm, repeat, seed, mode).
+    """
+
+
 #: registration hook name -> component kind it returns
 REGISTRATION_HOOKS: dict[str, str] = {
     "fedcore_datasets": "dataset",

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,12 +28,16 @@ from fedcore.components import (
     PrivacyMechanism,
     SecureAggregator,
 )
-from fedcore.errors import PluginError, SpecError
+from fedcore.errors import FedcoreUserError, PluginError, SpecError
 from fedcore.registry import PluginManager
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+#: the largest seed: ``seed + repeat`` stays a 63-bit integer for numpy and torch
+MAX_SEED = 2**62
 
 
 class PluginRef(_Strict):
@@ -90,8 +95,8 @@ class ExperimentSpec(_Strict):
     """A whole experiment. The core owns these keys; plugins fill their ``settings``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
-    repeats: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    repeats: int = Field(1, ge=1, le=10_000)
     data: PluginRef
     model: PluginRef = PluginRef(use="mlp")
     training: TrainingSpec = TrainingSpec()
@@ -101,7 +106,7 @@ class ExperimentSpec(_Strict):
     ledger: PluginRef | None = None
     attacks: list[PluginRef] = Field(default_factory=list)
     baseline: BaselineSpec = BaselineSpec()
-    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     execution: ExecutionSpec = ExecutionSpec()
 
     @property
@@ -118,6 +123,11 @@ SLOTS: dict[str, str] = {
     "ledger": "ledger",
 }
 LIST_SLOTS: dict[str, str] = {"privacy": "privacy", "attacks": "attack"}
+#: top-level keys a sweep may not vary (they hold for the whole run)
+UNSWEPT = ("sweep", "name", "seed", "repeats", "execution")
+#: the largest spec file read, and the most YAML nodes it may expand to (aliases included)
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_NODES = 100_000
 
 
 # ------------------------------------------------------------------ YAML reading
@@ -125,62 +135,176 @@ LIST_SLOTS: dict[str, str] = {"privacy": "privacy", "attacks": "attack"}
 
 @dataclass
 class SpecSource:
-    """The raw mapping of a spec and where each path was written (for error lines)."""
+    """The raw mapping of a spec and where each path was written (for error lines).
+
+    ``arm`` is set while a sweep arm is validated: its ``(sweep path, value index)``
+    pairs, so an error in the arm points at the sweep entry (and its line) that made it.
+    """
 
     path: Path | None
     raw: dict[str, Any]
     lines: dict[tuple[str, ...], int]
+    arm: tuple[tuple[str, int], ...] = ()
+
+    def line_of(self, loc: Sequence[Any]) -> int | None:
+        """The line where ``loc`` (or its nearest written parent) is in the file."""
+        key = tuple(str(p) for p in loc)
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            key = key[:-1]
+        return None
 
     def where(self, loc: Sequence[Any]) -> str:
+        """``file:line: dotted.path`` of ``loc``; in a sweep arm, the sweep entry's line and value."""
         dotted = ".".join(str(p) for p in loc) or "<top>"
-        line = None
-        key = tuple(str(p) for p in loc)
-        while key and line is None:
-            line = self.lines.get(key)
-            key = key[:-1]
         prefix = str(self.path) if self.path else "<spec>"
+        if self.arm:
+            entry, index = self._sweep_entry(loc)
+            line = self.line_of(("sweep", entry, index))
+            at = f":{line}" if line is not None else ""
+            return f"{prefix}{at}: sweep.{entry}[{index}] -> {dotted}"
+        line = self.line_of(loc)
         if line is not None:
             prefix += f":{line}"
         return f"{prefix}: {dotted}"
 
+    def _sweep_entry(self, loc: Sequence[Any]) -> tuple[str, int]:
+        """The sweep assignment of this arm that wrote ``loc`` (or a parent or child of it)."""
+        parts = [str(p) for p in loc]
+        for entry, index in self.arm:
+            swept = entry.split(".")
+            common = min(len(swept), len(parts))
+            if swept[:common] == parts[:common]:
+                return entry, index
+        return self.arm[0]
 
-def _node_lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    def for_arm(self, arm: Sequence[tuple[str, int]]) -> SpecSource:
+        return SpecSource(self.path, self.raw, self.lines, tuple(arm))
+
+
+_DOTTED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\[([^\]]+)\])?((?:\.[A-Za-z0-9_-]+)*)$")
+
+
+def spec_loc(where: str | None, raw: dict[str, Any]) -> tuple[str | int, ...] | None:
+    """A plugin's ``where`` ("privacy.0.settings.epsilon", "privacy[dpsgd].use") as a spec path, or None."""
+    match = _DOTTED.match(where or "")
+    if match is None or match.group(1) not in ExperimentSpec.model_fields:
+        return None
+    head, item, rest = match.groups()
+    loc: list[str | int] = [head]
+    if item is not None:
+        entries = raw.get(head) if isinstance(raw.get(head), list) else []
+        names = [e.get("use") if isinstance(e, dict) else None for e in entries]
+        loc.append(int(item) if item.isdigit() else names.index(item) if item in names else item)
+    loc += [int(p) if p.isdigit() else p for p in rest.split(".") if p]
+    return tuple(loc)
+
+
+def locate(exc: FedcoreUserError, source: SpecSource, default: Sequence[Any] = ()) -> FedcoreUserError:
+    """``exc`` pointing at its spec path's file and line (``default`` when it names none).
+
+    Components raise errors naming a spec path only (``aggregator.settings.f``); this adds
+    the file, the line and, in a sweep arm, the sweep entry. Errors naming a data file
+    (``data.csv: column age``) keep their place.
+    """
+    loc = spec_loc(exc.where, source.raw)
+    if loc is not None:
+        return exc.relocated(source.where(loc))
+    if exc.where is None:
+        return exc.relocated(source.where(default))
+    return exc
+
+
+def _node_lines(node: yaml.Node, path: tuple[str, ...], out: dict[tuple[str, ...], int], label: str) -> None:
     out[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
         for key_node, value_node in node.value:
             key = str(key_node.value)
+            if key in seen and key != "<<":
+                dotted = ".".join((*path, key))
+                raise SpecError(
+                    f"key '{key}' is written twice (the second would silently win)",
+                    where=f"{label}:{key_node.start_mark.line + 1}: {dotted}",
+                    hint="keep one of them",
+                )
+            seen.add(key)
             out[path + (key,)] = key_node.start_mark.line + 1
-            _node_lines(value_node, path + (key,), out)
+            _node_lines(value_node, path + (key,), out, label)
             out[path + (key,)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _node_lines(item, path + (str(index),), out)
+            _node_lines(item, path + (str(index),), out, label)
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for once its aliases are expanded (a YAML bomb is huge)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a cycle counts once
+    count = 1
+    if isinstance(node, yaml.MappingNode):
+        count += sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        count += sum(_expanded_nodes(item, memo) for item in node.value)
+    memo[id(node)] = min(count, 10 * MAX_SPEC_NODES)
+    return memo[id(node)]
 
 
 def read_spec_source(path: Path | str) -> SpecSource:
     """Read and parse a YAML spec file; malformed YAML and missing files are user errors."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path} is a directory, not a spec file", hint="pass a YAML file such as specs/paper.yaml")
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}", hint="check the path (specs live in specs/)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(
+                f"the spec is {size} bytes; a spec is at most {MAX_SPEC_BYTES} bytes",
+                where=str(path),
+                hint="pass the spec, not a data file (data files go in data.settings)",
+            )
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"cannot read the spec: {exc.strerror}", where=str(path), hint="check the file's permissions") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"the spec is not UTF-8 text (byte {exc.start})", where=str(path), hint="save it as UTF-8 YAML"
+        ) from None
     return parse_spec_text(text, path)
 
 
 def parse_spec_text(text: str, path: Path | None = None) -> SpecSource:
     label = str(path) if path else "<spec>"
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise SpecError("the spec holds a NUL byte", where=f"{label}:{line}", hint="save it as plain UTF-8 YAML text")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_nodes(node, {}) > MAX_SPEC_NODES:
+            raise SpecError(
+                f"the spec expands to more than {MAX_SPEC_NODES} YAML nodes (aliases included)",
+                where=label,
+                hint="write the spec without nested aliases",
+            )
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"malformed YAML: {problem}", where=f"{label}{at}", hint="fix the YAML syntax") from None
+    except RecursionError:
+        raise SpecError("the spec is nested too deeply", where=label, hint="flatten the YAML") from None
     if not isinstance(raw, dict):
         raise SpecError("a spec must be a YAML mapping of keys (name, data, model, ...)", where=label)
     lines: dict[tuple[str, ...], int] = {}
     if node is not None:
-        _node_lines(node, (), lines)
+        _node_lines(node, (), lines, label)
     return SpecSource(path, raw, lines)
 
 
@@ -246,18 +370,46 @@ def _first_error_message(exc: ValidationError) -> tuple[tuple[Any, ...], str, st
     loc = tuple(err.get("loc", ()))
     kind = err.get("type", "")
     msg = err.get("msg", "invalid value")
+    given = err.get("input")
     if kind == "extra_forbidden":
         return loc, f"unknown key '{loc[-1]}'", "remove it or check its spelling"
     if kind == "missing":
         return loc, "required key is missing", "add it"
-    given = err.get("input")
-    shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
+    if kind in ("finite_number", "float_parsing") and _non_finite_text(given):
+        return loc, f"must be a finite number (got {given!r})", "write a finite number, e.g. 0.5 or 1e-3"
+    if kind == "value_error" and isinstance(given, dict):
+        # A check across several keys (a model validator): its message names the keys and the fix.
+        return loc, msg.removeprefix("Value error, "), "change these settings as the message says"
+    if kind == "too_short" and isinstance(given, list) and not given:
+        return loc, "the list is empty", "give at least one value, or remove the key"
+    msg = msg.removeprefix("Value error, ")
+    shown = repr(given)[:60] if not isinstance(given, dict | list) else type(given).__name__
     return loc, f"{msg} (got {shown})", "change the value"
 
 
+def _non_finite_text(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    text = str(value).strip().lower().lstrip("+-.")
+    return text in ("inf", "infinity", "nan")
+
+
+def _first_non_finite(value: Any, loc: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], float] | None:
+    """Path and value of the first inf or nan anywhere in ``value`` (settings dumped to Python)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return loc, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        found = _first_non_finite(item, (*loc, key))
+        if found is not None:
+            return found
+    return None
+
+
 def _validate_model(model: type[BaseModel], data: Any, source: SpecSource, prefix: Sequence[Any]) -> BaseModel:
+    """Validate ``data`` against ``model``; no inf or nan passes, whatever the model's own config says."""
     try:
-        return model.model_validate(data)
+        validated = model.model_validate(data)
     except ValidationError as exc:
         loc, msg, hint = _first_error_message(exc)
         full = tuple(prefix) + loc
@@ -266,6 +418,15 @@ def _validate_model(model: type[BaseModel], data: Any, source: SpecSource, prefi
             if valid:
                 hint = f"{hint}; valid keys: {', '.join(valid)}"
         raise SpecError(msg, where=source.where(full), hint=hint) from None
+    found = _first_non_finite(validated.model_dump(mode="python"))
+    if found is not None:
+        loc, value = found
+        raise SpecError(
+            f"must be a finite number (got {value})",
+            where=source.where((*prefix, *loc)),
+            hint="write a finite number, e.g. 0.5 or 1e-3",
+        )
+    return validated
 
 
 def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
@@ -375,16 +536,21 @@ def check_capabilities(spec: ExperimentSpec, plugins: PluginManager, source: Spe
             hint="remove secure_aggregation or choose an aggregator that needs only the sum (fedavg, fedavgm, fedadam...)",
         )
     components = build_components(spec, plugins)
-    everyone: list[Component] = [
-        components.dataset,
-        components.model,
-        components.aggregator,
-        *components.privacy,
-        *components.attacks,
+    everyone: list[tuple[tuple[Any, ...], Component]] = [
+        (("data",), components.dataset),
+        (("model",), components.model),
+        (("aggregator",), components.aggregator),
+        *((("privacy", i), c) for i, c in enumerate(components.privacy)),
+        *((("attacks", i), c) for i, c in enumerate(components.attacks)),
     ]
-    everyone += [c for c in (components.secure_aggregation, components.ledger) if c is not None]
-    for component in everyone:
-        component.check_spec(spec, components)
+    everyone += [((slot,), c) for slot, c in (("secure_aggregation", components.secure_aggregation), ("ledger", components.ledger)) if c is not None]
+    for loc, component in everyone:
+        try:
+            component.check_spec(spec, components)
+        except FedcoreUserError as exc:
+            if source is None:
+                raise
+            raise locate(exc, source, loc) from None
 
 
 def _as_refs(value: Any) -> list[dict[str, Any]] | None:
@@ -438,17 +604,47 @@ def load_experiment(
     else:
         paths = list(spec.sweep)
         for path_ in paths:
-            _parse_path(path_)
-            if path_.split(".")[0] in ("sweep", "name", "repeats", "execution"):
-                raise SpecError(f"cannot sweep '{path_}'", where=source.where(("sweep", path_)))
-        for values in itertools.product(*(spec.sweep[p] for p in paths)):
-            assignments = tuple(zip(paths, values, strict=True))
+            try:
+                _parse_path(path_)
+            except SpecError as exc:
+                raise exc.relocated(source.where(("sweep", path_))) from None
+            if path_.split(".")[0] not in ExperimentSpec.model_fields:
+                raise SpecError(
+                    f"cannot sweep '{path_}': '{path_.split('.')[0]}' is not a key of the spec",
+                    where=source.where(("sweep", path_)),
+                    hint=f"sweep a path such as training.learning_rate; keys: {', '.join(ExperimentSpec.model_fields)}",
+                )
+            if path_.split(".")[0] in UNSWEPT:
+                raise SpecError(
+                    f"cannot sweep '{path_}'",
+                    where=source.where(("sweep", path_)),
+                    hint=f"{', '.join(UNSWEPT)} hold for the whole run; sweep another key or write two specs",
+                )
+        for indexes in itertools.product(*(range(len(spec.sweep[p])) for p in paths)):
+            assignments = tuple((p, spec.sweep[p][i]) for p, i in zip(paths, indexes, strict=True))
+            arm_source = source.for_arm(tuple(zip(paths, indexes, strict=True)))
             raw = {k: v for k, v in source.raw.items() if k != "sweep"}
             for path_, value in assignments:
-                raw = set_path(raw, path_, value)
-            arm_spec = _validate_arm(raw, source, plugins)
-            arms.append(Arm(_arm_label(assignments, spec.sweep), arm_spec, assignments))
+                try:
+                    raw = set_path(raw, path_, value)
+                except SpecError as exc:
+                    raise locate(exc, arm_source, ("sweep", path_)) from None
+            arm_spec = _validate_arm(raw, arm_source, plugins)
+            label = _arm_label(assignments, spec.sweep)
+            if any(arm.label == label for arm in arms):
+                raise SpecError(
+                    f"two sweep arms are both '{label}'",
+                    where=arm_source.where(("sweep",)),
+                    hint="list each value once in every sweep entry",
+                )
+            arms.append(Arm(label, arm_spec, assignments))
     return Experiment(spec, arms, plugins, source)
+
+
+def arm_indexes(experiment: Experiment, arm: Arm) -> tuple[tuple[str, int], ...]:
+    """``(sweep path, value index)`` of each of ``arm``'s assignments (for :meth:`SpecSource.for_arm`)."""
+    sweep = experiment.spec.sweep
+    return tuple((path, sweep[path].index(value)) for path, value in arm.assignments)
 
 
 def resolved_yaml(spec: ExperimentSpec) -> str:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from multiprocessing.managers import SyncManager
 from dataclasses import dataclass
 from functools import cached_property
 from datetime import datetime, timezone
@@ -25,11 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedcore import rundir
 from fedcore.components import FederatedData
+from fedcore.engine import processes
 from fedcore.engine.simulation import RunResult, run_centralized, run_federated
-from fedcore.errors import SpecError
+from fedcore.errors import FedcoreUserError, SpecError
 from fedcore.registry import PluginManager
-from fedcore.spec import Experiment, ExperimentSpec, build_components, resolved_yaml
+from fedcore.spec import Experiment, ExperimentSpec, arm_indexes, build_components, locate, resolved_yaml
 from fedcore.types import RoundRecord, json_digest
 
 
@@ -102,11 +105,14 @@ def preflight(experiment: Experiment) -> dict[str, bool]:
     spec = experiment.spec
     vectorized: dict[str, bool] = {}
     for arm in experiment.arms:
-        data = load_data(arm.spec, spec.seed, experiment.plugins)
-        components = build_components(arm.spec, experiment.plugins)
-        for site in data.sites:
-            site_stages(arm.spec, components, data, site, spec.seed)
-        vectorized[arm.label] = vectorized_allowed(arm.spec, build_components(arm.spec, experiment.plugins), data)
+        try:
+            data = load_data(arm.spec, spec.seed, experiment.plugins)
+            components = build_components(arm.spec, experiment.plugins)
+            for site in data.sites:
+                site_stages(arm.spec, components, data, site, spec.seed)
+            vectorized[arm.label] = vectorized_allowed(arm.spec, build_components(arm.spec, experiment.plugins), data)
+        except FedcoreUserError as exc:
+            raise locate(exc, experiment.source.for_arm(arm_indexes(experiment, arm))) from None
     return vectorized
 
 
@@ -220,8 +226,9 @@ def _slug(text: str) -> str:
 _WORKER_QUEUE: Any = None
 
 
-def _worker_init(events: Any, threads: int) -> None:
+def _worker_init(events: Any, threads: int, parent_pid: int | None = None) -> None:
     global _WORKER_QUEUE
+    processes.die_with_parent(parent_pid)
     _WORKER_QUEUE = events
     torch.set_num_threads(threads)
 
@@ -230,8 +237,15 @@ def _worker_run(unit: list[Job], run_dir: str, vectorized: bool) -> list[RunResu
     return execute_unit(unit, Path(run_dir), None, _WORKER_QUEUE.put, vectorized)
 
 
-def default_workers(n_jobs: int) -> int:
-    return max(1, min(n_jobs, os.cpu_count() or 1))
+def default_workers(experiment: Experiment, units: list[list[Job]]) -> int:
+    """Workers for ``units``: as many as the work pays for (see :func:`processes.default_workers`).
+
+    The training rows of each arm come from its first repeat's data, which the preflight loaded.
+    """
+    seed, plugins = experiment.spec.seed, experiment.plugins
+    rows = {arm.label: sum(s.n_train for s in load_data(arm.spec, seed, plugins).sites) for arm in experiment.arms}
+    work = sum(_job_work(job, rows[job.arm]) for unit in units for job in unit)
+    return processes.default_workers(len(units), work)
 
 
 def timestamped_run_dir(spec: ExperimentSpec, out: Path | None) -> Path:
@@ -291,23 +305,34 @@ def run_experiment(
     progress: bool | None = None,
 ) -> Path:
     """Run every job of ``experiment`` and write the run directory; returns its path."""
-    from fedcore.report import build_report, write_summary
-
     spec = experiment.spec
     plugins = experiment.plugins
     jobs = plan_jobs(experiment)
     vectorized = preflight(experiment)
-    run_dir = timestamped_run_dir(spec, out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = rundir.create(timestamped_run_dir(spec, out))
+    with rundir.tracked(run_dir, plugins):
+        _train_and_report(experiment, jobs, vectorized, run_dir, workers, progress)
+    return run_dir
+
+
+def _train_and_report(
+    experiment: Experiment, jobs: list[Job], vectorized: dict[str, bool], run_dir: Path, workers: int | None, progress: bool | None
+) -> None:
+    """Every training of the experiment, then ``summary.json`` and the report, into ``run_dir``."""
+    from fedcore.report import build_report, write_summary
+
+    spec = experiment.spec
+    plugins = experiment.plugins
     (run_dir / "spec.resolved.yaml").write_text(resolved_yaml(spec))
     if len(experiment.arms) > 1:
         arms_yaml = {arm.label: json.loads(arm.spec.model_dump_json()) for arm in experiment.arms}
         (run_dir / "arms.json").write_text(json.dumps(arms_yaml, indent=1))
-    workers = workers or spec.execution.workers or default_workers(len(jobs))
-    workers = min(workers, len(jobs))
+    if not (workers or spec.execution.workers):
+        workers = default_workers(experiment, execution_units(jobs, vectorized, os.cpu_count() or 1))
+    workers = min(workers or spec.execution.workers or 1, len(jobs))
     units = execution_units(jobs, vectorized, workers)
     show = spec.execution.progress if progress is None else progress
-    plugins.hook.fedcore_run_start(spec=spec, run_dir=run_dir, n_runs=len(jobs))
+    rundir.call_observers(plugins, "fedcore_run_start", spec=spec, run_dir=run_dir, n_runs=len(jobs))
     started = time.perf_counter()
     results: list[RunResult] = []
     rounds_path = run_dir / "rounds.jsonl"
@@ -316,13 +341,17 @@ def run_experiment(
         def on_round(record: RoundRecord) -> None:
             rounds_file.write(record.model_dump_json() + "\n")
             rounds_file.flush()
-            plugins.hook.fedcore_round_end(record=record)
+            rundir.call_observers(plugins, "fedcore_round_end", record=record)
             bars.round_done()
 
         if workers <= 1:
             torch.set_num_threads(spec.execution.threads_per_worker)
             for unit in units:
-                results += execute_unit(unit, run_dir, plugins, on_round, vectorized.get(unit[0].arm, False))
+                try:
+                    results += execute_unit(unit, run_dir, plugins, on_round, vectorized.get(unit[0].arm, False))
+                except BaseException as exc:
+                    rundir.tag_job(exc, _job_info(unit))
+                    raise
                 for _ in unit:
                     bars.job_done()
         else:
@@ -331,8 +360,7 @@ def run_experiment(
     data_sections = load_data(experiment.arms[0].spec, spec.seed, plugins)
     summary = write_summary(run_dir, experiment, results, total, data_sections, vectorized)
     build_report(run_dir)
-    plugins.hook.fedcore_run_end(summary=summary, run_dir=run_dir)
-    return run_dir
+    rundir.call_observers(plugins, "fedcore_run_end", summary=summary, run_dir=run_dir)
 
 
 def _run_parallel(
@@ -345,7 +373,8 @@ def _run_parallel(
     bars: Progress,
 ) -> list[RunResult]:
     ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
+    manager = SyncManager(ctx=ctx)
+    manager.start(processes.die_with_parent, (os.getpid(),))
     events = manager.Queue()
     stop = threading.Event()
 
@@ -364,22 +393,45 @@ def _run_parallel(
     results: list[RunResult] = []
     try:
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(events, threads)
+            max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(events, threads, os.getpid())
         ) as pool:
             # Longest units first keeps both cores busy until the end.
             ordered = sorted(units, key=lambda u: -sum(_job_cost(j) for j in u))
             futures: dict[Future[list[RunResult]], list[Job]] = {
                 pool.submit(_worker_run, unit, str(run_dir), vectorized.get(unit[0].arm, False)): unit for unit in ordered
             }
-            for future in as_completed(futures):
-                results += future.result()
-                for _ in futures[future]:
-                    bars.job_done()
+            try:
+                for future in as_completed(futures):
+                    try:
+                        results += future.result()
+                    except BaseException as exc:
+                        rundir.tag_job(exc, _job_info(futures[future]))
+                        raise
+                    for _ in futures[future]:
+                        bars.job_done()
+            except BaseException:
+                processes.stop_pool(pool)
+                raise
     finally:
         stop.set()
         drainer.join()
         manager.shutdown()
     return results
+
+
+def _job_info(unit: list[Job]) -> dict[str, Any]:
+    """What a failure report says about the training that failed (the repeats trained together)."""
+    job = unit[0]
+    if len(unit) == 1:
+        return {"arm": job.arm, "repeat": job.repeat, "seed": job.seed, "mode": job.mode}
+    return {"arm": job.arm, "repeat": [j.repeat for j in unit], "seed": [j.seed for j in unit], "mode": job.mode}
+
+
+def _job_work(job: Job, rows: int) -> float:
+    """Training rows × epochs of a job (× 2 under DP: per-sample gradients)."""
+    spec = job.spec
+    epochs = spec.baseline_epochs if job.mode == "centralized" else spec.training.rounds * spec.training.local_epochs
+    return float(rows * epochs * (2 if spec.privacy else 1))
 
 
 def _job_cost(job: Job) -> int:

@@ -431,8 +431,15 @@ def _ledger_table(summary: dict[str, Any]) -> str:
 
 def build_report(run_dir: Path | str) -> Path:
     """(Re)write ``report.md`` and its figures from ``summary.json`` and ``rounds.jsonl``."""
+    from fedcore.rundir import atomic_write_text, incomplete_report, read_status
+
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
+    status = read_status(run_dir)
+    if not summary_path.is_file() and (status is not None or (run_dir / "rounds.jsonl").is_file()):
+        report = run_dir / "report.md"  # a run that stopped early: render what it holds, labelled incomplete
+        atomic_write_text(report, incomplete_report(run_dir, status))
+        return report
     if not summary_path.is_file():
         raise FedcoreUserError(
             f"no summary.json in {run_dir}", hint="pass the directory a finished `fedcore run` wrote"

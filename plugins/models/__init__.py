@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,10 +11,17 @@ from fedcore import hookimpl
 from fedcore.components import Model
 
 
-class MLPSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+#: the widest hidden layer and the most layers an MLP may have (bigger would exhaust memory, not train)
+MAX_WIDTH = 16_384
+MAX_LAYERS = 64
 
-    hidden: list[int] = Field(default_factory=lambda: [128, 64, 32], min_length=0)
+
+class MLPSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
+        default_factory=lambda: [128, 64, 32], min_length=0, max_length=MAX_LAYERS
+    )
     activation: str = Field("relu", pattern="^(relu|tanh|gelu)$")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
@@ -41,7 +48,7 @@ class MLP(Model):
 
 
 class LogisticRegressionSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LogisticRegression(Model):
