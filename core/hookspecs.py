@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from fedcore.components import Aggregator, Attack, Dataset, Ledger, Model, PrivacyMechanism, SecureAggregator
+    from fedcore.components import (
+        Aggregator,
+        Attack,
+        Audit,
+        Dataset,
+        Ledger,
+        Model,
+        PrivacyMechanism,
+        SecureAggregator,
+    )
     from fedcore.spec import ExperimentSpec
     from fedcore.types import RoundRecord
 
@@ -64,6 +73,16 @@ def fedcore_attacks() -> list[type[Attack]]:
 
 
 @hookspec
+def fedcore_audits() -> list[type[Audit]]:
+    """Return the audit classes this plugin provides (entries of ``audits``).
+
+    Each class subclasses :class:`fedcore.components.Audit`; it runs after training
+    on the final model of every (arm, repeat), reads a site's rows only inside that
+    site, and returns a :class:`fedcore.components.AuditResult` the report renders.
+    """
+
+
+@hookspec
 def fedcore_run_start(spec: ExperimentSpec, run_dir: Path, n_runs: int) -> None:
     """Called once before the first round of an experiment (all arms and repeats).
 
@@ -99,4 +118,5 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "fedcore_secure_aggregators": "secure_aggregator",
     "fedcore_ledgers": "ledger",
     "fedcore_attacks": "attack",
+    "fedcore_audits": "audit",
 }

@@ -10,7 +10,7 @@ import copy
 import itertools
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedcore.components import (
     Aggregator,
     Attack,
+    Audit,
     Component,
     Dataset,
     Ledger,
@@ -100,6 +101,7 @@ class ExperimentSpec(_Strict):
     secure_aggregation: PluginRef | None = None
     ledger: PluginRef | None = None
     attacks: list[PluginRef] = Field(default_factory=list)
+    audits: list[PluginRef] = Field(default_factory=list)
     baseline: BaselineSpec = BaselineSpec()
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     execution: ExecutionSpec = ExecutionSpec()
@@ -117,7 +119,7 @@ SLOTS: dict[str, str] = {
     "secure_aggregation": "secure_aggregator",
     "ledger": "ledger",
 }
-LIST_SLOTS: dict[str, str] = {"privacy": "privacy", "attacks": "attack"}
+LIST_SLOTS: dict[str, str] = {"privacy": "privacy", "attacks": "attack", "audits": "audit"}
 
 
 # ------------------------------------------------------------------ YAML reading
@@ -346,6 +348,7 @@ class Components:
     secure_aggregation: SecureAggregator | None
     ledger: Ledger | None
     attacks: list[Attack]
+    audits: list[Audit] = field(default_factory=list)
 
 
 def build_components(spec: ExperimentSpec, plugins: PluginManager) -> Components:
@@ -360,6 +363,7 @@ def build_components(spec: ExperimentSpec, plugins: PluginManager) -> Components
         secure_aggregation=one(spec.secure_aggregation, "secure_aggregator"),
         ledger=one(spec.ledger, "ledger"),
         attacks=[one(r, "attack") for r in spec.attacks],
+        audits=[one(r, "audit") for r in spec.audits],
     )
 
 
@@ -381,6 +385,7 @@ def check_capabilities(spec: ExperimentSpec, plugins: PluginManager, source: Spe
         components.aggregator,
         *components.privacy,
         *components.attacks,
+        *components.audits,
     ]
     everyone += [c for c in (components.secure_aggregation, components.ledger) if c is not None]
     for component in everyone:
