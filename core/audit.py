@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
+from scipy.stats import beta
 from sklearn.metrics import roc_auc_score
 
 from fedcore.components import (
@@ -237,8 +237,10 @@ def clopper_pearson(successes: int, trials: int, confidence: float) -> tuple[flo
     """The exact (Clopper-Pearson) two-sided interval of a binomial proportion."""
     if trials == 0:
         return 0.0, 1.0
-    ci = binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="exact")
-    return float(ci.low), float(ci.high)
+    alpha = 1 - confidence
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    return low, high
 
 
 def _log_ratio(numerator: float, denominator: float) -> float:

@@ -88,6 +88,11 @@ def test_clopper_pearson_matches_the_closed_forms() -> None:
     assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 50), rel=1e-9)
     low, high = clopper_pearson(50, 50, 0.95)
     assert high == 1.0 and low == pytest.approx(0.025 ** (1 / 50), rel=1e-9)
+    from scipy.stats import binomtest
+
+    for k, n in ((3, 10), (57, 250), (1, 5000)):
+        exact = binomtest(k, n).proportion_ci(confidence_level=0.9, method="exact")
+        assert clopper_pearson(k, n, 0.9) == pytest.approx((exact.low, exact.high), rel=1e-6)
 
 
 def test_site_release_is_aggregates_of_fixed_size() -> None:
@@ -191,3 +196,33 @@ def test_targets_and_shadow_rows_are_disjoint_and_of_the_same_site() -> None:
     assert len(shadow.sites[0].y_train) == round(0.25 * site.n_train)
     assert not member_rows & {row.tobytes() for row in shadow.sites[0].x_train}
     assert not {row.tobytes() for row in site.x_val} & {row.tobytes() for row in shadow.sites[0].x_train}
+
+
+@pytest.mark.parametrize("variance", ["global", "per-row"])
+def test_lira_scores_rows_against_their_out_gaussians(variance: str) -> None:
+    """A row the audited model is far more confident about than every shadow scores highest."""
+    import torch
+
+    from fedcore.audit import AuditSite
+    from fedcore.engine.training import weights_of
+    from fedcore.plugins.audits.membership import LikelihoodRatioAttack, LiRASettings
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3)
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    y = np.array([0, 1, 2, 1, 2, 1])  # only member 0 has label 0
+    site = AuditSite(0, "site-0", x[:3], y[:3], x[3:], y[3:], module)
+    shadows = []
+    for seed in range(4):
+        torch.manual_seed(seed + 1)
+        shadows.append(weights_of(torch.nn.Linear(4, 3)))
+    attack = LikelihoodRatioAttack(LiRASettings(shadows=4, variance=variance))
+    scores = attack.site_scores(site, (shadows[0], shadows))
+    assert scores.members.shape == (3,) and scores.nonmembers.shape == (3,)
+    assert np.isfinite(scores.members).all() and np.isfinite(scores.nonmembers).all()
+    # The audited model = a shadow: no row stands out much; scaled up on member 0's label: it does.
+    with torch.no_grad():
+        module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in shadows[0].arrays.items()})
+        module.bias[0] += 50.0
+    boosted = attack.site_scores(site, (weights_of(module), shadows))
+    assert boosted.members[0] == max(np.concatenate([boosted.members, boosted.nonmembers]))
