@@ -31,17 +31,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.randomness import Secrets
-from fedcore.types import ClientUpdate, LedgerHead, LedgerRecord, PrivacySpent, SecureSum, Weights
+from fedcore.types import ClientUpdate, Frozen, LedgerHead, LedgerRecord, PrivacySpent, SecureSum, Weights
 
 if TYPE_CHECKING:
     import torch
 
+    from fedcore.audit import AuditContext, AuditSite
     from fedcore.spec import Components, ExperimentSpec
 
 
@@ -407,6 +408,128 @@ class Attack(Component):
         return list(getattr(self.settings, "sites", []))
 
 
+# ------------------------------------------------------------------------ audits
+
+
+@dataclass(frozen=True)
+class MembershipScores:
+    """One site's membership scores for an attack: higher means "more likely a training row".
+
+    Computed inside the site and never released; the core reduces them there to a
+    :class:`SiteAttackStats`.
+    """
+
+    members: np.ndarray
+    nonmembers: np.ndarray
+
+
+class CountsAtLevels(Frozen):
+    """Rows an attack flags as members at one threshold per FPR level (aligned with ``fpr_levels``)."""
+
+    n_members: int
+    n_nonmembers: int
+    true_positives: list[int]
+    false_positives: list[int]
+
+
+class SiteAttackStats(Frozen):
+    """What a site releases about one membership attack on its own rows: aggregates, no row.
+
+    ``tpr_at_fpr`` uses thresholds set on all the site's non-members. ``selection``
+    and ``evaluation`` split the targets in two halves: thresholds set on the
+    selection half's non-members, applied to both halves (the lower bound picks its
+    threshold on the selection half and is computed on the evaluation half only).
+    """
+
+    site: int
+    n_members: int
+    n_nonmembers: int
+    auc: float
+    fpr_levels: list[float]
+    tpr_at_fpr: list[float]
+    selection: CountsAtLevels
+    evaluation: CountsAtLevels
+
+
+class MembershipMetrics(Frozen):
+    """An attack's success on one site (``site``) or pooled over sites (``site`` None)."""
+
+    site: int | None
+    n_members: int
+    n_nonmembers: int
+    auc: float
+    tpr_at_fpr_1pct: float
+    tpr_at_fpr_01pct: float
+
+
+class EpsilonBound(Frozen):
+    """An empirical lower bound on epsilon from an attack's best (TPR, FPR) pair.
+
+    ``epsilon`` = max(0, ln((TPR_lo - delta) / FPR_hi), ln((TNR_lo - delta) / FNR_hi)) with
+    Clopper-Pearson intervals at ``confidence``; ``exceeds_accounted`` marks a bound above
+    the accountant's epsilon (a bug in the accounting, the mechanism or the audit).
+    """
+
+    attack: str
+    epsilon: float
+    direction: Literal["tpr/fpr", "tnr/fnr"]
+    fpr_level: float
+    tpr: float
+    fpr: float
+    tpr_interval: tuple[float, float]
+    fpr_interval: tuple[float, float]
+    n_members: int
+    n_nonmembers: int
+    delta: float
+    confidence: float
+    accounted_epsilon: float | None
+    exceeds_accounted: bool
+
+
+class AuditResult(Frozen):
+    """What an audit returns for one (arm, repeat); the report renders it.
+
+    :ivar released: each site's aggregate release (the only thing that left the sites).
+    :ivar seconds: wall time of the audit, shadow training included.
+    """
+
+    audit: str
+    attack: str
+    per_site: list[MembershipMetrics] = Field(default_factory=list)
+    pooled: MembershipMetrics | None = None
+    bound: EpsilonBound | None = None
+    released: list[SiteAttackStats] = Field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = Field(default_factory=list)
+
+
+class Audit(Component):
+    """Measures what a finished model leaks: runs after training on each (arm, repeat)'s final model.
+
+    The contract: :meth:`prepare` runs at the coordinator and may read only the
+    :class:`~fedcore.audit.AuditContext` (the final model, the spec, the accounted
+    privacy, earlier audits' results, and federated shadow training); :meth:`site_scores`
+    runs inside one site with that site's members (training rows) and non-members
+    (held-out rows of the same site, never the test split); the core reduces the scores
+    to the site's :class:`SiteAttackStats` inside the site; :meth:`conclude` sees only
+    those releases.
+    """
+
+    kind: ClassVar[str] = "audit"
+
+    def prepare(self, context: AuditContext) -> Any:
+        """Coordinator side, before the sites score (shadow models); the value goes to every site."""
+        return None
+
+    def site_scores(self, site: AuditSite, prepared: Any) -> MembershipScores | None:
+        """Inside one site: a score per member and non-member, or None (an audit without a site part)."""
+        return None
+
+    def conclude(self, context: AuditContext, released: Sequence[SiteAttackStats]) -> AuditResult:
+        """The audit's result from the sites' releases (and ``context``)."""
+        raise NotImplementedError
+
+
 COMPONENT_KINDS: dict[str, type[Component]] = {
     "dataset": Dataset,
     "model": Model,
@@ -415,4 +538,5 @@ COMPONENT_KINDS: dict[str, type[Component]] = {
     "secure_aggregator": SecureAggregator,
     "ledger": Ledger,
     "attack": Attack,
+    "audit": Audit,
 }

@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from fedcore.components import Aggregator, Attack, Dataset, Ledger, Model, PrivacyMechanism, SecureAggregator
+    from fedcore.components import (
+        Aggregator,
+        Attack,
+        Audit,
+        Dataset,
+        Ledger,
+        Model,
+        PrivacyMechanism,
+        SecureAggregator,
+    )
     from fedcore.spec import ExperimentSpec
     from fedcore.types import RoundRecord
 
@@ -61,6 +70,16 @@ def fedcore_ledgers() -> list[type[Ledger]]:
 @hookspec
 def fedcore_attacks() -> list[type[Attack]]:
     """Return the simulated attack classes this plugin provides (entries of ``attacks``)."""
+
+
+@hookspec
+def fedcore_audits() -> list[type[Audit]]:
+    """Return the audit classes this plugin provides (entries of ``audits``).
+
+    Each class subclasses :class:`fedcore.components.Audit`; it runs after training
+    on the final model of every (arm, repeat), reads a site's rows only inside that
+    site, and returns a :class:`fedcore.components.AuditResult` the report renders.
+    """
 
 
 @hookspec
@@ -112,4 +131,5 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "fedcore_secure_aggregators": "secure_aggregator",
     "fedcore_ledgers": "ledger",
     "fedcore_attacks": "attack",
+    "fedcore_audits": "audit",
 }

@@ -29,6 +29,7 @@ KIND_LABELS = {
     "secure_aggregator": "secure aggregator",
     "ledger": "ledger",
     "attack": "attack",
+    "audit": "audit",
 }
 
 

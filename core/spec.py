@@ -11,7 +11,7 @@ import itertools
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedcore.components import (
     Aggregator,
     Attack,
+    Audit,
     Component,
     Dataset,
     Ledger,
@@ -105,6 +106,7 @@ class ExperimentSpec(_Strict):
     secure_aggregation: PluginRef | None = None
     ledger: PluginRef | None = None
     attacks: list[PluginRef] = Field(default_factory=list)
+    audits: list[PluginRef] = Field(default_factory=list)
     baseline: BaselineSpec = BaselineSpec()
     sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     execution: ExecutionSpec = ExecutionSpec()
@@ -122,7 +124,7 @@ SLOTS: dict[str, str] = {
     "secure_aggregation": "secure_aggregator",
     "ledger": "ledger",
 }
-LIST_SLOTS: dict[str, str] = {"privacy": "privacy", "attacks": "attack"}
+LIST_SLOTS: dict[str, str] = {"privacy": "privacy", "attacks": "attack", "audits": "audit"}
 #: top-level keys a sweep may not vary (they hold for the whole run)
 UNSWEPT = ("sweep", "name", "seed", "repeats", "execution")
 #: the largest spec file read, and the most YAML nodes it may expand to (aliases included)
@@ -507,6 +509,7 @@ class Components:
     secure_aggregation: SecureAggregator | None
     ledger: Ledger | None
     attacks: list[Attack]
+    audits: list[Audit] = field(default_factory=list)
 
 
 def build_components(spec: ExperimentSpec, plugins: PluginManager) -> Components:
@@ -521,6 +524,7 @@ def build_components(spec: ExperimentSpec, plugins: PluginManager) -> Components
         secure_aggregation=one(spec.secure_aggregation, "secure_aggregator"),
         ledger=one(spec.ledger, "ledger"),
         attacks=[one(r, "attack") for r in spec.attacks],
+        audits=[one(r, "audit") for r in spec.audits],
     )
 
 
@@ -542,6 +546,7 @@ def check_capabilities(spec: ExperimentSpec, plugins: PluginManager, source: Spe
         (("aggregator",), components.aggregator),
         *((("privacy", i), c) for i, c in enumerate(components.privacy)),
         *((("attacks", i), c) for i, c in enumerate(components.attacks)),
+        *((("audits", i), c) for i, c in enumerate(components.audits)),
     ]
     everyone += [((slot,), c) for slot, c in (("secure_aggregation", components.secure_aggregation), ("ledger", components.ledger)) if c is not None]
     for loc, component in everyone:

@@ -166,6 +166,18 @@ def _save_checkpoint(job: Job, result: RunResult, run_dir: Path) -> None:
     result.final_weights = None  # not needed past the checkpoint; keeps results small to pickle
 
 
+def _audit(job: Job, result: RunResult, plugins: PluginManager) -> None:
+    """The spec's audits on a federated (arm, repeat)'s final model, after its training (fedcore.audit)."""
+    if job.mode != "federated" or not job.spec.audits or result.final_weights is None:
+        return
+    from fedcore.audit import run_audits
+
+    privacy = result.records[-1].privacy if result.records else []
+    data = load_data(job.spec, job.seed, plugins)
+    audits = run_audits(job.spec, plugins, data, result.final_weights, privacy, job.seed, job.arm)
+    result.audits = [a.model_dump(mode="json") for a in audits]
+
+
 def _ledger_dir(run_dir: Path, job: Job) -> Path:
     return run_dir / "ledger" / f"{_slug(job.arm)}-r{job.repeat}"
 
@@ -194,6 +206,7 @@ def execute_unit(
     else:
         results = vec.run_repeats_vectorized(spec, runs, unit[0].arm, on_round, options)
     for job, result in zip(unit, results, strict=True):
+        _audit(job, result, plugins)
         _save_checkpoint(job, result, run_dir)
     return results
 
@@ -215,6 +228,7 @@ def execute_job(
         result = run_federated(
             spec, components, data, job.arm, job.repeat, job.seed, on_round, ledger_dir=_ledger_dir(run_dir, job)
         )
+    _audit(job, result, plugins)
     _save_checkpoint(job, result, run_dir)
     return result
 

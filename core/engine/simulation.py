@@ -197,6 +197,8 @@ class RunResult:
     aggregator_state: dict[str, Any] = field(default_factory=dict)
     stopped_reason: str | None = None
     """Why the run ended before its last round (a privacy budget refused a round), or None."""
+    audits: list[dict[str, Any]] = field(default_factory=list)
+    """The spec's audits of the final model (:class:`fedcore.components.AuditResult` as JSON)."""
 
 
 def _site_info(data: FederatedData, site: SiteData, spec: ExperimentSpec, seed: int) -> SiteInfo:

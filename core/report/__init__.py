@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedcore.errors import FedcoreUserError
 from fedcore.metrics import convergence_epoch, mean_sd
+from fedcore.report.audits import audits_section, leakage_figure
 from fedcore.types import RoundRecord, json_digest
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def _run_summary(result: RunResult) -> dict[str, Any]:
         out["privacy"] = [p.model_dump() for p in last.privacy]
         out["ledger"] = result.ledger
         out["stopped_reason"] = result.stopped_reason
+        out["audits"] = result.audits
     return out
 
 
@@ -114,6 +116,7 @@ def write_summary(
                     "secure_aggregation": arm.spec.secure_aggregation.use if arm.spec.secure_aggregation else "none",
                     "ledger": arm.spec.ledger.use if arm.spec.ledger else "none",
                     "attacks": [a.use for a in arm.spec.attacks] or ["none"],
+                    "audits": [a.use for a in arm.spec.audits],
                     "engine": "vectorized" if (vectorized or {}).get(arm.label) else "sequential",
                 },
                 "federated": {"runs": fed_runs, "aggregate": _aggregate(fed_runs)},
@@ -451,6 +454,7 @@ def build_report(run_dir: Path | str) -> Path:
     records = _load_records(run_dir)
     figures = _figure(run_dir, summary, records)
     figures += _privacy_figure(run_dir, summary)
+    figures += leakage_figure(run_dir, summary)
     data = summary["data"]
     out = [f"# fedcore report: {summary['name']}", ""]
     out.append(
@@ -503,6 +507,9 @@ def build_report(run_dir: Path | str) -> Path:
     if privacy or private:
         out += ["", "## Privacy", "", "ε is what the accountant computed for the steps actually run.", "", privacy]
         out += ["", _releases_section(summary)]
+    audits = audits_section(summary)
+    if audits:
+        out += ["", "## Audits: measured leakage", "", audits]
     ledger = _ledger_table(summary)
     if ledger:
         out += ["", "## Table II: ledger", "", ledger]
