@@ -72,10 +72,33 @@ _set_option = click.option(
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="run directory (default runs/NAME-TIME)")
 @click.option("--workers", type=int, default=None, help="parallel worker processes (default: spec, else CPU cores)")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
-def run(spec: Path, overrides: tuple[str, ...], out: Path | None, workers: int | None, no_progress: bool) -> None:
-    """Run the experiment SPEC and write its report."""
+@click.option("--federation", default=None, metavar="HOST:PORT", help="run on a deployed federation's SuperLink (docs/deployment.md)")
+@click.option("--certs", type=click.Path(path_type=Path), default=None, help="with --federation: the coordinator's certificates")
+@click.option("--insecure", is_flag=True, help="with --federation: no TLS, no node authentication (printed loudly)")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="with --federation: give up after this many seconds")
+def run(
+    spec: Path,
+    overrides: tuple[str, ...],
+    out: Path | None,
+    workers: int | None,
+    no_progress: bool,
+    federation: str | None,
+    certs: Path | None,
+    insecure: bool,
+    timeout_s: float | None,
+) -> None:
+    """Run the experiment SPEC and write its report (a simulation, or on a federation with --federation)."""
     from fedcore.engine.runner import run_experiment
     from fedcore.spec import load_experiment
+
+    if federation is not None:
+        from fedcore.deploy.study import run_study
+
+        if certs is None:
+            raise FedcoreUserError("--federation needs --certs (the directory from 'fedcore federation certs')")
+        run_dir = run_study(spec, overrides, federation, certs, out, insecure, timeout_s=timeout_s)
+        click.echo(f"report: {run_dir / 'report.md'}")
+        return
 
     experiment = load_experiment(spec, overrides)
     if out is not None and out.exists() and any(out.iterdir()):
@@ -205,6 +228,16 @@ def _ledger_name_of(target: Path) -> str | None:
             ledger_ref = spec.get("ledger") or {}
             return ledger_ref.get("use")
     return None
+
+
+def _add_deployment_commands() -> None:
+    from fedcore.deploy.cli import federation, site
+
+    cli.add_command(federation)
+    cli.add_command(site)
+
+
+_add_deployment_commands()
 
 
 def main() -> None:
