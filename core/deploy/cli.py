@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import click
-import yaml
 
 from fedcore.errors import RunFailure
 
@@ -157,8 +155,25 @@ def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, retr
         )
 
 
-def _yaml(data: object) -> str:
-    return yaml.safe_dump(data, sort_keys=False)
 
 
-__all__ = ["federation", "site", "_yaml", "sys"]
+
+
+
+
+
+@federation.command("register")
+@click.option("--superlink", required=True, help="the SuperLink's HOST:PORT")
+@click.option("--certs", "certs_dir", type=click.Path(path_type=Path), required=True, help="the coordinator's certificates (sites.json)")
+def register(superlink: str, certs_dir: Path) -> None:
+    """Register every site's SuperNode key of sites.json with the SuperLink (only these may connect)."""
+    from fedcore.deploy import require_flwr
+    from fedcore.deploy.certs import FederationCerts
+    from fedcore.deploy.control import control_client, register_sites
+    from fedcore.deploy.processes import check_superlink
+
+    require_flwr()
+    certs = FederationCerts(certs_dir)
+    check_superlink(superlink, certs.ca, "coordinator")
+    nodes = register_sites(control_client(superlink, certs.ca), certs)
+    click.echo(", ".join(f"{s}: node {n}" for s, n in nodes.items()))

@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,12 +90,13 @@ class FlowerProcess:
             self.popen.wait(10)
 
 
-def launch(what: str, command: list[str], log: Path, home: Path) -> FlowerProcess:
+def launch(what: str, command: list[str], log: Path, home: Path, prefix: Sequence[str] = ()) -> FlowerProcess:
+    """Start ``command`` in its own session, output to ``log``; ``prefix`` wraps it (e.g. ``ip netns exec NS``)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     home.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as handle:
         popen = subprocess.Popen(  # noqa: S603 - our own argument list, no shell
-            command, stdout=handle, stderr=subprocess.STDOUT, env=flwr_env(home), start_new_session=True, cwd=home
+            [*prefix, *command], stdout=handle, stderr=subprocess.STDOUT, env=flwr_env(home), start_new_session=True, cwd=home
         )
     return FlowerProcess(what, popen, log)
 
@@ -176,3 +178,18 @@ def check_superlink(address: str, ca: Path | None, who: str, timeout_s: float = 
             ) from None
         except (ssl.SSLError, OSError) as exc:
             raise RunFailure(f"{who}: TLS with the SuperLink at {address} failed ({exc}) — is it running with TLS?") from None
+
+
+def wait_log(process: FlowerProcess, text: str, timeout_s: float) -> None:
+    """Wait until ``text`` appears in the process's log; fail if it dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RunFailure(f"{process.what} exited (code {process.popen.returncode}): {last_line(process.log)} (log: {process.log})")
+        try:
+            if text in process.log.read_text(errors="replace"):
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RunFailure(f"{process.what} did not start within {timeout_s:g}s (log: {process.log})")

@@ -224,6 +224,22 @@ def federated_preprocessing(federation: Federation, spec: ExperimentSpec, study:
     )
 
 
+def refusal_reason(
+    public_pem: str, study: str, arm: str, repeat: int, round_: int, site: RemoteSite, update: ClientUpdate, signature_b64: str
+) -> str | None:
+    """Why the coordinator must refuse ``update`` from ``site`` (wrong claims, a bad site signature), or None."""
+    if update.site != site.index or update.round != round_:
+        return f"it claims site {update.site}, round {update.round}"
+    message = statement(study, arm, repeat, round_, site.name, update)
+    try:
+        signature = base64.b64decode(signature_b64, validate=True)
+    except ValueError:
+        return "its signature is not base64"
+    if not verify_signature(load_public_pem(public_pem), signature, message):
+        return "its signature does not verify with the site's registered key"
+    return None
+
+
 class DeployedRun(FederatedRun):
     """The simulation's :class:`FederatedRun` whose sites are remote hospitals."""
 
@@ -291,18 +307,10 @@ class DeployedRun(FederatedRun):
         }
 
     def _verify(self, site: RemoteSite, round_: int, update: ClientUpdate, meta: dict[str, Any]) -> str | None:
-        """Why the update must be refused (a bad site signature), or None."""
-        if update.site != site.index or update.round != round_:
-            return f"it claims site {update.site}, round {update.round}"
-        message = statement(self.study, self.result.arm, self.result.repeat, round_, site.name, update)
-        try:
-            signature = base64.b64decode(str(meta.get("signature", "")), validate=True)
-        except ValueError:
-            return "its signature is not base64"
-        key = load_public_pem(self.federation.registry[site.name]["signing_public_key"])
-        if not verify_signature(key, signature, message):
-            return "its signature does not verify with the site's registered key"
-        return None
+        return refusal_reason(
+            self.federation.registry[site.name]["signing_public_key"], self.study, self.result.arm, self.result.repeat,
+            round_, site, update, str(meta.get("signature", "")),
+        )
 
     def collect(self, round_: int, message: GlobalModel, extras: Mapping[str, Weights], log: Log) -> list[ClientUpdate]:
         """The round's verified updates from at least the quorum, retrying missing sites; else stop naming them."""
