@@ -108,10 +108,33 @@ _set_option = click.option(
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="run directory (default runs/NAME-TIME)")
 @click.option("--workers", type=int, default=None, help="parallel worker processes (default: spec, else CPU cores)")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
-def run(spec: Path, overrides: tuple[str, ...], out: Path | None, workers: int | None, no_progress: bool) -> None:
-    """Run the experiment SPEC and write its report."""
+@click.option("--federation", default=None, metavar="HOST:PORT", help="run on a deployed federation's SuperLink (docs/deployment.md)")
+@click.option("--certs", type=click.Path(path_type=Path), default=None, help="with --federation: the coordinator's certificates")
+@click.option("--insecure", is_flag=True, help="with --federation: no TLS, no node authentication (printed loudly)")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="with --federation: give up after this many seconds")
+def run(
+    spec: Path,
+    overrides: tuple[str, ...],
+    out: Path | None,
+    workers: int | None,
+    no_progress: bool,
+    federation: str | None,
+    certs: Path | None,
+    insecure: bool,
+    timeout_s: float | None,
+) -> None:
+    """Run the experiment SPEC and write its report (a simulation, or on a federation with --federation)."""
     from fedcore.engine.runner import run_experiment
     from fedcore.spec import load_experiment
+
+    if federation is not None:
+        from fedcore.deploy.study import run_study
+
+        if certs is None:
+            raise FedcoreUserError("--federation needs --certs (the directory from 'fedcore federation certs')")
+        run_dir = run_study(spec, overrides, federation, certs, out, insecure, timeout_s=timeout_s)
+        click.echo(f"report: {run_dir / 'report.md'}")
+        return
 
     experiment = load_experiment(spec, overrides)
     if out is not None:
@@ -274,14 +297,18 @@ def _ledger_name_of(target: Path) -> str | None:
     return None
 
 
-def _add_fabric_group() -> None:
-    """``fedcore fabric ...`` (the local Fabric network) lives with the fabric ledger plugin."""
+def _add_command_groups() -> None:
+    """Command groups that live with their feature: ``fedcore fabric ...`` (the local Fabric
+    network, with the fabric ledger plugin), ``fedcore federation ...`` and ``fedcore site ...``
+    (deployment)."""
+    from fedcore.deploy.cli import federation, site
     from fedcore.plugins.ledgers.fabric.cli import fabric
 
-    cli.add_command(fabric)
+    for group in (fabric, federation, site):
+        cli.add_command(group)
 
 
-_add_fabric_group()
+_add_command_groups()
 
 
 def main() -> None:

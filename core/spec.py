@@ -64,6 +64,10 @@ class TrainingSpec(_Strict):
     learning_rate: float = Field(0.001, gt=0)
     momentum: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    # Deployment only (fedcore run --federation); the simulation never drops a site.
+    min_sites: int | None = Field(None, ge=1, description="deployment: quorum of sites a round needs (default: all)")
+    round_timeout_s: float = Field(600.0, gt=0, description="deployment: how long a round waits for the sites' updates")
+    round_retries: int = Field(2, ge=0, description="deployment: retries of a round below quorum before the run stops")
 
 
 class BaselineSpec(_Strict):

@@ -261,6 +261,10 @@ class RoundRecord(Frozen):
     update_bytes: list[int] = Field(default_factory=list)
     update_seconds: list[float] = Field(default_factory=list)
     privacy: list[PrivacySpent] = Field(default_factory=list)
+    sites: list[str] = Field(default_factory=list)
+    """Deployment: the sites whose update this round aggregated (empty in simulation: all)."""
+    absent_sites: list[str] = Field(default_factory=list)
+    """Deployment: the sites that sent no usable update in time (dropped out or refused)."""
 
 
 def json_bytes(payload: Any) -> bytes:

@@ -269,14 +269,18 @@ class FederatedRun:
         seed: int,
         on_round: RoundCallback | None = None,
         ledger_dir: Any = None,
+        sites: Sequence[Site] | None = None,
     ) -> None:
+        """:param sites: the run's sites; default: every site of ``data``, in this process
+            (deployment passes proxies of remote sites, ``data`` then holds no rows).
+        """
         self.spec = spec
         self.components = components
         self.data = data
         self.on_round = on_round
         self.start = time.perf_counter()
         self.initial = weights_of(initial_module(components, data, seed))
-        self.sites = make_sites(spec, components, data, seed)
+        self.sites = list(sites) if sites is not None else make_sites(spec, components, data, seed)
         self.server = Server(
             self.initial, components.aggregator, components.privacy, components.secure_aggregation, derive_seed(seed, 2)
         )
@@ -285,7 +289,7 @@ class FederatedRun:
         # Hiding commitments: each payload's opening stays with the party that made it.
         self.commits = Committer(ledger_dir if self.ledger is not None else None, spec.execution.reproducible_noise, seed, arm, repeat)
         if self.ledger is not None:
-            self.ledger.open(ledger_dir, ["server", *(site_name(s.data.site) for s in self.sites)])
+            self.ledger.open(ledger_dir, self.ledger_writers())
             opening = [
                 LedgerRecord(kind="spec", round=0, writer="server", payload_sha256=json_digest(spec.model_dump(mode="json"))),
                 LedgerRecord(kind="global-model", round=0, writer="server", payload_sha256=self.initial.sha256()),
@@ -314,16 +318,7 @@ class FederatedRun:
     def finish_round(self, round_: int, updates: Sequence[ClientUpdate], seconds_so_far: float) -> None:
         """Aggregate the round's released updates, record them on the ledger, evaluate on every site."""
         began = time.perf_counter()
-        records = [
-            LedgerRecord(
-                kind="site-update",
-                round=round_,
-                writer=site_name(u.site),
-                payload_sha256=self.commits.update(site_name(u.site), u),
-                metadata={"n_samples": u.n_samples, "bytes": u.nbytes()},
-            )
-            for u in updates
-        ]
+        records = self.update_records(round_, updates)
         new_weights = self.server.aggregate(round_, updates)
         # Under central DP this is the released (noised) model, never a pre-noise quantity.
         released = self.commits.commit("server", "aggregate", round_, new_weights.to_bytes())
@@ -343,7 +338,7 @@ class FederatedRun:
             self.ledger.append(records)
         round_seconds = seconds_so_far + time.perf_counter() - began
         evaluation_message = GlobalModel(round=round_, weights=new_weights)
-        evaluations = [site.evaluate(evaluation_message) for site in self.sites]
+        evaluations = self.evaluate_sites(evaluation_message)
         record = RoundRecord(
             arm=self.result.arm,
             repeat=self.result.repeat,
@@ -362,6 +357,27 @@ class FederatedRun:
         self.result.records.append(record)
         if self.on_round is not None:
             self.on_round(record)
+
+    def ledger_writers(self) -> list[str]:
+        """Whose keys sign ledger entries: the server and every site."""
+        return ["server", *(site_name(s.data.site) for s in self.sites)]
+
+    def update_records(self, round_: int, updates: Sequence[ClientUpdate]) -> list[LedgerRecord]:
+        """The ledger records of the round's released updates, one per site."""
+        return [
+            LedgerRecord(
+                kind="site-update",
+                round=round_,
+                writer=site_name(u.site),
+                payload_sha256=self.commits.update(site_name(u.site), u),
+                metadata={"n_samples": u.n_samples, "bytes": u.nbytes()},
+            )
+            for u in updates
+        ]
+
+    def evaluate_sites(self, message: GlobalModel) -> list[SiteEvaluation]:
+        """Every site's evaluation of the new global model."""
+        return [site.evaluate(message) for site in self.sites]
 
     def close(self) -> RunResult:
         """Stop the secure aggregator and close the ledger; the run's result."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -214,6 +215,69 @@ def _format_value(value: float | str) -> str:
     return f"{value:.4g}" if isinstance(value, float) else f"'{value}'"
 
 
+@dataclass(frozen=True)
+class PreparedSite:
+    """One site after normalizing and splitting: what it keeps, and the summary it sends."""
+
+    site: RawSite
+    frame: pd.DataFrame
+    dropped: dict[str, int]
+    parts: dict[str, pd.DataFrame]
+    summary: SiteSummary
+
+
+def normalize_site(site: RawSite, roles: ColumnRoles, options: PreprocessOptions) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Typed columns, rows without target or patient id removed (and counted)."""
+    return _normalized(site, roles, options)
+
+
+def prepare_site(
+    site: RawSite, frame: pd.DataFrame, dropped: dict[str, int], roles: ColumnRoles, options: PreprocessOptions, seed: int, index: int
+) -> PreparedSite:
+    """At the site: check its rows, split them by patient, summarize the training split."""
+    _check_site(site, frame, roles)
+    split_of_row = assign_splits(frame, "__patient__" if roles.patient_id else None, options.split, seed, index)
+    parts = {name: frame[split_of_row == i] for i, name in enumerate(SPLITS)}
+    _split_counts_check(site, split_of_row, roles, parts["train"]["__target__"].to_numpy())
+    summary = summarize_site(site.name, parts["train"], roles.continuous, roles.categorical)
+    return PreparedSite(site, frame, dropped, parts, summary)
+
+
+def transform_site(
+    prepared: PreparedSite,
+    transformer: Any,
+    roles: ColumnRoles,
+    classes: Sequence[str],
+    options: PreprocessOptions,
+    seed: int,
+    index: int,
+) -> tuple[SiteData, np.ndarray, np.ndarray, int | None]:
+    """At the site: apply the fitted transformer, oversample its training split.
+
+    Returns the site's data, its training class counts before and after
+    oversampling, and its largest number of training rows of one patient (None
+    without a patient id).
+    """
+    class_index = {c: i for i, c in enumerate(classes)}
+    features = [*roles.continuous, *roles.categorical]
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in SPLITS:
+        part = prepared.parts[name]
+        x = np.ascontiguousarray(transformer.transform(part[features]), dtype=np.float32)
+        y = part["__target__"].map(class_index).to_numpy(dtype=np.int64, copy=True)
+        arrays[name] = (x, y)
+    x_train, y_train = arrays["train"]
+    before = np.bincount(y_train, minlength=len(classes))
+    seed_of_site = int(np.random.SeedSequence([seed, 0x0E5, index]).generate_state(1)[0])
+    x_train, y_train = oversample(x_train, y_train, options.oversample, seed_of_site, prepared.site.source)
+    after = np.bincount(y_train, minlength=len(classes))
+    rows_per_patient = None
+    if roles.patient_id is not None:
+        rows_per_patient = int(prepared.parts["train"]["__patient__"].value_counts().max())
+    data = SiteData(index, prepared.site.name, x_train, y_train, *arrays["validation"], *arrays["test"])
+    return data, before, after, rows_per_patient
+
+
 def build_federated_data(
     sites: Sequence[RawSite],
     roles: ColumnRoles,
@@ -224,17 +288,9 @@ def build_federated_data(
     """Split, summarize, combine, transform and oversample; see the module docstring."""
     normalized = [(site, *_normalized(site, roles, options)) for site in sites]
     classes = _classes([(s, f) for s, f, _ in normalized], roles, options)
-    class_index = {c: i for i, c in enumerate(classes)}
-    features = [*roles.continuous, *roles.categorical]
-    summaries: list[SiteSummary] = []
-    splits: list[dict[str, pd.DataFrame]] = []
-    for index, (site, frame, _) in enumerate(normalized):
-        _check_site(site, frame, roles)
-        split_of_row = assign_splits(frame, "__patient__" if roles.patient_id else None, options.split, seed, index)
-        parts = {name: frame[split_of_row == i] for i, name in enumerate(SPLITS)}
-        _split_counts_check(site, split_of_row, roles, parts["train"]["__target__"].to_numpy())
-        splits.append(parts)
-        summaries.append(summarize_site(site.name, parts["train"], roles.continuous, roles.categorical))
+    prepared = [prepare_site(site, frame, dropped, roles, options, seed, i) for i, (site, frame, dropped) in enumerate(normalized)]
+    summaries = [p.summary for p in prepared]
+    splits = [p.parts for p in prepared]
     stats = combine_summaries(summaries, options.max_categories, options.min_category_count)
     check_columns_observed(stats, ", ".join(dict.fromkeys(s.source for s in sites)))
     transformer = fitted_transformer(stats, roles.continuous, roles.categorical)
@@ -242,25 +298,12 @@ def build_federated_data(
     site_data: list[SiteData] = []
     balance_rows: list[list[object]] = []
     max_rows_per_patient = 0
-    for index, ((site, frame, _), parts) in enumerate(zip(normalized, splits, strict=True)):
-        arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for name in SPLITS:
-            part = parts[name]
-            x = np.ascontiguousarray(transformer.transform(part[features]), dtype=np.float32)
-            y = part["__target__"].map(class_index).to_numpy(dtype=np.int64, copy=True)
-            arrays[name] = (x, y)
-        x_train, y_train = arrays["train"]
-        before = np.bincount(y_train, minlength=len(classes))
-        seed_of_site = int(np.random.SeedSequence([seed, 0x0E5, index]).generate_state(1)[0])
-        x_train, y_train = oversample(x_train, y_train, options.oversample, seed_of_site, site.source)
-        after = np.bincount(y_train, minlength=len(classes))
+    for index, p in enumerate(prepared):
+        data, before, after, rows_per_patient = transform_site(p, transformer, roles, classes, options, seed, index)
         shown = (f"{b} → {a}" if options.oversample != "none" else f"{b}" for b, a in zip(before, after, strict=True))
-        balance_rows.append([site.name, *shown])
-        if roles.patient_id is not None:
-            max_rows_per_patient = max(max_rows_per_patient, int(parts["train"]["__patient__"].value_counts().max()))
-        site_data.append(
-            SiteData(index, site.name, x_train, y_train, *arrays["validation"], *arrays["test"])
-        )
+        balance_rows.append([p.site.name, *shown])
+        max_rows_per_patient = max(max_rows_per_patient, rows_per_patient or 0)
+        site_data.append(data)
     sections = _sections(normalized, splits, site_data, stats, roles, options, classes, balance_rows, feature_names)
     sections.update(extra_sections or {})
     return FederatedData(
@@ -268,10 +311,15 @@ def build_federated_data(
         feature_names=feature_names,
         class_names=classes,
         report_sections=sections,
-        released_statistics={f"preprocessing summary of {s.site}": s.model_dump(mode="json") for s in summaries},
+        released_statistics=released_summaries(summaries),
         max_rows_per_patient=max_rows_per_patient if roles.patient_id is not None else None,
         oversampled=options.oversample != "none",
     )
+
+
+def released_summaries(summaries: Sequence[SiteSummary]) -> dict[str, Any]:
+    """The preprocessing summaries as released (recorded on the ledger), by name."""
+    return {f"preprocessing summary of {s.site}": s.model_dump(mode="json") for s in summaries}
 
 
 def _sections(

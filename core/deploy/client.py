@@ -1,0 +1,158 @@
+"""fedcore's ClientApp: what a hospital's SuperNode runs for each coordinator message.
+
+Flower starts a fresh ClientApp process per message, so every handler reads the
+site's state from the site's own disk and writes it back (atomically) before it
+replies. The site's data file comes from the SuperNode's ``--node-config
+data=...``; nothing in it is ever sent. A user error at the site (bad file,
+missing column) is replied as one line naming the site and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedcore.deploy import site as site_mod
+from fedcore.deploy.wire import META, pack, unpack, update_message
+from fedcore.errors import FedcoreUserError
+from fedcore.plugins.datasets.preprocessing import FederatedStatistics
+from fedcore.registry import PluginManager
+from fedcore.spec import ExperimentSpec, build_components
+from fedcore.types import GlobalModel
+
+app = ClientApp()
+
+Handler = Callable[[site_mod.LoadedSite, dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]
+
+
+def _site_of(context: Context) -> site_mod.LoadedSite:
+    path = context.node_config.get("data")
+    if not path:
+        raise FedcoreUserError(
+            "the SuperNode was started without its site file", hint="start it with 'fedcore site start --data site.yaml'"
+        )
+    return site_mod.load_site_config(Path(str(path)))
+
+
+#: When set, every reply this site sends is also written, byte for byte (JSON and tensors), under this
+#: directory: a hospital's own audit of what leaves it (the tests read it to look for planted canaries).
+AUDIT_ENV = "FEDCORE_SITE_AUDIT_DIR"
+
+
+def _audit(name: str, reply: Message) -> Message:
+    folder = os.environ.get(AUDIT_ENV)
+    if folder:
+        chunks = [str(reply.content[META]["json"]).encode()]
+        for key, record in reply.content.items():
+            if key.startswith("w:"):
+                chunks += [array.numpy().tobytes() for array in record.values()]
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with open(Path(folder) / f"{name}-{os.getpid()}.bin", "ab") as handle:
+            handle.write(b"".join(chunks))
+    return reply
+
+
+def _handle(message: Message, context: Context, handler: Handler) -> Message:
+    name = str(context.node_config.get("site", "?"))
+    try:
+        site = _site_of(context)
+        name = site.name
+        meta, tensors = unpack(message.content, "coordinator")
+        reply_meta, reply_tensors = handler(site, meta, tensors)
+    except FedcoreUserError as exc:
+        return _audit(name, Message(pack({"error": f"site '{name}': {exc}", "user_error": True}), reply_to=message))
+    if "update" in reply_tensors:
+        return _audit(name, Message(update_message(reply_tensors["update"], reply_meta), reply_to=message))
+    return _audit(name, Message(pack(reply_meta, reply_tensors), reply_to=message))
+
+
+def _hello(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    return {"site": site.name, "signing_fingerprint": site.key_fingerprint()}, {}
+
+
+def _summary(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    prepared, roles, classes = site_mod.prepare(site, meta["options"], int(meta["seed"]), int(meta["index"]))
+    rows = None
+    if roles.patient_id is not None:
+        rows = int(prepared.parts["train"]["__patient__"].value_counts().max())
+    return {
+        "site": site.name,
+        "summary": prepared.summary.model_dump(mode="json"),
+        "classes": classes,
+        "continuous": list(roles.continuous),
+        "categorical": list(roles.categorical),
+        "max_rows_per_patient": rows,
+    }, {}
+
+
+def _preprocess(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    stats = FederatedStatistics.model_validate(meta["statistics"])
+    data, _ = site_mod.preprocess(site, meta["options"], int(meta["seed"]), int(meta["index"]), stats, list(meta["classes"]))
+    store = site_mod.SiteStore(site, str(meta["study"]))
+    store.save_data(data, {"seed": int(meta["seed"])})
+    spec = ExperimentSpec.model_validate_json(meta["spec"])
+    store.save_spec(spec.model_dump_json())
+    return {"site": site.name, "n_train": data.n_train, "n_features": int(data.x_train.shape[1])}, {}
+
+
+def _study_site(site: site_mod.LoadedSite, meta: dict[str, Any]) -> tuple[site_mod.SiteStore, ExperimentSpec, Any]:
+    store = site_mod.SiteStore(site, str(meta["study"]))
+    data, _ = store.load_data()
+    spec = store.load_spec(str(meta["spec_sha256"]))
+    shape = site_mod.StudyShape(**meta["shape"])
+    torch.set_num_threads(spec.execution.threads_per_worker)
+    components = build_components(spec, PluginManager())
+    return store, spec, site_mod.build_site(spec, components, data, shape)
+
+
+def _train(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    store, spec, runtime = _study_site(site, meta)
+    arm, repeat, round_ = str(meta["arm"]), int(meta["repeat"]), int(meta["round"])
+    extras = {k[len("extra:") :]: v for k, v in tensors.items() if k.startswith("extra:")}
+    message = GlobalModel(round=round_, weights=tensors["global"])
+    update, privacy, state = site_mod.train_site_round(runtime, store.load_state(arm, repeat), message, extras)
+    store.save_state(arm, repeat, state)
+    statement = site_mod.statement(str(meta["study"]), arm, repeat, round_, site.name, update)
+    return {
+        "privacy": [p.model_dump(mode="json") for p in privacy],
+        "signature": site_mod.sign_statement(site.signing_key(), statement),
+        "site_name": site.name,
+    }, {"update": update}
+
+
+def _evaluate(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    _, _, runtime = _study_site(site, meta)
+    evaluation = site_mod.evaluate_site(runtime, GlobalModel(round=int(meta["round"]), weights=tensors["global"]))
+    return {"evaluation": evaluation.model_dump(mode="json")}, {}
+
+
+@app.query("hello")
+def hello(message: Message, context: Context) -> Message:
+    return _handle(message, context, _hello)
+
+
+@app.query("summary")
+def summary(message: Message, context: Context) -> Message:
+    return _handle(message, context, _summary)
+
+
+@app.query("preprocess")
+def preprocess(message: Message, context: Context) -> Message:
+    return _handle(message, context, _preprocess)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    return _handle(message, context, _train)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    return _handle(message, context, _evaluate)
+

@@ -1,0 +1,195 @@
+"""Starting, checking and stopping Flower's own SuperLink and SuperNode processes, by pid.
+
+Every wait has a timeout; a process that dies while we wait is reported with
+the last line of its log. Processes run in their own session (process group),
+so stopping one stops the Flower subprocesses it started (SuperExec, apps).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedcore.errors import DataError, RunFailure
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """The environment of a Flower process: this Python's scripts first on PATH, its own FLWR_HOME."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str(home)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def split_address(address: str, where: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DataError(f"'{address}' is not HOST:PORT", where=where, hint="give the SuperLink's address, e.g. 127.0.0.1:9092")
+    return host.strip("[]"), int(port)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def last_line(log: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip() and not ln.startswith(" ")]
+    except OSError:
+        return ""
+    return lines[-1][:200] if lines else ""
+
+
+@dataclass
+class FlowerProcess:
+    """A Flower process we started: its pid, log file and what it is."""
+
+    what: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM to its process group, SIGKILL after ``timeout_s``."""
+        if self.popen.poll() is not None:
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(10)
+
+    def kill(self) -> None:
+        """SIGKILL the process itself (a crash, as a dropout test wants); its children follow their parent."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(10)
+
+
+def launch(what: str, command: list[str], log: Path, home: Path, prefix: Sequence[str] = ()) -> FlowerProcess:
+    """Start ``command`` in its own session, output to ``log``; ``prefix`` wraps it (e.g. ``ip netns exec NS``)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        popen = subprocess.Popen(  # noqa: S603 - our own argument list, no shell
+            [*prefix, *command], stdout=handle, stderr=subprocess.STDOUT, env=flwr_env(home), start_new_session=True, cwd=home
+        )
+    return FlowerProcess(what, popen, log)
+
+
+def superlink_command(
+    certs_dir: Path | None, database: Path, host: str, port: int, insecure: bool = False
+) -> list[str]:
+    """``flower-superlink`` with TLS (unless ``insecure``), SuperNode authentication and a database that survives restarts."""
+    command = ["flower-superlink", "--database", str(database), "--host", host, "--port", str(port)]
+    command += ["--disable-runtime-dependency-installation"]
+    if insecure:
+        command += ["--insecure"]
+    else:
+        assert certs_dir is not None
+        command += [
+            "--ssl-ca-certfile", str(certs_dir / "ca.crt"),
+            "--ssl-certfile", str(certs_dir / "server.crt"),
+            "--ssl-keyfile", str(certs_dir / "server.key"),
+            "--enable-supernode-auth",
+        ]
+    return command
+
+
+def supernode_command(
+    site_certs: Path, superlink: str, data: Path, site: str, port: int, insecure: bool = False, retries: int = 5, wait_s: float = 30.0
+) -> list[str]:
+    """``flower-supernode`` for one hospital: TLS to the SuperLink, its own auth key, its own data file."""
+    command = [
+        "flower-supernode", "--superlink", superlink, "--port", str(port),
+        "--node-config", f"data='{data}' site='{site}'",
+        "--max-retries", str(retries), "--max-wait-time", str(wait_s),
+    ]
+    if insecure:
+        command += ["--insecure"]
+    else:
+        command += ["--root-certificates", str(site_certs / "ca.crt")]
+    command += ["--auth-supernode-private-key", str(site_certs / "node.key")]
+    return command
+
+
+def wait_listening(process: FlowerProcess, host: str, port: int, timeout_s: float) -> None:
+    """Wait until ``host:port`` accepts connections; fail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RunFailure(f"{process.what} exited (code {process.popen.returncode}): {last_line(process.log)} (log: {process.log})")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise RunFailure(f"{process.what} did not listen on {host}:{port} within {timeout_s:g}s (log: {process.log})")
+
+
+def check_superlink(address: str, ca: Path | None, who: str, timeout_s: float = 10.0) -> None:
+    """A TLS handshake with the SuperLink: one line for an unreachable address or wrong certificates."""
+    host, port = split_address(address, "--superlink")
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as exc:
+        raise RunFailure(
+            f"{who}: cannot reach the SuperLink at {address} ({exc.strerror or exc}) — check the address and that the SuperLink runs"
+        ) from None
+    with sock:
+        if ca is None:
+            return
+        try:
+            context = ssl.create_default_context(cafile=str(ca))
+        except (OSError, ssl.SSLError) as exc:
+            raise DataError(f"{who}: cannot read the CA certificate ({exc})", where=str(ca), hint="point --certs at the federation's certificates") from None
+        try:
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                tls.do_handshake()
+        except ssl.SSLCertVerificationError as exc:
+            raise DataError(
+                f"{who}: the SuperLink at {address} presents a certificate this CA does not vouch for ({exc.verify_message})",
+                where=str(ca),
+                hint="use the ca.crt of the federation that SuperLink belongs to (fedcore federation certs)",
+            ) from None
+        except (ssl.SSLError, OSError) as exc:
+            raise RunFailure(f"{who}: TLS with the SuperLink at {address} failed ({exc}) — is it running with TLS?") from None
+
+
+def wait_log(process: FlowerProcess, text: str, timeout_s: float) -> None:
+    """Wait until ``text`` appears in the process's log; fail if it dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RunFailure(f"{process.what} exited (code {process.popen.returncode}): {last_line(process.log)} (log: {process.log})")
+        try:
+            if text in process.log.read_text(errors="replace"):
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RunFailure(f"{process.what} did not start within {timeout_s:g}s (log: {process.log})")

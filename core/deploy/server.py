@@ -1,0 +1,456 @@
+"""fedcore's ServerApp: the study, run by the coordinator over the SuperLink.
+
+The SuperLink starts this ServerApp (in its own process, on the coordinator's
+machine) for every ``fedcore run SPEC --federation``. It drives the
+simulation's :class:`~fedcore.engine.simulation.FederatedRun` (server,
+aggregation, central privacy, ledger, evaluation pooling) with proxies of the
+remote sites in place of in-process ones: only the transport differs.
+
+Per round: the global model goes to every site; updates that arrive within
+``training.round_timeout_s`` and carry a valid site signature are aggregated if
+at least ``training.min_sites`` arrived (FedAvg re-weights over the arrivals);
+otherwise the missing sites are asked again, up to ``training.round_retries``
+times, and then the run stops naming them. After every completed round the
+coordinator's checkpoint is written (:mod:`fedcore.deploy.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from fedcore.components import FederatedData
+from fedcore.deploy.certs import FederationCerts
+from fedcore.deploy.checkpoint import CoordinatorCheckpoint
+from fedcore.deploy.wire import MalformedMessage, pack, parse_model, parse_update, unpack
+from fedcore.deploy.site import statement
+from fedcore.engine.simulation import FederatedRun, RunResult
+from fedcore.errors import DataError, FedcoreUserError, PrivacyBudgetError, RunFailure, SpecError
+from fedcore.plugins.datasets.pipeline import released_summaries
+from fedcore.plugins.datasets.preprocessing import SiteSummary, check_columns_observed, combine_summaries, fitted_transformer
+from fedcore.plugins.ledgers.keys import load_public_pem, verify_signature
+from fedcore.spec import ExperimentSpec, build_components, load_experiment
+from fedcore.types import ClientUpdate, GlobalModel, LedgerRecord, PrivacySpent, RoundRecord, SiteEvaluation, Weights, json_digest
+
+app = ServerApp()
+
+STATUS_FILE = "status.json"
+LOG_FILE = "coordinator.log"
+
+
+def write_status(run_dir: Path, state: str, **extra: Any) -> None:
+    """``status.json``: running / complete / failed (with the one-line error and exit code), atomically."""
+    path = run_dir / STATUS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"state": state, "time": time.time(), **extra}))
+    tmp.replace(path)
+
+
+class Log:
+    """The coordinator's log file in the run directory (one line per event)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOG_FILE
+
+    def __call__(self, text: str) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+
+
+@dataclass
+class RemoteSite:
+    """The coordinator's proxy of one hospital: its name, index and SuperNode; never its data."""
+
+    name: str
+    index: int
+    node_id: int
+    reports: list[PrivacySpent] = field(default_factory=list)
+
+    def privacy_spent(self) -> list[PrivacySpent]:
+        """The site's own accountant's reports, as sent with its latest update."""
+        return list(self.reports)
+
+
+class Federation:
+    """The connected sites and the one way to talk to them (Flower's grid), every wait bounded."""
+
+    def __init__(self, grid: Grid, certs: FederationCerts, log: Log) -> None:
+        self.grid = grid
+        self.registry = certs.registry()
+        self.log = log
+        self.sites: list[RemoteSite] = []
+
+    def connect(self, timeout_s: float) -> None:
+        """Wait until every registered site's SuperNode is connected and says who it is."""
+        names = sorted(self.registry)
+        known: dict[str, int] = {}
+        asked: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fresh = [n for n in self.grid.get_node_ids() if n not in asked]
+            if fresh:
+                asked.update(fresh)
+                for reply in self.grid.send_and_receive(
+                    [self.grid.create_message(pack({}), "query.hello", n, "") for n in fresh], timeout=max(5.0, deadline - time.monotonic())
+                ):
+                    node = reply.metadata.src_node_id
+                    if not reply.has_content():
+                        asked.discard(node)
+                        continue
+                    meta, _ = unpack(reply.content, f"node {node}")
+                    if "error" in meta:
+                        raise DataError(str(meta["error"]))
+                    name = str(meta.get("site"))
+                    if name not in self.registry:
+                        self.log(f"node {node} says it is '{name}', which is not in sites.json: ignored")
+                        continue
+                    if meta.get("signing_fingerprint") != self.registry[name]["signing_fingerprint"]:
+                        raise DataError(
+                            f"site '{name}' signs with a key that is not the one in sites.json",
+                            where=f"site '{name}'",
+                            hint="give that site's site.yaml the signing.key written for it by 'fedcore federation certs'",
+                        )
+                    known[name] = node
+                    self.log(f"site '{name}' connected (node {node})")
+            if all(n in known for n in names):
+                break
+            if time.monotonic() > deadline:
+                missing = [n for n in names if n not in known]
+                raise RunFailure(
+                    f"sites not connected after {timeout_s:g}s: {', '.join(missing)} "
+                    "(start each with 'fedcore site start --superlink HOST:PORT --certs DIR --data site.yaml')"
+                )
+            time.sleep(1.0)
+        self.sites = [RemoteSite(name, index, known[name]) for index, name in enumerate(names)]
+
+    def ask(
+        self, kind: str, sites: Sequence[RemoteSite], meta: Mapping[str, Any], tensors: Mapping[str, Weights], timeout_s: float
+    ) -> dict[str, Message]:
+        """Send one message per site (same content) and return the replies that came in time, by site name."""
+        by_node = {s.node_id: s for s in sites}
+        messages = [self.grid.create_message(pack({**meta, "site_index": s.index}, tensors), kind, s.node_id, "") for s in sites]
+        replies: dict[str, Message] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=timeout_s):
+            site = by_node.get(reply.metadata.src_node_id)
+            if site is None:
+                continue
+            if reply.has_error():
+                self.log(f"site '{site.name}': {kind} failed at the site: {reply.error.reason}")
+                continue
+            replies[site.name] = reply
+        return replies
+
+    def ask_all(self, kind: str, metas: Mapping[str, Mapping[str, Any]], timeout_s: float) -> dict[str, dict[str, Any]]:
+        """A message per site (its own metadata); every site must answer in time, or the run stops naming it."""
+        by_node = {s.node_id: s for s in self.sites}
+        messages = [self.grid.create_message(pack(metas[s.name]), kind, s.node_id, "") for s in self.sites]
+        out: dict[str, dict[str, Any]] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=timeout_s):
+            site = by_node.get(reply.metadata.src_node_id)
+            if site is None:
+                continue
+            if reply.has_error():
+                raise RunFailure(f"site '{site.name}': {kind} failed at the site: {reply.error.reason}")
+            meta, _ = unpack(reply.content, site.name)
+            if "error" in meta:
+                raise DataError(str(meta["error"]))
+            out[site.name] = meta
+        missing = [s.name for s in self.sites if s.name not in out]
+        if missing:
+            raise RunFailure(f"{kind}: no answer within {timeout_s:g}s from {', '.join(missing)} (check those sites' SuperNodes)")
+        return out
+
+
+def federated_preprocessing(federation: Federation, spec: ExperimentSpec, study: str, seed: int, timeout_s: float) -> FederatedData:
+    """The simulation's preprocessing, federated: summaries in, fitted statistics out; rows never move."""
+    if spec.data.use != "site-tables":
+        raise SpecError(
+            f"dataset '{spec.data.use}' is read by the coordinator; a deployment reads each site's own table",
+            where="data.use",
+            hint="use 'site-tables' with the preprocessing options; each site's site.yaml names its table and columns",
+        )
+    from fedcore.registry import PluginManager
+
+    options = build_components(spec, PluginManager()).dataset.settings.model_dump(mode="json")
+    base = {"study": study, "seed": seed, "options": options}
+    answers = federation.ask_all("query.summary", {s.name: {**base, "index": s.index} for s in federation.sites}, timeout_s)
+    first = federation.sites[0].name
+    for site in federation.sites[1:]:
+        for key in ("continuous", "categorical"):
+            if answers[site.name][key] != answers[first][key]:
+                theirs, ours = answers[site.name][key], answers[first][key]
+                diff = sorted(set(theirs) ^ set(ours)) or ["(order)"]
+                raise DataError(
+                    f"site '{site.name}' has {key} columns that differ from site '{first}' (first difference: {diff[0]})",
+                    where=f"site '{site.name}'",
+                    hint="give every site's table the same columns, and declare continuous/categorical in each site.yaml",
+                )
+    summaries = [parse_model(SiteSummary, answers[s.name]["summary"], s.name, "summary") for s in federation.sites]
+    stats = combine_summaries(summaries, options.get("max_categories"), options.get("min_category_count", 1))
+    check_columns_observed(stats, ", ".join(f"site '{s.name}'" for s in federation.sites))
+    classes = options.get("classes") or sorted(set().union(*(set(answers[s.name]["classes"]) for s in federation.sites)))
+    continuous, categorical = answers[first]["continuous"], answers[first]["categorical"]
+    feature_names = [str(n) for n in fitted_transformer(stats, continuous, categorical).get_feature_names_out()]
+    rows = [answers[s.name]["max_rows_per_patient"] for s in federation.sites]
+    spec_json = spec.model_dump_json()
+    federation.ask_all(
+        "query.preprocess",
+        {s.name: {**base, "index": s.index, "statistics": stats.model_dump(mode="json"), "classes": classes, "spec": spec_json} for s in federation.sites},
+        timeout_s,
+    )
+    return FederatedData(
+        sites=[],
+        feature_names=feature_names,
+        class_names=list(classes),
+        report_sections={
+            "Data: deployment": (
+                f"{len(federation.sites)} sites ({', '.join(s.name for s in federation.sites)}), each reading its own table; "
+                "rows, splits and per-site counts stay at the sites. The coordinator received only each site's "
+                "preprocessing summary (listed below as released statistics)."
+            )
+        },
+        released_statistics=released_summaries(summaries),
+        max_rows_per_patient=None if any(r is None for r in rows) else max(rows),
+    )
+
+
+def refusal_reason(
+    public_pem: str, study: str, arm: str, repeat: int, round_: int, site: RemoteSite, update: ClientUpdate, signature_b64: str
+) -> str | None:
+    """Why the coordinator must refuse ``update`` from ``site`` (wrong claims, a bad site signature), or None."""
+    if update.site != site.index or update.round != round_:
+        return f"it claims site {update.site}, round {update.round}"
+    message = statement(study, arm, repeat, round_, site.name, update)
+    try:
+        signature = base64.b64decode(signature_b64, validate=True)
+    except ValueError:
+        return "its signature is not base64"
+    if not verify_signature(load_public_pem(public_pem), signature, message):
+        return "its signature does not verify with the site's registered key"
+    return None
+
+
+class DeployedRun(FederatedRun):
+    """The simulation's :class:`FederatedRun` whose sites are remote hospitals."""
+
+    def __init__(self, federation: Federation, study: str, shape: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        self.federation = federation
+        self.study = study
+        self.shape = shape
+        self.signatures: dict[str, dict[str, str]] = {}
+        self.present: list[RemoteSite] = list(federation.sites)
+        super().__init__(*args, sites=federation.sites, **kwargs)
+
+    # -- seams of FederatedRun
+
+    def ledger_writers(self) -> list[str]:
+        # Sites sign their own statements (verified before appending, kept in the entry's metadata);
+        # the coordinator never holds a site's key, so it alone writes the chain.
+        return ["server"]
+
+    def update_records(self, round_: int, updates: Sequence[ClientUpdate]) -> list[LedgerRecord]:
+        records = []
+        for u in updates:
+            site = self.federation.sites[u.site]
+            records.append(
+                LedgerRecord(
+                    kind="site-update",
+                    round=round_,
+                    writer="server",
+                    payload_sha256=u.digest(),
+                    metadata={
+                        "n_samples": u.n_samples,
+                        "bytes": u.nbytes(),
+                        "site": site.name,
+                        "site_signature": self.signatures.get(site.name, {}).get("signature", ""),
+                        "site_key": self.federation.registry[site.name]["signing_fingerprint"],
+                    },
+                )
+            )
+        return records
+
+    def evaluate_sites(self, message: GlobalModel) -> list[SiteEvaluation]:
+        timeout = self.spec.training.round_timeout_s
+        replies = self.federation.ask("evaluate", self.present, self._meta(message.round), {"global": message.weights}, timeout)
+        evaluations = []
+        for site in self.present:
+            if site.name not in replies:
+                continue
+            meta, _ = unpack(replies[site.name].content, site.name)
+            if "error" in meta:
+                raise DataError(str(meta["error"]))
+            evaluations.append(parse_model(SiteEvaluation, meta["evaluation"], site.name, "evaluation"))
+        if not evaluations:
+            raise RunFailure(f"round {message.round}: no site evaluated the global model within {timeout:g}s")
+        return evaluations
+
+    # -- the round
+
+    def _meta(self, round_: int) -> dict[str, Any]:
+        return {
+            "study": self.study,
+            "arm": self.result.arm,
+            "repeat": self.result.repeat,
+            "round": round_,
+            "spec_sha256": json_digest(self.spec.model_dump(mode="json")),
+            "shape": self.shape,
+        }
+
+    def _verify(self, site: RemoteSite, round_: int, update: ClientUpdate, meta: dict[str, Any]) -> str | None:
+        return refusal_reason(
+            self.federation.registry[site.name]["signing_public_key"], self.study, self.result.arm, self.result.repeat,
+            round_, site, update, str(meta.get("signature", "")),
+        )
+
+    def collect(self, round_: int, message: GlobalModel, extras: Mapping[str, Weights], log: Log) -> list[ClientUpdate]:
+        """The round's verified updates from at least the quorum, retrying missing sites; else stop naming them."""
+        training = self.spec.training
+        quorum = training.min_sites or len(self.federation.sites)
+        arrived: dict[str, ClientUpdate] = {}
+        refused: dict[str, str] = {}
+        tensors = {"global": message.weights, **{f"extra:{k}": v for k, v in extras.items()}}
+        for attempt in range(training.round_retries + 1):
+            waiting = [s for s in self.federation.sites if s.name not in arrived and s.name not in refused]
+            if not waiting:
+                break
+            replies = self.federation.ask("train", waiting, self._meta(round_), tensors, training.round_timeout_s)
+            for site in waiting:
+                reply = replies.get(site.name)
+                if reply is None:
+                    continue
+                meta, _ = unpack(reply.content, site.name)
+                if "error" in meta:
+                    if meta.get("user_error"):
+                        raise PrivacyBudgetError(str(meta["error"])) if "budget" in str(meta["error"]) else DataError(str(meta["error"]))
+                    raise RunFailure(str(meta["error"]))
+                update, rest = parse_update(reply.content, site.name, self.initial)
+                reason = self._verify(site, round_, update, rest)
+                if reason is not None:
+                    refused[site.name] = reason
+                    log(f"round {round_}: refused the update of site '{site.name}': {reason}")
+                    continue
+                site.reports = [parse_model(PrivacySpent, r, site.name, "privacy report") for r in rest.get("privacy", [])]
+                self.signatures[site.name] = {"signature": str(rest["signature"])}
+                arrived[site.name] = update
+            if len(arrived) >= quorum:
+                break
+            missing = [s.name for s in self.federation.sites if s.name not in arrived]
+            log(f"round {round_}: {len(arrived)} of {len(self.federation.sites)} sites in time (quorum {quorum}); missing {', '.join(missing)}; try {attempt + 1}")
+        absent = [s.name for s in self.federation.sites if s.name not in arrived]
+        if len(arrived) < quorum:
+            raise RunFailure(
+                f"round {round_}: only {len(arrived)} of {len(self.federation.sites)} sites sent a usable update "
+                f"(quorum {quorum}) after {training.round_retries + 1} tries of {training.round_timeout_s:g}s; "
+                f"missing: {', '.join(absent)} (check those sites' SuperNodes, or lower training.min_sites)"
+            )
+        if absent and self.ledger is not None:
+            self.ledger.append(
+                [
+                    LedgerRecord(
+                        kind="dropout",
+                        round=round_,
+                        writer="server",
+                        payload_sha256=json_digest({"site": name, "reason": refused.get(name, "no update in time")}),
+                        metadata={"site": name, "reason": refused.get(name, "no update in time")},
+                    )
+                    for name in absent
+                ]
+            )
+        self.present = [s for s in self.federation.sites if s.name in arrived]
+        self.absent = absent
+        return [arrived[s.name] for s in self.federation.sites if s.name in arrived]
+
+
+def coordinate(grid: Grid, run_dir: Path, certs: FederationCerts, connect_timeout_s: float, log: Log) -> None:
+    """The whole study at the coordinator; writes the run directory as the simulation does."""
+    from fedcore.report import build_report, write_summary
+
+    experiment = load_experiment(run_dir / "spec.resolved.yaml")
+    spec = experiment.spec
+    if len(experiment.arms) != 1:
+        raise SpecError("a deployment runs one arm; sweeps run in simulation", where="sweep", hint="remove sweep")
+    if spec.baseline.centralized:
+        log("baseline.centralized skipped: a deployment never pools data")
+    study = json.loads((run_dir / "deployment.json").read_text())["study"]
+    federation = Federation(grid, certs, log)
+    federation.connect(connect_timeout_s)
+    plugins = experiment.plugins
+    started = time.perf_counter()
+    results: list[RunResult] = []
+    checkpoint = CoordinatorCheckpoint(run_dir)
+    with open(run_dir / "rounds.jsonl", "a") as rounds_file:
+        data: FederatedData | None = None
+        for repeat in range(spec.repeats):
+            seed = spec.seed + repeat
+            data = federated_preprocessing(federation, spec, f"{study}-r{repeat}", seed, spec.training.round_timeout_s)
+            shape = {
+                "n_sites": len(federation.sites),
+                "n_features": data.n_features,
+                "n_classes": data.n_classes,
+                "max_rows_per_patient": data.max_rows_per_patient,
+                "seed": seed,
+            }
+            components = build_components(spec, plugins)
+
+            def on_round(record: RoundRecord) -> None:
+                record = record.model_copy(update={"sites": [s.name for s in run.present], "absent_sites": list(run.absent)})
+                rounds_file.write(record.model_dump_json() + "\n")
+                rounds_file.flush()
+                plugins.hook.fedcore_round_end(record=record)
+
+            run = DeployedRun(
+                federation, f"{study}-r{repeat}", shape, spec, components, data, "main", repeat, seed, on_round,
+                ledger_dir=run_dir / "ledger" / f"main-r{repeat}",
+            )
+            run.absent = []
+            try:
+                for round_ in range(1, spec.training.rounds + 1):
+                    round_start = time.perf_counter()
+                    broadcast = run.begin_round(round_)
+                    if broadcast is None:
+                        break
+                    message, extras = broadcast
+                    try:
+                        updates = run.collect(round_, message, extras, log)
+                    except PrivacyBudgetError as exc:
+                        run.stop(f"stopped in round {round_}: {exc}")
+                        break
+                    run.finish_round(round_, updates, time.perf_counter() - round_start)
+                    checkpoint.save(repeat, round_, run)
+                    log(f"repeat {repeat} round {round_} done: sites {', '.join(s.name for s in run.present)}")
+            finally:
+                results.append(run.close())
+    assert data is not None
+    write_summary(run_dir, experiment, results, time.perf_counter() - started, data, {"main": False})
+    build_report(run_dir)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point the SuperLink calls; never raises: the outcome goes to ``status.json``."""
+    run_dir = Path(str(context.run_config["run-dir"]))
+    log = Log(run_dir)
+    write_status(run_dir, "running")
+    try:
+        coordinate(grid, run_dir, FederationCerts(Path(str(context.run_config["certs"]))), float(context.run_config["connect-timeout-s"]), log)
+    except FedcoreUserError as exc:
+        log(f"error: {exc}")
+        write_status(run_dir, "failed", error=str(exc), exit_code=2)
+    except (RunFailure, MalformedMessage) as exc:
+        log(f"run failed: {exc}")
+        write_status(run_dir, "failed", error=str(exc), exit_code=1)
+    except BaseException as exc:  # an internal error: one line, the traceback in the log
+        log(traceback.format_exc())
+        write_status(run_dir, "failed", error=f"internal error: {type(exc).__name__}: {exc} (traceback in {log.path})", exit_code=1)
+    else:
+        write_status(run_dir, "complete")
