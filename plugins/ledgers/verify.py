@@ -226,7 +226,11 @@ def _header_keys(genesis: Entry, anchor: TrustAnchor) -> tuple[str, dict[str, st
         return "", {}, Problem(0, "header (entry 0) is unreadable")
     if genesis.seq != 0 or genesis.kind != "genesis" or genesis.writer != "server":
         return ledger_id, {}, Problem(0, "entry 0 is not the server's genesis header")
-    if hashlib.sha256(canonical_json(header)).hexdigest() != genesis.payload_sha256:
+    try:
+        header_digest = hashlib.sha256(canonical_json(header)).hexdigest()
+    except (ValueError, TypeError, RecursionError):
+        header_digest = ""
+    if header_digest != genesis.payload_sha256:
         return ledger_id, {}, Problem(0, "header does not match its digest (edited)")
     keys: dict[str, str] = {}
     for name, info in sorted(participants.items()):
@@ -334,7 +338,7 @@ def _kept_heads(path: Path, ledger_id: str) -> list[tuple[str, Any]]:
         try:
             lines = [line for line in heads.read_text(encoding="utf-8").splitlines() if line.strip()]
             newest: Any = json.loads(lines[-1]) if lines else None
-        except (OSError, UnicodeDecodeError, ValueError):
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             newest = {}
         if newest is not None:
             found.append((str(heads), newest))
@@ -343,14 +347,15 @@ def _kept_heads(path: Path, ledger_id: str) -> list[tuple[str, Any]]:
 
 def _summary_head(path: Path, ledger_id: str) -> tuple[str, Any] | None:
     """The final signed head this ledger's run recorded in the run directory's summary.json."""
-    for candidate in path.parents:
+    # The run directory of a sqlite-chain ledger: RUN/ledger/<arm>-r<repeat>/ledger.sqlite.
+    for candidate in path.parents[1:2]:
         summary = candidate / SUMMARY_FILE
         if not summary.is_file():
             continue
         try:
             document = json.loads(summary.read_text(encoding="utf-8"))
             runs = [run for arm in document["arms"] for run in arm["federated"]["runs"]]
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
             return (str(summary), {})
         for run in runs:
             ledger = run.get("ledger") if isinstance(run, dict) else None
