@@ -348,7 +348,7 @@ def _kept_heads(path: Path, ledger_id: str) -> list[tuple[str, Any]]:
 def _summary_head(path: Path, ledger_id: str) -> tuple[str, Any] | None:
     """The final signed head this ledger's run recorded in the run directory's summary.json."""
     # The run directory of a sqlite-chain ledger: RUN/ledger/<arm>-r<repeat>/ledger.sqlite.
-    for candidate in path.parents[1:2]:
+    for candidate in path.resolve().parents[2:3]:
         summary = candidate / SUMMARY_FILE
         if not summary.is_file():
             continue
