@@ -122,6 +122,12 @@ RELEASES: tuple[Release, ...] = (
 )
 
 
+#: dataset report sections (by title) that hold no per-site counts: the only ones a run
+#: with a DP arm keeps (the others -- class balance, imputed values, split sizes by
+#: dataset plugin -- are withheld from summary.json and the report)
+SECTIONS_WITHOUT_COUNTS = frozenset({"Data: column types"})
+
+
 def declaration(message: str, path: str) -> Release | None:
     """The declared release of ``message``'s field ``path``, or None when undeclared."""
     return next((r for r in RELEASES if r.matches(message, path)), None)

@@ -40,7 +40,13 @@ def test_report_under_record_level_dp(tmp_path: Path) -> None:
 
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text())
+    assert "Data: class balance" not in summary["data"]["sections"]  # not kept in the run's files either
+    assert "Data: class balance" in summary["data"]["withheld_sections"]
+
+    # Without DP the same report shows the sections (a summary edited to have no DP arm).
     summary["reproducible_noise"] = False
+    summary["data"]["sections"]["Data: class balance"] = "| site | a | b |"
+    summary["data"]["withheld_sections"] = []
     for arm in summary["arms"]:
         arm["privacy_specs"] = []
     summary_path.write_text(json.dumps(summary))
