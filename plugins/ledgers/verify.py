@@ -258,22 +258,25 @@ def verify_file(
     """Verify one ledger file. A missing file is a :class:`DataError`; any unreadable byte a failed result."""
     if not path.is_file():
         raise DataError("ledger file not found", where=str(path), hint=f"pass a {LEDGER_FILE} or a run directory")
-    entries, problem = read_entries(path)
-    if problem is None and not entries:
-        problem = Problem(0, "the ledger is empty")
-    ledger_id, keys = "", {}
-    if problem is None:
-        ledger_id, keys, problem = _header_keys(entries[0], anchor)
-    if problem is not None:
-        return _failed(path, entries, problem)
-    canonicals, problem = _check_chain(entries, ledger_id, keys)
-    # Signatures up to the first chain problem: the reported entry is the first bad one either way.
-    checked = len(canonicals)
-    bad_signature = _first_bad_signature(entries[:checked], canonicals, keys, workers)
-    problems = [p for p in (problem, bad_signature) if p is not None]
-    heads = _heads(path, ledger_id, keys, head)
-    for signed in heads:
-        problems += _check_head(entries, signed)
+    entries, read_problem = read_entries(path)
+    problems = [read_problem] if read_problem is not None else []
+    heads: list[SignedHead] = []
+    if not entries and not problems:
+        problems.append(Problem(0, "the ledger is empty"))
+    elif entries:
+        # The rows read before any unreadable one are checked too: the first bad entry is reported.
+        ledger_id, keys, header_problem = _header_keys(entries[0], anchor)
+        if header_problem is not None:
+            problems.append(header_problem)
+        else:
+            canonicals, chain_problem = _check_chain(entries, ledger_id, keys)
+            # Signatures up to the first chain problem: the reported entry is the first bad one either way.
+            bad_signature = _first_bad_signature(entries[: len(canonicals)], canonicals, keys, workers)
+            problems += [p for p in (chain_problem, bad_signature) if p is not None]
+            if read_problem is None:
+                heads = _heads(path, ledger_id, keys, head)
+                for signed in heads:
+                    problems += _check_head(entries, signed)
     if problems:
         return _failed(path, entries, min(problems, key=lambda p: p.position))
     if heads:
