@@ -33,8 +33,9 @@ def test_report_under_record_level_dp(tmp_path: Path) -> None:
     assert "### Data: class balance" not in report and "### Data: values imputed" not in report
     assert "Withheld under DP (exact per-site counts)" in report
     assert "Released outside the guarantee" in report
-    assert "`ClientUpdate.train_loss`" in report and "`SiteEvaluation.test_confusion`" in report
-    assert "`ClientUpdate.delta`" not in report.split("Released outside the guarantee")[1]
+    outside = report.split("Released outside the guarantee")[1].split("##")[0]
+    assert "`ClientUpdate` `n_samples`" in outside and "`train_loss`" in outside and "`test_confusion`" in outside
+    assert "`delta`" not in outside and "scaffold" not in outside  # protected; not sent in this run
     assert "Not private against anyone who knows the seed (4)" in report
     assert "Non-private models in this directory" in report
 

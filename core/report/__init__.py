@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedcore.errors import FedcoreUserError
 from fedcore.metrics import convergence_epoch, mean_sd
-from fedcore.releases import SECTIONS_WITHOUT_COUNTS, outside_guarantee, protections
+from fedcore.releases import SECTIONS_WITHOUT_COUNTS, outside_text, protections
 from fedcore.types import RoundRecord, json_digest
 
 if TYPE_CHECKING:
@@ -326,16 +326,19 @@ def _releases_section(summary: dict[str, Any]) -> str:
             "from the seed. Use it for tests and exact replication only.",
             "",
         ]
-    by_protection: dict[frozenset[str], list[str]] = defaultdict(list)
+    by_release: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for arm in summary["arms"]:
-        by_protection[protections(arm.get("privacy_specs", []))].append(arm["label"])
-    lines.append("Released outside the guarantee (every field sites send is declared in `fedcore.releases`):")
-    for protection, labels in by_protection.items():
+        privacy = arm.get("privacy_specs", [])
+        protection = protections(privacy)
         if protection == {"none"}:
-            lines.append(f"- arm(s) {', '.join(labels)}: no DP mechanism; everything sites send is outside any guarantee")
+            by_release[("no DP mechanism: everything sites send is outside any guarantee",)].append(arm["label"])
             continue
-        fields = "; ".join(f"`{r.message}.{r.field}`: {r.what}" for r in outside_guarantee(protection))
-        lines.append(f"- arm(s) {', '.join(labels)} ({', '.join(sorted(protection))} DP): {fields}")
+        uses = {p.get("use") for p in privacy} | {(arm.get("aggregator") or {}).get("use")}
+        by_release[tuple(outside_text(protection, uses))].append(arm["label"])
+    lines.append("Released outside the guarantee (every field sites send is declared in `fedcore.releases`):")
+    for fields, labels in by_release.items():
+        lines.append(f"- arm(s) {', '.join(labels)}:")
+        lines += [f"  - {field}" for field in fields]
     centralized = [arm["label"] for arm in summary["arms"] if arm.get("centralized")]
     if centralized and _protection(summary) != {"none"}:
         lines += [
