@@ -24,7 +24,6 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from fedcore.randomness import secret_bytes
 from fedcore.types import ClientUpdate

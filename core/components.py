@@ -327,7 +327,13 @@ class PrivacyMechanism(Component):
     unit: ClassVar[str] = "record"
 
     def transform_sum(self, summed: SecureSum, generator: np.random.Generator) -> SecureSum:
-        """Server side: return the sum to aggregate (central DP adds noise here)."""
+        """Server side: return the sum to aggregate (central DP adds noise here).
+
+        :param summed: the (secure) sum of the round's released updates.
+        :param generator: the server's seeded generator, for randomness that should
+            replicate; DP noise must not come from it (it is predictable from the seed):
+            draw noise keys from ``SiteInfo.secrets`` (:class:`fedcore.randomness.Secrets`).
+        """
         return summed
 
     def refuse_round(self, round: int) -> str | None:

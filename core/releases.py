@@ -22,7 +22,7 @@ spec send and fails on any field not declared here.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,12 +46,15 @@ class Release:
     :ivar field: the field's dotted path; ``*`` stands for any one name (a column, an extra).
     :ivar what: what it tells a reader, for the report.
     :ivar inside: the protections under which it is inside the DP guarantee.
+    :ivar sent_with: the component (its ``use`` name) whose presence makes sites send it,
+        or None when every run sends it.
     """
 
     message: str
     field: str
     what: str
     inside: frozenset[str]
+    sent_with: str | None = None
 
     def matches(self, message: str, path: str) -> bool:
         return message == self.message and fnmatch.fnmatchcase(path, self.field)
@@ -82,16 +85,18 @@ RELEASES: tuple[Release, ...] = (
         "extras.scaffold.control_delta",
         "SCAFFOLD's control-variate change (post-processing of DP-SGD under record-level DP)",
         frozenset({"record"}),
+        "scaffold",
     ),
     Release(
         "ClientUpdate",
         "extras.central-dp.unclipped",
         "adaptive clipping's unclipped bit (only its noised, accounted sum is used)",
         frozenset({"central"}),
+        "central-dp",
     ),
     Release("SiteEvaluation", "site", "the site's index", PUBLIC),
     *(
-        Release("SiteEvaluation", f"{split}.{metric}", f"the global model's {split} {metric} at the site (exact)", OUTSIDE)
+        Release("SiteEvaluation", f"{split}.{metric}", "the global model's exact metrics on the site's splits", OUTSIDE)
         for split in ("validation", "test")
         for metric in _METRICS
     ),
@@ -99,7 +104,7 @@ RELEASES: tuple[Release, ...] = (
         Release(
             "SiteEvaluation",
             f"{split}_confusion",
-            f"the exact {split} confusion matrix at the site (its class counts included)",
+            "the exact confusion matrices on the site's splits (their class counts included)",
             OUTSIDE,
         )
         for split in ("validation", "test")
@@ -116,10 +121,16 @@ RELEASES: tuple[Release, ...] = (
     Release("SiteSummary", "categorical.*.missing", "preprocessing: missing values per categorical column", OUTSIDE),
     Release("SiteDescription", "name", "the site's name", PUBLIC),
     *(
-        Release("SiteDescription", split, f"the exact size of the site's {split} split", OUTSIDE)
+        Release("SiteDescription", split, "the exact sizes of the site's splits", OUTSIDE)
         for split in ("train", "validation", "test")
     ),
 )
+
+
+#: dataset report sections (by title) that hold no per-site counts: the only ones a run
+#: with a DP arm keeps (the others -- class balance, imputed values, split sizes by
+#: dataset plugin -- are withheld from summary.json and the report)
+SECTIONS_WITHOUT_COUNTS = frozenset({"Data: column types"})
 
 
 def declaration(message: str, path: str) -> Release | None:
@@ -160,16 +171,26 @@ def protections(privacy: Iterable[Mapping[str, Any]]) -> frozenset[str]:
     return frozenset(found) or frozenset({"none"})
 
 
-def outside_guarantee(protection: frozenset[str], messages: Sequence[str] | None = None) -> list[Release]:
+def outside_guarantee(protection: frozenset[str], uses: Iterable[str] | None = None) -> list[Release]:
     """The declared fields released outside the guarantee under ``protection``.
 
     A field is inside when every protection the run has covers it.
 
     :param protection: from :func:`protections`.
-    :param messages: only these message types (default: all).
+    :param uses: the run's component names; a field sent only with a component not
+        among them is left out (default: every field).
     """
+    present = None if uses is None else set(uses)
     return [
         r
         for r in RELEASES
-        if not protection <= r.inside and (messages is None or r.message in messages)
+        if not protection <= r.inside and (present is None or r.sent_with is None or r.sent_with in present)
     ]
+
+
+def outside_text(protection: frozenset[str], uses: Iterable[str] | None = None) -> list[str]:
+    """:func:`outside_guarantee` as report lines: per message, the fields that share a description."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for release in outside_guarantee(protection, uses):
+        groups.setdefault((release.message, release.what), []).append(release.field)
+    return [f"`{message}` {', '.join(f'`{f}`' for f in fields)}: {what}" for (message, what), fields in groups.items()]

@@ -42,6 +42,7 @@ def test_fresh_run_ledger_verifies_with_the_cli(tmp_path: Path) -> None:
     anchor = run_dir / "ledger" / "main-r0" / "public-keys.json"
     ok = subprocess.run([str(fedcore), "ledger", "verify", str(run_dir), "--keys", str(anchor)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+    assert "head checked: " + str(run_dir / "summary.json") in ok.stdout  # the run's own signed head, by default
     ok = subprocess.run([str(fedcore), "ledger", "verify", str(db), "--keys", str(anchor), "--head", ledger["head"]],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

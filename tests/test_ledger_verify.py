@@ -129,3 +129,14 @@ def test_200_random_byte_flips_all_detected_none_crash(pristine: Path) -> None:
     assert tally.crashed == 0, tally.crashes
     assert tally.changed > 50, tally.line()  # the flips did hit content
     assert tally.detected_changed == tally.changed, (tally.line(), tally.missed)
+
+
+def test_the_first_bad_entry_is_named_when_a_later_row_is_unreadable(ledger_dir: Path) -> None:
+    db = ledger_dir / LEDGER_FILE
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE entries SET payload_sha256 = ? WHERE seq = 3", ("0" * 64,))
+    conn.close()  # the last connection checkpoints the WAL into the file
+    rewrite_rowid_in_place(db, 10, 99)
+    result = verify_file(db, anchor_of(ledger_dir), None, workers=1)
+    assert (result.ok, result.first_bad_sequence) == (False, 3), result.message

@@ -116,5 +116,7 @@ def test_the_outside_list_follows_the_protection() -> None:
     assert "ClientUpdate.n_samples" in record and "ClientUpdate.n_samples" not in site
     assert {"ClientUpdate.train_loss", "ClientUpdate.local_steps", "SiteEvaluation.test_confusion"} <= record & site
     assert "ClientUpdate.site" not in none
+    fedavg = {r.field for r in releases.outside_guarantee(frozenset({"none"}), uses={"fedavg"})}
+    assert "extras.scaffold.control_delta" not in fedavg and "delta" in fedavg
     assert releases.protections([{"use": "gaussian", "settings": {"level": "site"}}]) == {"site"}
     assert releases.protections([]) == {"none"}

@@ -33,14 +33,21 @@ def test_report_under_record_level_dp(tmp_path: Path) -> None:
     assert "### Data: class balance" not in report and "### Data: values imputed" not in report
     assert "Withheld under DP (exact per-site counts)" in report
     assert "Released outside the guarantee" in report
-    assert "`ClientUpdate.train_loss`" in report and "`SiteEvaluation.test_confusion`" in report
-    assert "`ClientUpdate.delta`" not in report.split("Released outside the guarantee")[1]
+    outside = report.split("Released outside the guarantee")[1].split("##")[0]
+    assert "`ClientUpdate` `n_samples`" in outside and "`train_loss`" in outside and "`test_confusion`" in outside
+    assert "`delta`" not in outside and "scaffold" not in outside  # protected; not sent in this run
     assert "Not private against anyone who knows the seed (4)" in report
     assert "Non-private models in this directory" in report
 
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text())
+    assert "Data: class balance" not in summary["data"]["sections"]  # not kept in the run's files either
+    assert "Data: class balance" in summary["data"]["withheld_sections"]
+
+    # Without DP the same report shows the sections (a summary edited to have no DP arm).
     summary["reproducible_noise"] = False
+    summary["data"]["sections"]["Data: class balance"] = "| site | a | b |"
+    summary["data"]["withheld_sections"] = []
     for arm in summary["arms"]:
         arm["privacy_specs"] = []
     summary_path.write_text(json.dumps(summary))

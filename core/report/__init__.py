@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedcore.errors import FedcoreUserError
 from fedcore.metrics import convergence_epoch, mean_sd
+from fedcore.releases import SECTIONS_WITHOUT_COUNTS, outside_text, protections
 from fedcore.report.audits import audits_section, leakage_figure
 from fedcore.types import RoundRecord, json_digest
 
@@ -126,6 +127,9 @@ def write_summary(
             }
         )
     spec = experiment.spec
+    # Under DP no file of the run keeps the data sections with exact per-site counts.
+    private = _protection({"arms": arms}) != {"none"}
+    withheld = [t for t in data.report_sections if private and t not in SECTIONS_WITHOUT_COUNTS]
     summary = {
         "name": spec.name,
         "spec_sha256": json_digest(spec.model_dump(mode="json")),
@@ -142,7 +146,8 @@ def write_summary(
             ],
             "features": data.n_features,
             "classes": data.class_names,
-            "sections": data.report_sections,
+            "sections": {t: b for t, b in data.report_sections.items() if t not in withheld},
+            "withheld_sections": withheld,
             "released_statistics": sorted(data.released_statistics),
         },
         "arms": arms,
@@ -310,16 +315,12 @@ def _privacy_section(summary: dict[str, Any]) -> str:
 
 def _protection(summary: dict[str, Any]) -> frozenset[str]:
     """Every protection some arm of the run has (``{"none"}`` where none has DP)."""
-    from fedcore.releases import protections
-
     return frozenset().union(*(protections(arm.get("privacy_specs", [])) for arm in summary["arms"]))
 
 
 def _releases_section(summary: dict[str, Any]) -> str:
     """What left the sites outside the DP guarantee (from :mod:`fedcore.releases`), seed
     exposure in the reproducible mode, and the non-private models in this directory."""
-    from fedcore.releases import outside_guarantee, protections
-
     lines: list[str] = []
     if summary.get("reproducible_noise"):
         lines += [
@@ -328,16 +329,19 @@ def _releases_section(summary: dict[str, Any]) -> str:
             "from the seed. Use it for tests and exact replication only.",
             "",
         ]
-    by_protection: dict[frozenset[str], list[str]] = defaultdict(list)
+    by_release: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for arm in summary["arms"]:
-        by_protection[protections(arm.get("privacy_specs", []))].append(arm["label"])
-    lines.append("Released outside the guarantee (every field sites send is declared in `fedcore.releases`):")
-    for protection, labels in by_protection.items():
+        privacy = arm.get("privacy_specs", [])
+        protection = protections(privacy)
         if protection == {"none"}:
-            lines.append(f"- arm(s) {', '.join(labels)}: no DP mechanism; everything sites send is outside any guarantee")
+            by_release[("no DP mechanism: everything sites send is outside any guarantee",)].append(arm["label"])
             continue
-        fields = "; ".join(f"`{r.message}.{r.field}`: {r.what}" for r in outside_guarantee(protection))
-        lines.append(f"- arm(s) {', '.join(labels)} ({', '.join(sorted(protection))} DP): {fields}")
+        uses = {p.get("use") for p in privacy} | {(arm.get("aggregator") or {}).get("use")}
+        by_release[tuple(outside_text(protection, uses))].append(arm["label"])
+    lines.append("Released outside the guarantee (every field sites send is declared in `fedcore.releases`):")
+    for fields, labels in by_release.items():
+        lines.append(f"- arm(s) {', '.join(labels)}:")
+        lines += [f"  - {field}" for field in fields]
     centralized = [arm["label"] for arm in summary["arms"] if arm.get("centralized")]
     if centralized and _protection(summary) != {"none"}:
         lines += [
@@ -346,10 +350,6 @@ def _releases_section(summary: dict[str, Any]) -> str:
             "trained on the pooled data without DP); share only the federated checkpoints of DP arms.",
         ]
     return "\n".join(lines)
-
-
-#: data sections (by title) that hold no per-site counts, shown even when a DP arm runs
-SECTIONS_WITHOUT_COUNTS = frozenset({"Data: column types"})
 
 
 def _privacy_figure(run_dir: Path, summary: dict[str, Any]) -> list[str]:
@@ -478,6 +478,7 @@ def build_report(run_dir: Path | str) -> Path:
         )
     private = _protection(summary) != {"none"}
     withheld = [t for t in data.get("sections", {}) if private and t not in SECTIONS_WITHOUT_COUNTS]
+    withheld += [t for t in data.get("withheld_sections", []) if t not in withheld]
     for title, body in data.get("sections", {}).items():
         if title not in withheld:
             out += ["", f"### {title}", "", body]

@@ -226,7 +226,11 @@ def _header_keys(genesis: Entry, anchor: TrustAnchor) -> tuple[str, dict[str, st
         return "", {}, Problem(0, "header (entry 0) is unreadable")
     if genesis.seq != 0 or genesis.kind != "genesis" or genesis.writer != "server":
         return ledger_id, {}, Problem(0, "entry 0 is not the server's genesis header")
-    if hashlib.sha256(canonical_json(header)).hexdigest() != genesis.payload_sha256:
+    try:
+        header_digest = hashlib.sha256(canonical_json(header)).hexdigest()
+    except (ValueError, TypeError, RecursionError):
+        header_digest = ""
+    if header_digest != genesis.payload_sha256:
         return ledger_id, {}, Problem(0, "header does not match its digest (edited)")
     keys: dict[str, str] = {}
     for name, info in sorted(participants.items()):
@@ -254,22 +258,25 @@ def verify_file(
     """Verify one ledger file. A missing file is a :class:`DataError`; any unreadable byte a failed result."""
     if not path.is_file():
         raise DataError("ledger file not found", where=str(path), hint=f"pass a {LEDGER_FILE} or a run directory")
-    entries, problem = read_entries(path)
-    if problem is None and not entries:
-        problem = Problem(0, "the ledger is empty")
-    ledger_id, keys = "", {}
-    if problem is None:
-        ledger_id, keys, problem = _header_keys(entries[0], anchor)
-    if problem is not None:
-        return _failed(path, entries, problem)
-    canonicals, problem = _check_chain(entries, ledger_id, keys)
-    # Signatures up to the first chain problem: the reported entry is the first bad one either way.
-    checked = len(canonicals)
-    bad_signature = _first_bad_signature(entries[:checked], canonicals, keys, workers)
-    problems = [p for p in (problem, bad_signature) if p is not None]
-    heads = _heads(path, ledger_id, keys, head)
-    for signed in heads:
-        problems += _check_head(entries, signed)
+    entries, read_problem = read_entries(path)
+    problems = [read_problem] if read_problem is not None else []
+    heads: list[SignedHead] = []
+    if not entries and not problems:
+        problems.append(Problem(0, "the ledger is empty"))
+    elif entries:
+        # The rows read before any unreadable one are checked too: the first bad entry is reported.
+        ledger_id, keys, header_problem = _header_keys(entries[0], anchor)
+        if header_problem is not None:
+            problems.append(header_problem)
+        else:
+            canonicals, chain_problem = _check_chain(entries, ledger_id, keys)
+            # Signatures up to the first chain problem: the reported entry is the first bad one either way.
+            bad_signature = _first_bad_signature(entries[: len(canonicals)], canonicals, keys, workers)
+            problems += [p for p in (chain_problem, bad_signature) if p is not None]
+            if read_problem is None:
+                heads = _heads(path, ledger_id, keys, head)
+                for signed in heads:
+                    problems += _check_head(entries, signed)
     if problems:
         return _failed(path, entries, min(problems, key=lambda p: p.position))
     if heads:
@@ -334,7 +341,7 @@ def _kept_heads(path: Path, ledger_id: str) -> list[tuple[str, Any]]:
         try:
             lines = [line for line in heads.read_text(encoding="utf-8").splitlines() if line.strip()]
             newest: Any = json.loads(lines[-1]) if lines else None
-        except (OSError, UnicodeDecodeError, ValueError):
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             newest = {}
         if newest is not None:
             found.append((str(heads), newest))
@@ -343,14 +350,15 @@ def _kept_heads(path: Path, ledger_id: str) -> list[tuple[str, Any]]:
 
 def _summary_head(path: Path, ledger_id: str) -> tuple[str, Any] | None:
     """The final signed head this ledger's run recorded in the run directory's summary.json."""
-    for candidate in path.parents:
+    # The run directory of a sqlite-chain ledger: RUN/ledger/<arm>-r<repeat>/ledger.sqlite.
+    for candidate in path.resolve().parents[2:3]:
         summary = candidate / SUMMARY_FILE
         if not summary.is_file():
             continue
         try:
             document = json.loads(summary.read_text(encoding="utf-8"))
             runs = [run for arm in document["arms"] for run in arm["federated"]["runs"]]
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
             return (str(summary), {})
         for run in runs:
             ledger = run.get("ledger") if isinstance(run, dict) else None
