@@ -140,7 +140,7 @@ def test_fabric_ledger_plugin_round_trip(tmp_path: Path) -> None:
     assert sorted(e["writer"] for e in ledger.read_entries(1)) == ["server", "site-0", "site-1"]
     summary = ledger.close()
     assert summary["transactions"] == 4 and summary["entries_on_chain"] == 4
-    assert summary["consensus"].startswith("none: FakeFabricGateway")
+    assert summary["consensus"].startswith("none: simulated Fabric gateway")
     assert summary["head"] == f"{head.sequence}:{head.entry_hash}"
 
 
@@ -166,3 +166,22 @@ def test_official_node_client_against_the_fake(network, tmp_path: Path, tamper: 
         report = json.loads(done.stdout.strip().splitlines()[-1])
         assert report["status"] == "VALID" and report["blockNumber"] >= 1
         assert report["entries"][0]["writer"] == "site-1"
+
+
+@pytest.mark.slow
+def test_a_fake_runs_report_says_simulated_wherever_it_says_fabric(tmp_path: Path) -> None:
+    from fedcore.engine.runner import run_experiment
+    from fedcore.spec import load_experiment
+
+    spec = """
+name: fake-ledger
+seed: 1
+data: {use: synthetic-ehr, settings: {sites: 2, patients_per_site: 100}}
+training: {rounds: 1, local_epochs: 1, batch_size: 64}
+ledger: {use: fabric}
+execution: {progress: false, checkpoints: false}
+"""
+    run_dir = run_experiment(load_experiment(None, [], text=spec), out=tmp_path / "run", workers=1, progress=False)
+    # "Fabric" (the network) only beside "simulated"; `fabric` alone is the plugin's name, as the spec says it.
+    lines = [line for line in (run_dir / "report.md").read_text().splitlines() if "Fabric" in line]
+    assert lines and all(line.count("simulated") >= line.replace("FakeFabricGateway", "").count("Fabric") for line in lines), lines
