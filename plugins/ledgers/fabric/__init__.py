@@ -131,7 +131,15 @@ class FabricLedger(Ledger):
         else:
             self.clients = self._fake_clients(s, everyone)
         self.simulated = self._fake is not None
-        self.consensus = _simulated_consensus() if self.simulated else channel_consensus(self.clients["server"])
+        if self.simulated:
+            self.consensus = _simulated_consensus()
+        else:
+            from fedcore.plugins.ledgers.fabric.client import FabricTransactionError
+
+            try:
+                self.consensus = channel_consensus(self.clients["server"])
+            except FabricTransactionError as exc:
+                raise RunFailure(f"Fabric: cannot read the channel's config through the coordinator's peer: {exc}") from None
         self.run_id = self.directory.name + "-" + str(time.time_ns())
         self.receipts = self.directory / RECEIPTS
         self.unconfirmed = self.directory / UNCONFIRMED
@@ -286,8 +294,9 @@ def _local_clients(s: FabricSettings, everyone: list[str]) -> tuple[dict[str, An
 
     assert s.network is not None
     network = LocalNetwork(network_dir(s.network))
-    if not network.running():  # a partly stopped network is used as it is: BFT tolerates a stopped orderer
-        network.up(log=lambda _msg: None)
+    with network.lock():  # parallel workers of one run: one of them starts the network
+        if not network.running():  # a partly stopped network is used as it is: BFT tolerates a stopped orderer
+            network.up(log=lambda _msg: None)
     profile = network.profile()
     assert profile is not None
     known = {org["participant"] for org in profile["organizations"]}

@@ -28,6 +28,16 @@ FIELDS = ("round", "kind", "writer", "payloadSha256", "metadata")
 
 
 def verify_run(target: Path) -> LedgerVerification:
+    from fedcore.plugins.ledgers.fabric.client import FabricTransactionError
+
+    try:
+        return _verify(target)
+    except FabricTransactionError as exc:
+        raise DataError(f"cannot read the channel through the coordinator's peer: {exc}", where=str(target),
+                        hint="is the network up? `fedcore fabric status`") from None
+
+
+def _verify(target: Path) -> LedgerVerification:
     from fedcore.plugins.ledgers.fabric import CONNECTION, RECEIPTS, UNCONFIRMED
 
     folders = sorted({p.parent for p in Path(target).rglob(CONNECTION)}) if Path(target).is_dir() else []
