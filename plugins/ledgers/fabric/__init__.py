@@ -22,6 +22,7 @@ channel's config block.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -296,6 +297,7 @@ def _local_clients(s: FabricSettings, everyone: list[str]) -> tuple[dict[str, An
     network = LocalNetwork(network_dir(s.network))
     with network.lock():  # parallel workers of one run: one of them starts the network
         if not network.running():  # a partly stopped network is used as it is: BFT tolerates a stopped orderer
+            print(f"fabric ledger: starting the local network in {network.root} (under a minute)", file=sys.stderr)
             network.up(log=lambda _msg: None)
     profile = network.profile()
     assert profile is not None
