@@ -97,6 +97,18 @@ def test_shrunk_paper_run_commits_every_digest_and_verify_rereads_the_channel(ne
     assert "simulated" not in ledger["ledger"]
     ok = verify_run(run_dir)  # what `fedcore ledger verify RUN --ledger fabric` runs (the CLI is used below)
     assert ok.ok and ok.entries == len(kinds), ok.message
+    # Each block is signed by a BFT quorum of the consenters (checked against their certificates in the config block).
+    from fabric_protos.common import common_pb2
+
+    from fedcore.plugins.ledgers.fabric import block_bytes, consenters, orderer_config
+    from fedcore.plugins.ledgers.fabric.verify import bft_signers
+
+    with connect(network.profile()) as clients:
+        signers = consenters(orderer_config(clients["server"])[1])
+        block = common_pb2.Block.FromString(block_bytes(clients["server"], receipts[-1]["block"]))
+    assert len(signers) == 4 and len(bft_signers(block, signers)[0]) >= 3
+    block.header.number += 1
+    assert bft_signers(block, signers)[0] == set()
     # Change one local record (site-1's round-2 update digest): detected against the peer's copy.
     path = run_dir / "ledger" / "main-r0" / RECEIPTS
     line = next(i for i, r in enumerate(receipts) if r["writer"] == "site-1" and r["entries"][0]["round"] == 2)
