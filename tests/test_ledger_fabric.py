@@ -140,7 +140,7 @@ def test_fabric_ledger_plugin_round_trip(tmp_path: Path) -> None:
     assert sorted(e["writer"] for e in ledger.read_entries(1)) == ["server", "site-0", "site-1"]
     summary = ledger.close()
     assert summary["transactions"] == 4 and summary["entries_on_chain"] == 4
-    assert summary["consensus"].startswith("none: FakeFabricGateway")
+    assert summary["consensus"].startswith("none: simulated Fabric gateway")
     assert summary["head"] == f"{head.sequence}:{head.entry_hash}"
 
 
@@ -166,3 +166,57 @@ def test_official_node_client_against_the_fake(network, tmp_path: Path, tamper: 
         report = json.loads(done.stdout.strip().splitlines()[-1])
         assert report["status"] == "VALID" and report["blockNumber"] >= 1
         assert report["entries"][0]["writer"] == "site-1"
+
+
+@pytest.mark.slow
+def test_a_fake_runs_report_says_simulated_wherever_it_says_fabric(tmp_path: Path) -> None:
+    from fedcore.engine.runner import run_experiment
+    from fedcore.spec import load_experiment
+
+    spec = """
+name: fake-ledger
+seed: 1
+data: {use: synthetic-ehr, settings: {sites: 2, patients_per_site: 100}}
+training: {rounds: 1, local_epochs: 1, batch_size: 64}
+ledger: {use: fabric}
+execution: {progress: false, checkpoints: false}
+"""
+    run_dir = run_experiment(load_experiment(None, [], text=spec), out=tmp_path / "run", workers=1, progress=False)
+    # "Fabric" (the network) only beside "simulated"; `fabric` alone is the plugin's name, as the spec says it.
+    lines = [line for line in (run_dir / "report.md").read_text().splitlines() if "Fabric" in line]
+    assert lines and all(line.count("simulated") >= line.replace("FakeFabricGateway", "").count("Fabric") for line in lines), lines
+
+
+def test_fabric_up_without_binaries_fails_with_one_line(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    fedcore = str(Path(sys.executable).with_name("fedcore"))
+    env = {**os.environ, "FEDCORE_FABRIC_BIN": str(tmp_path / "no-build")}
+    done = subprocess.run([fedcore, "fabric", "up", "--dir", str(tmp_path / "net")], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Fabric binary 'peer' not found" in done.stderr and "fedcore fabric build" in done.stderr
+    assert not (tmp_path / "net" / "orgs").exists()  # nothing half-written
+
+
+def test_network_layout_bft_config_and_ccaas_package(tmp_path: Path) -> None:
+    import hashlib
+    import io
+    import tarfile
+
+    from fedcore.plugins.ledgers.fabric.network import bft_quorum, chaincode_package, configtx, endorsement_policy, organizations
+
+    orgs = organizations(3, 17050)
+    assert [o.participant for o in orgs] == ["server", "site-0", "site-1", "site-2"]
+    assert len({p for o in orgs for p in (o.orderer_port, o.orderer_admin_port, o.peer_port, o.chaincode_port)}) == 16
+    assert [bft_quorum(n) for n in (4, 7, 10)] == [3, 5, 7]
+    assert endorsement_policy(orgs) == "AND('CoordinatorMSP.peer',OR('Site0MSP.peer','Site1MSP.peer','Site2MSP.peer'))"
+    orderer = configtx(tmp_path, orgs)["Profiles"]["FedcoreBFT"]["Orderer"]
+    assert orderer["OrdererType"] == "BFT" and [c["ID"] for c in orderer["ConsenterMapping"]] == [1, 2, 3, 4]
+    package, package_id = chaincode_package(orgs[1], "fedcore-ledger_1.0")
+    assert package_id == "fedcore-ledger_1.0:" + hashlib.sha256(package).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(package)) as outer:
+        assert json.loads(outer.extractfile("metadata.json").read())["type"] == "ccaas"  # type: ignore[union-attr]
+        with tarfile.open(fileobj=io.BytesIO(outer.extractfile("code.tar.gz").read())) as code:  # type: ignore[union-attr]
+            assert json.loads(code.extractfile("connection.json").read())["address"] == "127.0.0.1:17066"  # type: ignore[union-attr]

@@ -22,6 +22,7 @@ channel's config block.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,7 +132,15 @@ class FabricLedger(Ledger):
         else:
             self.clients = self._fake_clients(s, everyone)
         self.simulated = self._fake is not None
-        self.consensus = _simulated_consensus() if self.simulated else channel_consensus(self.clients["server"])
+        if self.simulated:
+            self.consensus = _simulated_consensus()
+        else:
+            from fedcore.plugins.ledgers.fabric.client import FabricTransactionError
+
+            try:
+                self.consensus = channel_consensus(self.clients["server"])
+            except FabricTransactionError as exc:
+                raise RunFailure(f"Fabric: cannot read the channel's config through the coordinator's peer: {exc}") from None
         self.run_id = self.directory.name + "-" + str(time.time_ns())
         self.receipts = self.directory / RECEIPTS
         self.unconfirmed = self.directory / UNCONFIRMED
@@ -286,8 +295,10 @@ def _local_clients(s: FabricSettings, everyone: list[str]) -> tuple[dict[str, An
 
     assert s.network is not None
     network = LocalNetwork(network_dir(s.network))
-    if not network.running():  # a partly stopped network is used as it is: BFT tolerates a stopped orderer
-        network.up(log=lambda _msg: None)
+    with network.lock():  # parallel workers of one run: one of them starts the network
+        if not network.running():  # a partly stopped network is used as it is: BFT tolerates a stopped orderer
+            print(f"fabric ledger: starting the local network in {network.root} (under a minute)", file=sys.stderr)
+            network.up(log=lambda _msg: None)
     profile = network.profile()
     assert profile is not None
     known = {org["participant"] for org in profile["organizations"]}
@@ -326,11 +337,9 @@ def block_bytes(client: Any, number: int) -> bytes:
     return client.evaluate("GetBlockByNumber", client.channel_name, str(number), chaincode="qscc")
 
 
-def channel_consensus(client: Any) -> str:
-    """The channel's ordering, read from its latest config block (not from a setting)."""
+def orderer_config(client: Any) -> tuple[int, Any]:
+    """(index, Orderer config group) of the channel's latest config block, found through the last block's metadata."""
     from fabric_protos.common import common_pb2, configtx_pb2, ledger_pb2
-    from fabric_protos.common import configuration_pb2 as channel_configuration
-    from fabric_protos.orderer import configuration_pb2
 
     info = ledger_pb2.BlockchainInfo.FromString(client.evaluate("GetChainInfo", client.channel_name, chaincode="qscc"))
     last = common_pb2.Block.FromString(block_bytes(client, info.height - 1))
@@ -339,10 +348,26 @@ def channel_consensus(client: Any) -> str:
     block = common_pb2.Block.FromString(block_bytes(client, config_index))
     envelope = common_pb2.Envelope.FromString(block.data.data[0])
     config = configtx_pb2.ConfigEnvelope.FromString(common_pb2.Payload.FromString(envelope.payload).data).config
-    orderer = config.channel_group.groups["Orderer"]
+    return config_index, config.channel_group.groups["Orderer"]
+
+
+def consenters(orderer: Any) -> list[Any]:
+    """The BFT consenters (id, MSP id, identity certificate) of an Orderer config group; [] for other orderer types."""
+    from fabric_protos.common import configuration_pb2
+
+    if "Orderers" not in orderer.values:
+        return []
+    return list(configuration_pb2.Orderers.FromString(orderer.values["Orderers"].value).consenter_mapping)
+
+
+def channel_consensus(client: Any) -> str:
+    """The channel's ordering, read from its latest config block (not from a setting)."""
+    from fabric_protos.orderer import configuration_pb2
+
+    config_index, orderer = orderer_config(client)
     kind = configuration_pb2.ConsensusType.FromString(orderer.values["ConsensusType"].value).type
     text = f"Hyperledger Fabric, orderer type {kind} (channel config block {config_index})"
-    if "Orderers" in orderer.values:
-        n = len(channel_configuration.Orderers.FromString(orderer.values["Orderers"].value).consenter_mapping)
+    n = len(consenters(orderer))
+    if n:
         text += f", {n} consenters, tolerates {(n - 1) // 3} faulty"
     return text

@@ -13,6 +13,9 @@ from fabric_protos.peer import proposal_pb2, transaction_pb2
 from fedcore.plugins.ledgers.fabric.protocol import Identity, build_proposal
 
 
+SUBMIT_FAILURE_GRACE = 5.0  # seconds to look for the commit of a transaction whose submission was reported failed
+
+
 class FabricTransactionError(Exception):
     """The gateway refused a proposal, or the transaction did not commit as VALID.
 
@@ -113,8 +116,17 @@ class GatewayClient:
                 timeout=self.timeout,
             )
         except grpc.RpcError as exc:
-            raise FabricTransactionError(f"submit {function}: {exc.code().name}: {_details(exc)}", tx_id) from None
-        status = self.commit_status(tx_id, self.commit_timeout)
+            # With BFT the gateway needs a quorum of orderers to accept the transaction; an orderer that already
+            # got it forwarded by another answers "request already processed", so with one orderer down the
+            # gateway can report a failure for a transaction that is ordered all the same (hyperledger/fabric
+            # issue 4415). The commit status decides: wait briefly for it before reporting the failure.
+            failure = f"submit {function}: {exc.code().name}: {_details(exc)}"
+            try:
+                status = self.commit_status(tx_id, min(self.commit_timeout, SUBMIT_FAILURE_GRACE))
+            except FabricTransactionError:
+                raise FabricTransactionError(failure, tx_id) from None
+        else:
+            status = self.commit_status(tx_id, self.commit_timeout)
         if status.result != transaction_pb2.TxValidationCode.VALID:
             name = transaction_pb2.TxValidationCode.Name(status.result)
             raise FabricTransactionError(f"transaction {tx_id} committed as {name} in block {status.block_number}")

@@ -46,7 +46,7 @@ from fedcore.plugins.ledgers.fabric.devca import DevCA
 from fedcore.plugins.ledgers.fabric.protocol import Identity, proposal_hash, transaction_id, verify_low_s
 
 CHAINCODE_DIR = Path(__file__).resolve().parent / "chaincode"
-CONSENSUS = "none: FakeFabricGateway (in-process simulation: one peer, one block per transaction, no orderer)"
+CONSENSUS = "none: simulated Fabric gateway (FakeFabricGateway in process: one peer, one block per transaction, no orderer)"
 MAX_CLOCK_SKEW = dt.timedelta(minutes=15)
 
 

@@ -8,8 +8,9 @@ tolerate one faulty orderer. One channel (``fedcore``) whose config says
 ``BFT``; fedcore's Node chaincode is installed, approved by every organization
 and committed through ``peer lifecycle``, and runs as a chaincode-as-a-service
 process per organization (``fabric-chaincode-node server``), reached through the
-external builder in ``ccaas/bin`` (three shell scripts: detect, build, release). A site's entries are endorsed by its own peer
-and the coordinator's (endorsement policy below).
+external builder in ``ccaas/bin`` (three shell scripts: detect, build,
+release). A site's entries are endorsed by its own peer and the coordinator's
+(:func:`endorsement_policy`).
 
 Everything lives under one directory (``fedcore fabric up --dir``; default
 ``~/.local/state/fedcore/fabric-network``): crypto material, configs, ledgers,
@@ -21,6 +22,8 @@ Fabric's binaries are built once from its Go module (:func:`build`) into
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -636,6 +639,25 @@ class LocalNetwork:
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
         tmp.replace(self.state_file)
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = 300.0) -> Iterator[None]:
+        """An exclusive lock on the network directory (``fcntl.flock``), waited for at most ``timeout`` seconds."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("w") as handle:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise NetworkError(f"{self.root} stayed locked for {timeout:.0f} s by another fedcore process") from None
+                    time.sleep(0.2)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # --- process control
     def running(self) -> dict[str, dict[str, Any]]:

@@ -6,7 +6,10 @@ the channel through the server's peer:
 
 1. each receipt's transaction is in the block the receipt names, marked VALID
    in that block's validation flags, and its write set holds exactly the
-   receipt's entries (system chaincode ``qscc``: the committed blocks);
+   receipt's entries (system chaincode ``qscc``: the committed blocks); the
+   block's data hash matches its data and its header carries valid signatures
+   of a BFT quorum of the channel's consenters (checked here, against the
+   consenters' certificates in the channel config, not taken from the peer);
 2. the chaincode's entries of the run (``GetRunEntries``) are exactly the
    receipts' entries, except transactions the run listed in
    ``fabric-unconfirmed.jsonl`` (handed to the orderers when ordering failed;
@@ -28,6 +31,16 @@ FIELDS = ("round", "kind", "writer", "payloadSha256", "metadata")
 
 
 def verify_run(target: Path) -> LedgerVerification:
+    from fedcore.plugins.ledgers.fabric.client import FabricTransactionError
+
+    try:
+        return _verify(target)
+    except FabricTransactionError as exc:
+        raise DataError(f"cannot read the channel through the coordinator's peer: {exc}", where=str(target),
+                        hint="is the network up? `fedcore fabric status`") from None
+
+
+def _verify(target: Path) -> LedgerVerification:
     from fedcore.plugins.ledgers.fabric import CONNECTION, RECEIPTS, UNCONFIRMED
 
     folders = sorted({p.parent for p in Path(target).rglob(CONNECTION)}) if Path(target).is_dir() else []
@@ -43,8 +56,11 @@ def verify_run(target: Path) -> LedgerVerification:
         receipts = _lines(folder / RECEIPTS)
         unconfirmed = {u["tx_id"]: u for u in _lines(folder / UNCONFIRMED)}
         with _reader(connection) as client:
+            from fedcore.plugins.ledgers.fabric import consenters, orderer_config
+
+            signers = consenters(orderer_config(client)[1])
             for number, receipt in enumerate(receipts, start=1):
-                problem = _check_receipt(client, receipt)
+                problem = _check_receipt(client, receipt, signers)
                 if problem:
                     return LedgerVerification(False, checked, number, f"{folder / RECEIPTS} line {number}: {problem}")
                 checked += len(receipt["entries"])
@@ -87,8 +103,46 @@ def _lines(path: Path) -> list[dict[str, Any]]:
         raise DataError(f"not JSON lines: {exc}", where=str(path)) from None
 
 
-def _check_receipt(client: Any, receipt: dict[str, Any]) -> str | None:
-    """None when the receipt's transaction is VALID in its block and wrote exactly its entries."""
+def _der_header(number: int, previous_hash: bytes, data_hash: bytes) -> bytes:
+    """Fabric's block header bytes: DER of SEQUENCE {INTEGER number, OCTET STRING previous, OCTET STRING data}."""
+    def tlv(tag: int, value: bytes) -> bytes:
+        n = len(value)
+        length = bytes([n]) if n < 128 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes((n.bit_length() + 7) // 8, "big")
+        return bytes([tag]) + length + value
+
+    integer = number.to_bytes(max(1, (number.bit_length() + 8) // 8), "big")  # a leading 0 keeps it non-negative
+    return tlv(0x30, tlv(0x02, integer) + tlv(0x04, previous_hash) + tlv(0x04, data_hash))
+
+
+def bft_signers(block: Any, signers: list[Any]) -> tuple[set[int], str | None]:
+    """The consenter ids whose signature on ``block``'s header verifies; or why the block itself is malformed."""
+    import hashlib
+
+    from cryptography import x509
+    from fabric_protos.common import common_pb2
+
+    from fedcore.plugins.ledgers.fabric.protocol import verify_low_s
+
+    if hashlib.sha256(b"".join(block.data.data)).digest() != block.header.data_hash:
+        return set(), f"block {block.header.number}'s data hash does not match its transactions"
+    by_id = {c.id: x509.load_pem_x509_certificate(c.identity) for c in signers}
+    metadata = common_pb2.Metadata.FromString(block.metadata.metadata[common_pb2.BlockMetadataIndex.SIGNATURES])
+    header = _der_header(block.header.number, block.header.previous_hash, block.header.data_hash)
+    valid = set()
+    for signature in metadata.signatures:
+        if not signature.identifier_header:
+            continue
+        identifier = common_pb2.IdentifierHeader.FromString(signature.identifier_header).identifier
+        certificate = by_id.get(identifier)
+        message = metadata.value + signature.identifier_header + header
+        if certificate is not None and verify_low_s(certificate, signature.signature, message) is None:
+            valid.add(identifier)
+    return valid, None
+
+
+def _check_receipt(client: Any, receipt: dict[str, Any], signers: list[Any]) -> str | None:
+    """None when the receipt's transaction is VALID in its block, the block is signed by a BFT quorum of the
+    consenters, and the transaction wrote exactly the receipt's entries."""
     from fabric_protos.common import common_pb2
     from fabric_protos.ledger.rwset import rwset_pb2
     from fabric_protos.ledger.rwset.kvrwset import kv_rwset_pb2
@@ -96,7 +150,16 @@ def _check_receipt(client: Any, receipt: dict[str, Any]) -> str | None:
 
     from fedcore.plugins.ledgers.fabric import block_bytes
 
+    from fedcore.plugins.ledgers.fabric.network import bft_quorum
+
     block = common_pb2.Block.FromString(block_bytes(client, int(receipt["block"])))
+    if signers:
+        valid, malformed = bft_signers(block, signers)
+        if malformed:
+            return malformed
+        if len(valid) < bft_quorum(len(signers)):
+            return (f"block {receipt['block']} carries valid signatures of {len(valid)} consenters, "
+                    f"fewer than the BFT quorum of {bft_quorum(len(signers))}")
     flags = block.metadata.metadata[common_pb2.BlockMetadataIndex.TRANSACTIONS_FILTER]
     for index, data in enumerate(block.data.data):
         payload = common_pb2.Payload.FromString(common_pb2.Envelope.FromString(data).payload)
