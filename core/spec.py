@@ -301,7 +301,11 @@ def parse_spec_text(text: str, path: Path | None = None) -> SpecSource:
     except RecursionError:
         raise SpecError("the spec is nested too deeply", where=label, hint="flatten the YAML") from None
     if not isinstance(raw, dict):
-        raise SpecError("a spec must be a YAML mapping of keys (name, data, model, ...)", where=label)
+        raise SpecError(
+            "a spec must be a YAML mapping of keys (name, data, model, ...)",
+            where=label,
+            hint="start from specs/paper.yaml; `fedcore validate` checks a spec",
+        )
     lines: dict[tuple[str, ...], int] = {}
     if node is not None:
         _node_lines(node, (), lines, label)
@@ -343,7 +347,12 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
                     node[key] = {}
                 node = node[key]
         else:
-            raise SpecError("cannot set a key inside a scalar value", where=here)
+            parent = ".".join(str(p) for p in parts[:i])
+            raise SpecError(
+                f"cannot set a key inside a scalar value ('{parent}' holds a value, not keys)",
+                where=here,
+                hint=f"set '{parent}' itself",
+            )
     return out
 
 
@@ -358,7 +367,10 @@ def apply_overrides(source: SpecSource, overrides: Sequence[str]) -> SpecSource:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
-        raw = set_path(raw, dotted.strip(), value)
+        try:
+            raw = set_path(raw, dotted.strip(), value)
+        except SpecError as exc:
+            raise exc.relocated(f"--set {item}" + (f": {exc.where}" if exc.where else "")) from None
     return SpecSource(source.path, raw, source.lines)
 
 

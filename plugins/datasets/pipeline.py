@@ -155,6 +155,20 @@ def continuous_values(series: pd.Series, column: str, source: str) -> pd.Series:
     return _finite(numbers.astype("float64"), column, source)
 
 
+def _check_inputs(x: np.ndarray, feature_names: Sequence[str], site: RawSite, split: str) -> None:
+    """Model inputs must be finite float32: a value far from the training rows' scale overflows."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        column = feature_names[col]
+        raise DataError(
+            f"continuous column '{column}' holds a value too large for the model's inputs after scaling "
+            f"({split} split, {int(bad[:, col].sum())} row(s))",
+            where=f"{site.source}: column {column}",
+            hint="fix the outliers, or rescale the column (other units) so its values stay below about 1e150",
+        )
+
+
 def _check_codes(series: pd.Series, column: str, source: str) -> None:
     """A numeric categorical column holds codes: inf, nan text or numbers past 2**53 are data errors."""
     if not pd.api.types.is_float_dtype(series):
@@ -271,6 +285,12 @@ def build_federated_data(
     """Split, summarize, combine, transform and oversample; see the module docstring."""
     normalized = [(site, *_normalized(site, roles, options)) for site in sites]
     classes = _classes([(s, f) for s, f, _ in normalized], roles, options)
+    if not classes:
+        raise DataError(
+            f"no row of any site has a target: column '{roles.target}' is empty",
+            where=", ".join(dict.fromkeys(s.source for s in sites)),
+            hint=f"fill in '{roles.target}', or set data.settings.target to the outcome column",
+        )
     if len(classes) < 2:
         raise DataError(
             f"every row of every site has {roles.target} = '{classes[0] if classes else ''}': nothing to classify",
@@ -304,7 +324,9 @@ def build_federated_data(
         arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for name in SPLITS:
             part = parts[name]
-            x = np.ascontiguousarray(transformer.transform(part[features]), dtype=np.float32)
+            with np.errstate(over="ignore"):
+                x = np.ascontiguousarray(transformer.transform(part[features]), dtype=np.float32)
+            _check_inputs(x, feature_names, site, name)
             y = part["__target__"].map(class_index).to_numpy(dtype=np.int64, copy=True)
             arrays[name] = (x, y)
         x_train, y_train = arrays["train"]

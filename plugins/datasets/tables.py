@@ -70,7 +70,8 @@ def read_table(
             if pd.api.types.is_string_dtype(frame[column]) or frame[column].dtype == object:
                 frame[column] = frame[column].mask(frame[column].isin(list(missing_values)))
         return frame
-    _check_no_nul(path)
+    if not any(s.lower() in (".gz", ".bz2", ".zip", ".xz", ".zst", ".tar") for s in path.suffixes):
+        _check_no_nul(path)
     names = list(column_names) if column_names is not None else None
     if names is not None and len(set(names)) != len(names):
         twice = next(n for n in names if names.count(n) > 1)
