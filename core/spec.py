@@ -56,9 +56,9 @@ class PluginRef(_Strict):
 class TrainingSpec(_Strict):
     """Local training at every site (and the centralized baseline)."""
 
-    rounds: int = Field(10, ge=1)
-    local_epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)
+    rounds: int = Field(10, ge=1, le=100_000)
+    local_epochs: int = Field(5, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=10_000_000)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = Field(0.001, gt=0)
     momentum: float = Field(0.0, ge=0)
@@ -69,7 +69,7 @@ class BaselineSpec(_Strict):
     """The centralized comparison: the same model trained on the pooled training data."""
 
     centralized: bool = False
-    epochs: int | None = Field(None, ge=1, description="default: rounds x local_epochs")
+    epochs: int | None = Field(None, ge=1, le=1_000_000, description="default: rounds x local_epochs")
 
 
 class ExecutionSpec(_Strict):
@@ -78,8 +78,10 @@ class ExecutionSpec(_Strict):
     engine: Literal["auto", "sequential", "vectorized"] = Field(
         "auto", description="auto: vectorized when the model and plugins allow it, else sequential"
     )
-    workers: int | None = Field(None, ge=1, description="parallel worker processes; default: CPU cores")
-    threads_per_worker: int = Field(1, ge=1)
+    workers: int | None = Field(
+        None, ge=1, le=1024, description="parallel worker processes; default: as many as the work pays for"
+    )
+    threads_per_worker: int = Field(1, ge=1, le=1024)
     device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: the vectorized engine on the GPU")
     out_dir: str | None = None
     checkpoints: bool = True

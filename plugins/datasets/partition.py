@@ -32,7 +32,7 @@ class PartitionSettings(BaseModel):
     ``column``, or per named group of values in ``groups``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: Literal["iid", "dirichlet", "column"] = "iid"
     sites: int = Field(3, ge=1, le=1000)
