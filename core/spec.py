@@ -57,9 +57,9 @@ class PluginRef(_Strict):
 class TrainingSpec(_Strict):
     """Local training at every site (and the centralized baseline)."""
 
-    rounds: int = Field(10, ge=1)
-    local_epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)
+    rounds: int = Field(10, ge=1, le=100_000)
+    local_epochs: int = Field(5, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=10_000_000)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = Field(0.001, gt=0)
     momentum: float = Field(0.0, ge=0)
@@ -74,7 +74,7 @@ class BaselineSpec(_Strict):
     """The centralized comparison: the same model trained on the pooled training data."""
 
     centralized: bool = False
-    epochs: int | None = Field(None, ge=1, description="default: rounds x local_epochs")
+    epochs: int | None = Field(None, ge=1, le=1_000_000, description="default: rounds x local_epochs")
 
 
 class ExecutionSpec(_Strict):
@@ -83,8 +83,10 @@ class ExecutionSpec(_Strict):
     engine: Literal["auto", "sequential", "vectorized"] = Field(
         "auto", description="auto: vectorized when the model and plugins allow it, else sequential"
     )
-    workers: int | None = Field(None, ge=1, description="parallel worker processes; default: CPU cores")
-    threads_per_worker: int = Field(1, ge=1)
+    workers: int | None = Field(
+        None, ge=1, le=1024, description="parallel worker processes; default: as many as the work pays for"
+    )
+    threads_per_worker: int = Field(1, ge=1, le=1024)
     device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: the vectorized engine on the GPU")
     out_dir: str | None = None
     checkpoints: bool = True
@@ -307,7 +309,11 @@ def parse_spec_text(text: str, path: Path | None = None) -> SpecSource:
     except RecursionError:
         raise SpecError("the spec is nested too deeply", where=label, hint="flatten the YAML") from None
     if not isinstance(raw, dict):
-        raise SpecError("a spec must be a YAML mapping of keys (name, data, model, ...)", where=label)
+        raise SpecError(
+            "a spec must be a YAML mapping of keys (name, data, model, ...)",
+            where=label,
+            hint="start from specs/paper.yaml; `fedcore validate` checks a spec",
+        )
     lines: dict[tuple[str, ...], int] = {}
     if node is not None:
         _node_lines(node, (), lines, label)
@@ -349,7 +355,12 @@ def set_path(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
                     node[key] = {}
                 node = node[key]
         else:
-            raise SpecError("cannot set a key inside a scalar value", where=here)
+            parent = ".".join(str(p) for p in parts[:i])
+            raise SpecError(
+                f"cannot set a key inside a scalar value ('{parent}' holds a value, not keys)",
+                where=here,
+                hint=f"set '{parent}' itself",
+            )
     return out
 
 
@@ -364,7 +375,10 @@ def apply_overrides(source: SpecSource, overrides: Sequence[str]) -> SpecSource:
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
-        raw = set_path(raw, dotted.strip(), value)
+        try:
+            raw = set_path(raw, dotted.strip(), value)
+        except SpecError as exc:
+            raise exc.relocated(f"--set {item}" + (f": {exc.where}" if exc.where else "")) from None
     return SpecSource(source.path, raw, source.lines)
 
 

@@ -27,7 +27,8 @@ def _readonly(array: Any) -> np.ndarray:
 class Frozen(BaseModel):
     """Base of every boundary type: immutable, strict about unknown fields."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    # A diverged model's loss is NaN: written as NaN (not null) so rounds.jsonl reads back.
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True, ser_json_inf_nan="constants")
 
 
 class Weights(Frozen):

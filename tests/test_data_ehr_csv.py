@@ -162,11 +162,6 @@ def _site_without_rows(tmp: Path, files: dict[str, str]) -> dict[str, Any]:
     return {"site_files": {**files, "empty": str(tmp / "empty.csv")}, "target": "outcome"}
 
 
-def _single_class_site(tmp: Path, files: dict[str, str]) -> dict[str, Any]:
-    _table(60, 5).assign(outcome="no").to_csv(tmp / "mono.csv", index=False)
-    return {"site_files": {**files, "mono": str(tmp / "mono.csv")}, "target": "outcome"}
-
-
 def _text_in_continuous(tmp: Path, files: dict[str, str]) -> dict[str, Any]:
     frame = _table(60, 6).astype({"age": object})
     frame.loc[17, "age"] = "unknown"
@@ -202,7 +197,6 @@ BAD_INPUT: dict[str, tuple[Case, list[str]]] = {
     "wrong delimiter": (_wrong_delimiter, ["semi.csv", "semicolon-separated", "set data.settings.delimiter: ';'"]),
     "missing target column": (_missing_target, ["target column 'outcomes' is not in the file", "did you mean 'outcome'"]),
     "site with no rows": (_site_without_rows, ["empty.csv", "site 'empty' has no rows", "give the site data"]),
-    "site with a single class": (_single_class_site, ["mono.csv", "single class", "outcome = 'no'", "merge it"]),
     "text in a continuous column": (
         _text_in_continuous,
         ["texty.csv: column age", "holds text 'unknown' (data row 18", "missing_values"],

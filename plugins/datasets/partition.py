@@ -32,7 +32,7 @@ class PartitionSettings(BaseModel):
     ``column``, or per named group of values in ``groups``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: Literal["iid", "dirichlet", "column"] = "iid"
     sites: int = Field(3, ge=1, le=1000)
@@ -166,15 +166,27 @@ def split_key(seed: int) -> str:
 
 
 def assign_splits(
-    frame: pd.DataFrame, patient_id: str | None, fractions: Sequence[float], seed: int, site: int
+    frame: pd.DataFrame,
+    patient_id: str | None,
+    fractions: Sequence[float],
+    seed: int,
+    site: int,
+    labels: pd.Series | None = None,
 ) -> np.ndarray:
     """Split index (0 train, 1 validation, 2 test) of every row.
 
     With a patient id, a keyed hash of the id picks the split, so all rows of a
     patient share a split at every site. Without one, each row is its own
     patient and a seeded shuffle gives exact fractions.
+
+    With ``labels`` (stratified), each class is cut by the fractions on its own, so
+    every split keeps the site's class balance; patients are ordered by the same keyed
+    hash and take the class of their first row (all their rows stay in one split at
+    this site; a patient seen at two sites with different first labels could split differently).
     """
     bounds = np.cumsum(fractions)[:-1]
+    if labels is not None:
+        return _stratified(frame, patient_id, bounds, seed, site, labels)
     if patient_id is not None:
         hashed = pd.util.hash_pandas_object(frame[patient_id].astype("str"), index=False, hash_key=split_key(seed))
         uniform = hashed.to_numpy(dtype=np.uint64) / float(2**64)
@@ -186,3 +198,27 @@ def assign_splits(
     for index, chunk in enumerate(np.split(rng.permutation(n), cuts)):
         out[chunk] = index
     return out
+
+
+def _stratified(
+    frame: pd.DataFrame, patient_id: str | None, bounds: np.ndarray, seed: int, site: int, labels: pd.Series
+) -> np.ndarray:
+    if patient_id is not None:
+        keys = frame[patient_id].astype("str")
+        hashed = pd.util.hash_pandas_object(keys, index=False, hash_key=split_key(seed)).to_numpy(dtype=np.uint64)
+        codes, _ = pd.factorize(keys)
+    else:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5B117, site]))
+        hashed = rng.permutation(len(frame)).astype(np.uint64)
+        codes = np.arange(len(frame))
+    first = pd.Series(np.arange(len(frame))).groupby(codes).min().to_numpy()
+    patient_label = labels.astype("str").to_numpy()[first]
+    patient_key = hashed[first]
+    split_of_patient = np.empty(len(first), dtype=np.int8)
+    for label in np.unique(patient_label):
+        members = np.flatnonzero(patient_label == label)
+        ordered = members[np.argsort(patient_key[members], kind="stable")]
+        cuts = np.rint(bounds * len(ordered)).astype(np.int64)
+        for index, chunk in enumerate(np.split(ordered, cuts)):
+            split_of_patient[chunk] = index
+    return split_of_patient[codes]

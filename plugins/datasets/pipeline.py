@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedcore.components import FederatedData, SiteData
 from fedcore.errors import DataError
@@ -25,6 +25,7 @@ from fedcore.plugins.datasets.preprocessing import (
     OversampleMethod,
     SiteSummary,
     check_columns_observed,
+    check_feature_count,
     combine_summaries,
     fitted_transformer,
     oversample,
@@ -63,6 +64,8 @@ class PreprocessOptions:
     """The study's preprocessing choices (plugins map their settings to these)."""
 
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    stratify: bool = False
+    split_seed: int | None = None
     oversample: OversampleMethod = "none"
     classes: tuple[str, ...] | None = None
     max_categories: int | None = None
@@ -70,12 +73,41 @@ class PreprocessOptions:
     missing_as_category: tuple[str, ...] = ()
 
 
+class SplitSettings(BaseModel):
+    """How each site splits its rows: fractions, class balance, and whether repeats share one split.
+
+    A spec may write the fractions alone (``split: [0.8, 0.1, 0.1]``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test fractions")
+    stratify: bool = Field(False, description="keep each site's class balance in every split")
+    seed: int | None = Field(
+        None, ge=0, description="split with this seed in every repeat (default: each repeat's own seed)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fractions_alone(cls, value: object) -> object:
+        return {"fractions": value} if isinstance(value, list | tuple) else value
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0 or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"split must be three positive fractions summing to 1, got {list(value)}")
+        return value
+
+
 class PreprocessingSettings(BaseModel):
     """Settings every EHR dataset plugin shares: the split and what preprocessing does."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test fractions")
+    split: SplitSettings = Field(
+        default_factory=SplitSettings, description="train/validation/test fractions, or {fractions, stratify, seed}"
+    )
     oversample: OversampleMethod = Field("none", description="minority classes of each site's training split")
     max_categories: int | None = Field(None, ge=1, description="keep a column's most frequent categories only")
     min_category_count: int = Field(1, ge=1, description="drop categories seen fewer times over all sites")
@@ -83,16 +115,11 @@ class PreprocessingSettings(BaseModel):
         default_factory=list, description="categorical columns where missing is its own category, not the mode"
     )
 
-    @field_validator("split")
-    @classmethod
-    def _fractions(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(value) <= 0 or abs(sum(value) - 1.0) > 1e-6:
-            raise ValueError(f"split must be three positive fractions summing to 1, got {list(value)}")
-        return value
-
     def options(self, classes: list[str] | None = None) -> PreprocessOptions:
         return PreprocessOptions(
-            split=self.split,
+            split=self.split.fractions,
+            stratify=self.split.stratify,
+            split_seed=self.split.seed,
             oversample=self.oversample,
             classes=tuple(classes) if classes else None,
             max_categories=self.max_categories,
@@ -104,16 +131,17 @@ class PreprocessingSettings(BaseModel):
 def category_text(series: pd.Series) -> pd.Series:
     """Categorical values as text, missing kept missing; whole floats lose their ``.0`` (codes 1.0 -> "1")."""
     if pd.api.types.is_float_dtype(series):
-        observed = series.dropna()
-        if len(observed) and np.all(np.mod(observed.to_numpy(), 1) == 0):
+        observed = series.dropna().to_numpy()
+        # Only codes an int64 holds exactly lose their ".0"; 1e20 stays "1e+20", inf stays "inf".
+        if len(observed) and np.all(np.abs(observed) < 2**53) and np.all(np.mod(observed, 1) == 0):
             series = series.astype("Int64")
     return series.astype("str")
 
 
 def continuous_values(series: pd.Series, column: str, source: str) -> pd.Series:
-    """A continuous column as float64; text in it is a :class:`DataError` naming the row."""
+    """A continuous column as float64; text, inf or nan text in it is a :class:`DataError` naming the row."""
     if pd.api.types.is_numeric_dtype(series):
-        return series.astype("float64")
+        return _finite(series.astype("float64"), column, source)
     numbers = pd.to_numeric(series, errors="coerce")
     bad = numbers.isna() & series.notna()
     if bad.any():
@@ -125,7 +153,53 @@ def continuous_values(series: pd.Series, column: str, source: str) -> pd.Series:
             where=f"{source}: column {column}",
             hint=f"add '{value}' to data.settings.missing_values, or list '{column}' under categorical",
         )
-    return numbers.astype("float64")
+    return _finite(numbers.astype("float64"), column, source)
+
+
+def _check_inputs(x: np.ndarray, feature_names: Sequence[str], site: RawSite, split: str) -> None:
+    """Model inputs must be finite float32: a value far from the training rows' scale overflows."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        column = feature_names[col]
+        raise DataError(
+            f"continuous column '{column}' holds a value too large for the model's inputs after scaling "
+            f"({split} split, {int(bad[:, col].sum())} row(s))",
+            where=f"{site.source}: column {column}",
+            hint="fix the outliers, or rescale the column (other units) so its values stay below about 1e150",
+        )
+
+
+def _check_codes(series: pd.Series, column: str, source: str) -> None:
+    """A numeric categorical column holds codes: inf, nan text or numbers past 2**53 are data errors."""
+    if not pd.api.types.is_float_dtype(series):
+        return
+    array = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isnan(array) & ~(np.abs(array) < 2**53)
+    if bad.any():
+        position = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"categorical column '{column}' holds {array[position]:g} (data row {series.index[position] + 1}), "
+            "not a category code",
+            where=f"{source}: column {column}",
+            hint=f"fix the value, or list '{column}' under continuous if it is a measurement",
+        )
+
+
+def _finite(values: pd.Series, column: str, source: str) -> pd.Series:
+    """``values`` unchanged when every observed value is finite; inf (or 1e400, read as inf) is refused."""
+    array = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isinf(array)
+    if bad.any():
+        position = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"continuous column '{column}' holds {array[position]} (data row {values.index[position] + 1}, "
+            f"{int(bad.sum())} row(s) not finite)",
+            where=f"{source}: column {column}",
+            hint=f"fix or remove those values (or add their text to data.settings.missing_values), "
+            f"or list '{column}' under categorical",
+        )
+    return values
 
 
 def _normalized(site: RawSite, roles: ColumnRoles, options: PreprocessOptions) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -136,6 +210,7 @@ def _normalized(site: RawSite, roles: ColumnRoles, options: PreprocessOptions) -
     for column in roles.continuous:
         columns[column] = continuous_values(frame[column], column, site.source)
     for column in roles.categorical:
+        _check_codes(frame[column], column, site.source)
         values = category_text(frame[column])
         if column in options.missing_as_category:
             values = values.fillna(MISSING_CATEGORY)
@@ -178,17 +253,9 @@ def _check_site(site: RawSite, frame: pd.DataFrame, roles: ColumnRoles) -> None:
             where=site.source,
             hint="give the site data, or remove it (file list, site column or partition)",
         )
-    labels = frame["__target__"].unique()
-    if len(labels) < 2:
-        raise DataError(
-            f"site '{site.name}' has a single class: every one of its {len(frame)} rows has "
-            f"{roles.target} = '{labels[0]}'",
-            where=site.source,
-            hint="a site needs rows of at least two classes: merge it with another site or change the partition",
-        )
 
 
-def _split_counts_check(site: RawSite, split_of_row: np.ndarray, roles: ColumnRoles, train_labels: np.ndarray) -> None:
+def _split_counts_check(site: RawSite, split_of_row: np.ndarray) -> None:
     counts = np.bincount(split_of_row, minlength=3)
     for index, name in enumerate(SPLITS):
         if counts[index] == 0:
@@ -197,12 +264,6 @@ def _split_counts_check(site: RawSite, split_of_row: np.ndarray, roles: ColumnRo
                 where=site.source,
                 hint="give the site more rows or patients (an 80/10/10 split needs at least 10)",
             )
-    if len(np.unique(train_labels)) < 2:
-        raise DataError(
-            f"site '{site.name}' has a single class in its training split",
-            where=site.source,
-            hint=f"give the site more rows of each {roles.target} class",
-        )
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -236,10 +297,13 @@ def prepare_site(
 ) -> PreparedSite:
     """At the site: check its rows, split them by patient, summarize the training split."""
     _check_site(site, frame, roles)
-    split_of_row = assign_splits(frame, "__patient__" if roles.patient_id else None, options.split, seed, index)
+    split_seed = seed if options.split_seed is None else options.split_seed
+    labels = frame["__target__"] if options.stratify else None
+    patients = "__patient__" if roles.patient_id else None
+    split_of_row = assign_splits(frame, patients, options.split, split_seed, index, labels)
     parts = {name: frame[split_of_row == i] for i, name in enumerate(SPLITS)}
-    _split_counts_check(site, split_of_row, roles, parts["train"]["__target__"].to_numpy())
-    summary = summarize_site(site.name, parts["train"], roles.continuous, roles.categorical)
+    _split_counts_check(site, split_of_row)
+    summary = summarize_site(site.name, parts["train"], roles.continuous, roles.categorical, site.source)
     return PreparedSite(site, frame, dropped, parts, summary)
 
 
@@ -260,10 +324,13 @@ def transform_site(
     """
     class_index = {c: i for i, c in enumerate(classes)}
     features = [*roles.continuous, *roles.categorical]
+    feature_names = [str(n) for n in transformer.get_feature_names_out()]
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in SPLITS:
         part = prepared.parts[name]
-        x = np.ascontiguousarray(transformer.transform(part[features]), dtype=np.float32)
+        with np.errstate(over="ignore"):
+            x = np.ascontiguousarray(transformer.transform(part[features]), dtype=np.float32)
+        _check_inputs(x, feature_names, prepared.site, name)
         y = part["__target__"].map(class_index).to_numpy(dtype=np.int64, copy=True)
         arrays[name] = (x, y)
     x_train, y_train = arrays["train"]
@@ -288,11 +355,25 @@ def build_federated_data(
     """Split, summarize, combine, transform and oversample; see the module docstring."""
     normalized = [(site, *_normalized(site, roles, options)) for site in sites]
     classes = _classes([(s, f) for s, f, _ in normalized], roles, options)
+    if not classes:
+        raise DataError(
+            f"no row of any site has a target: column '{roles.target}' is empty",
+            where=", ".join(dict.fromkeys(s.source for s in sites)),
+            hint=f"fill in '{roles.target}', or set data.settings.target to the outcome column",
+        )
+    if len(classes) < 2:
+        raise DataError(
+            f"every row of every site has {roles.target} = '{classes[0] if classes else ''}': nothing to classify",
+            where=", ".join(dict.fromkeys(s.source for s in sites)),
+            hint=f"check data.settings.target ('{roles.target}') and target_map; the federation needs two classes",
+        )
     prepared = [prepare_site(site, frame, dropped, roles, options, seed, i) for i, (site, frame, dropped) in enumerate(normalized)]
     summaries = [p.summary for p in prepared]
     splits = [p.parts for p in prepared]
-    stats = combine_summaries(summaries, options.max_categories, options.min_category_count)
-    check_columns_observed(stats, ", ".join(dict.fromkeys(s.source for s in sites)))
+    sources = ", ".join(dict.fromkeys(s.source for s in sites))
+    stats = combine_summaries(summaries, options.max_categories, options.min_category_count, where=sources)
+    check_columns_observed(stats, sources)
+    check_feature_count(stats, roles.continuous, sources)
     transformer = fitted_transformer(stats, roles.continuous, roles.categorical)
     feature_names = [str(n) for n in transformer.get_feature_names_out()]
     site_data: list[SiteData] = []
@@ -349,6 +430,8 @@ def _sections(
             ]
         )
     split_text = "/".join(f"{round(100 * f)}" for f in options.split)
+    split_text += ", stratified by class" if options.stratify else ""
+    split_text += f", the same in every repeat (split seed {options.split_seed})" if options.split_seed is not None else ""
     sizes = _markdown_table(
         ["site", "rows read", "dropped", "train", "validation", "test", "patients", "train rows used"], rows
     )
@@ -394,6 +477,12 @@ def _sections(
     method = {"none": "none", "random": "RandomOverSampler", "smote": "SMOTE"}[options.oversample]
     balance = _markdown_table(["site", *classes], balance_rows)
     balance += f"\n\nTraining split only; oversampling: {method}. Validation and test splits are never resampled."
+    single = [data.name for data in site_data if np.count_nonzero(np.bincount(data.y_train)) == 1]
+    if single:
+        balance += (
+            f"\n\nSingle-class site(s): {', '.join(single)} saw one class in training; each trains and sends its "
+            "update like any other site (nothing is oversampled there)."
+        )
     return {
         "Data: sites and splits": sizes,
         "Data: rows dropped": dropped_text,

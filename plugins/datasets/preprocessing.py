@@ -78,19 +78,40 @@ class FederatedStatistics(_Message):
     """non-missing values per column, over all sites"""
 
 
+#: the most model inputs one-hot encoding may produce (more would exhaust memory, not train)
+MAX_FEATURES = 100_000
+
+
+def _check_finite(value: float, column: str, where: str, what: str) -> float:
+    """Refuse a statistic that overflowed float64 (values near 1e308 square to inf)."""
+    if not math.isfinite(value):
+        raise DataError(
+            f"continuous column '{column}' has values too large to summarize: its {what} overflows",
+            where=f"{where}: column {column}",
+            hint="fix the outliers, or rescale the column (other units) so its values stay below about 1e150",
+        )
+    return value
+
+
 def summarize_site(
-    site: str, frame: pd.DataFrame, continuous: Sequence[str], categorical: Sequence[str]
+    site: str, frame: pd.DataFrame, continuous: Sequence[str], categorical: Sequence[str], where: str | None = None
 ) -> SiteSummary:
-    """Summarize one site's training rows (continuous columns numeric, categorical ones strings)."""
+    """Summarize one site's training rows (continuous columns numeric, categorical ones strings).
+
+    Sums are float64 and checked: a column whose sum or sum of squares overflows is a
+    :class:`DataError` naming it (``where`` names the site's file).
+    """
     cont: dict[str, ContinuousSummary] = {}
     for column in continuous:
         values = frame[column].to_numpy(dtype=np.float64, na_value=np.nan)
         observed = values[~np.isnan(values)]
+        with np.errstate(over="ignore", invalid="ignore"):
+            total, squares = float(observed.sum()), float(np.dot(observed, observed))
         cont[column] = ContinuousSummary(
             count=int(observed.size),
             missing=int(values.size - observed.size),
-            total=float(observed.sum()),
-            total_of_squares=float(np.dot(observed, observed)),
+            total=_check_finite(total, column, where or f"site {site}", "sum"),
+            total_of_squares=_check_finite(squares, column, where or f"site {site}", "sum of squares"),
         )
     cat: dict[str, CategoricalSummary] = {}
     for column in categorical:
@@ -116,7 +137,10 @@ def _vocabulary(counts: dict[str, int], max_categories: int | None, min_count: i
 
 
 def combine_summaries(
-    summaries: Sequence[SiteSummary], max_categories: int | None = None, min_category_count: int = 1
+    summaries: Sequence[SiteSummary],
+    max_categories: int | None = None,
+    min_category_count: int = 1,
+    where: str = "the sites' summaries",
 ) -> FederatedStatistics:
     """The server's step: pool the sites' summaries into imputation, scaling and vocabulary values.
 
@@ -145,10 +169,14 @@ def combine_summaries(
         if count == 0:
             mean[column], variance[column] = math.nan, math.nan
             continue
-        mu = math.fsum(p.total for p in parts) / count
-        squares = math.fsum(p.total_of_squares for p in parts)
-        mean[column] = mu
-        variance[column] = max(squares - count * mu * mu, 0.0) / rows
+        try:
+            mu = math.fsum(p.total for p in parts) / count
+            squares = math.fsum(p.total_of_squares for p in parts)
+            spread = max(squares - count * mu * mu, 0.0) / rows
+        except OverflowError:
+            spread = math.inf
+        mean[column] = _check_finite(mu, column, where, "pooled mean")
+        variance[column] = _check_finite(spread, column, where, "pooled variance")
     mode: dict[str, str] = {}
     vocabulary: dict[str, list[str]] = {}
     for column in first.categorical:
@@ -184,6 +212,19 @@ def check_columns_observed(stats: FederatedStatistics, where: str) -> None:
                 where=f"{where}: column {column}",
                 hint=f"drop it (data.settings.drop_columns: [{column}]) or fill it in",
             )
+
+
+def check_feature_count(stats: FederatedStatistics, continuous: Sequence[str], where: str) -> None:
+    """Refuse a one-hot encoding wider than :data:`MAX_FEATURES` (a free-text or id column listed as categorical)."""
+    width = len(continuous) + sum(len(v) for v in stats.vocabulary.values())
+    if width > MAX_FEATURES:
+        column = max(stats.vocabulary, key=lambda c: len(stats.vocabulary[c]))
+        raise DataError(
+            f"one-hot encoding would make {width} model inputs; column '{column}' alone has "
+            f"{len(stats.vocabulary[column])} categories",
+            where=f"{where}: column {column}",
+            hint=f"drop it (data.settings.drop_columns: [{column}]) or set data.settings.max_categories",
+        )
 
 
 def unfitted_pipeline(
@@ -262,6 +303,8 @@ def oversample(
         return x, y
     counts = np.bincount(y)
     present = counts[counts > 0]
+    if len(present) < 2:  # a single-class site: nothing to balance
+        return x, y
     if method == "random":
         from imblearn.over_sampling import RandomOverSampler
 

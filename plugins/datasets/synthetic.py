@@ -57,13 +57,15 @@ CONTINUOUS = (
 )
 CATEGORICAL = ("sex", "race", "admission_type", "diagnosis_group", "insulin", "discharge")
 TARGET = "outcome"
+#: the most patients synthetic-ehr makes in all (more would exhaust memory before training)
+MAX_PATIENTS = 5_000_000
 
 
 class SyntheticEHRSettings(PreprocessingSettings):
     """Sites, their sizes and heterogeneity, outcome noise; plus the shared preprocessing settings."""
 
     sites: int = Field(3, ge=1, le=1000)
-    patients_per_site: int = Field(50_000, ge=10)
+    patients_per_site: int = Field(50_000, ge=10, le=MAX_PATIENTS)
     site_sizes: list[int] | None = Field(None, description="patients of each site (overrides patients_per_site)")
     n_classes: int = Field(3, ge=2, le=3, description="3: no / after 30 days / within 30 days; 2: no / yes")
     label_noise: float = Field(0.1, ge=0, le=1, description="share of outcomes redrawn uniformly at random")
@@ -77,6 +79,9 @@ class SyntheticEHRSettings(PreprocessingSettings):
                 raise ValueError(f"site_sizes lists {len(self.site_sizes)} sizes for {self.sites} sites")
             if min(self.site_sizes) < 10:
                 raise ValueError("every site needs at least 10 patients")
+        total = sum(self.site_sizes) if self.site_sizes is not None else self.sites * self.patients_per_site
+        if total > MAX_PATIENTS:
+            raise ValueError(f"{total} patients in all; synthetic-ehr makes at most {MAX_PATIENTS} (lower sites or sizes)")
         return self
 
 

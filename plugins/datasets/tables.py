@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from fedcore.errors import DataError
@@ -69,17 +70,22 @@ def read_table(
             if pd.api.types.is_string_dtype(frame[column]) or frame[column].dtype == object:
                 frame[column] = frame[column].mask(frame[column].isin(list(missing_values)))
         return frame
+    if not any(s.lower() in (".gz", ".bz2", ".zip", ".xz", ".zst", ".tar") for s in path.suffixes):
+        _check_no_nul(path)
     names = list(column_names) if column_names is not None else None
+    if names is not None and len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"column_names lists '{twice}' twice", where=str(path), hint="give every column its own name")
     try:
         frame = pd.read_csv(
             path,
             sep=delimiter,
             header=0 if header else None,
-            names=names,
             na_values=list(missing_values),
             keep_default_na=False,
-            dtype=dict(dtypes) if dtypes else None,
+            dtype=dict(dtypes) if dtypes and names is None else None,
             low_memory=False,
+            encoding="utf-8-sig",  # a spreadsheet's byte-order mark is not part of the first name
         )
     except pd.errors.EmptyDataError:
         raise DataError("the file is empty", where=str(path), hint="give it a header line and data rows") from None
@@ -93,10 +99,77 @@ def read_table(
         raise DataError("the file is not UTF-8 text", where=str(path), hint="save it as UTF-8 CSV, or use Parquet") from None
     except (OSError, EOFError) as exc:  # e.g. a truncated .gz
         raise DataError(f"cannot read the file: {exc}", where=str(path), hint="check the file") from None
-    if not header and names is None:
+    if names is not None:
+        if len(names) != frame.shape[1]:
+            raise DataError(
+                f"column_names lists {len(names)} names but the file has {frame.shape[1]} columns",
+                where=str(path),
+                hint=f"list one name per column ({frame.shape[1]})" + ("" if header else ", or check data.settings.delimiter"),
+            )
+        frame.columns = names
+    elif not header:
         frame.columns = [f"column_{i}" for i in range(frame.shape[1])]
+    else:
+        _check_header(frame, path)
     _check_delimiter(frame, path, delimiter, header)
+    _check_text(frame, path)
     return frame
+
+
+def _check_header(frame: pd.DataFrame, path: Path) -> None:
+    """Refuse a header that names a column twice (pandas would silently rename it 'x.1') or not at all."""
+    columns = [str(c) for c in frame.columns]
+    for index, column in enumerate(columns):
+        if column.startswith("Unnamed: "):
+            raise DataError(
+                f"column {index + 1} of the header has no name",
+                where=str(path),
+                hint="name every column in the header line, or set header: false and column_names",
+            )
+        base, dot, suffix = column.rpartition(".")
+        if dot and suffix.isdigit() and base in columns[:index]:
+            raise DataError(
+                f"the header names column '{base}' twice",
+                where=str(path),
+                hint="give every column its own name (or list them in data.settings.column_names)",
+            )
+
+
+def _check_no_nul(path: Path) -> None:
+    """Refuse a CSV holding a NUL byte (a binary or damaged file; the CSV parser would cut values at it)."""
+    try:
+        with path.open("rb") as handle:
+            offset, line = 0, 1
+            while chunk := handle.read(1 << 20):
+                at = chunk.find(b"\x00")
+                if at >= 0:
+                    line += chunk[:at].count(b"\n")
+                    raise DataError(
+                        f"the file holds a NUL byte (line {line}, byte {offset + at})",
+                        where=str(path),
+                        hint="the file is binary or damaged; re-export it as UTF-8 CSV",
+                    )
+                offset += len(chunk)
+                line += chunk.count(b"\n")
+    except OSError as exc:
+        raise DataError(f"cannot read the file: {exc.strerror}", where=str(path), hint="check the file and its permissions") from None
+
+
+def _check_text(frame: pd.DataFrame, path: Path) -> None:
+    """Refuse NUL bytes and other control characters in names and text cells (a binary or damaged file)."""
+    for column in frame.columns:
+        if "\x00" in str(column):
+            raise DataError("the header holds a NUL byte", where=str(path), hint="the file is binary or damaged; re-export it as CSV")
+        series = frame[column]
+        if series.dtype == object:
+            bad = series.astype("str").str.contains("\x00", regex=False).to_numpy() & series.notna().to_numpy()
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"column '{column}' holds a NUL byte (data row {row + 1})",
+                    where=f"{path}: column {column}",
+                    hint="the file is binary or damaged; re-export it as UTF-8 CSV",
+                )
 
 
 def _check_delimiter(frame: pd.DataFrame, path: Path, delimiter: str, header: bool) -> None:
