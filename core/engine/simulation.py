@@ -281,17 +281,9 @@ class FederatedRun:
         self.ledger = components.ledger
         if self.ledger is not None:
             self.ledger.open(ledger_dir, self.ledger_writers())
-            opening = [
-                LedgerRecord(kind="spec", round=0, writer="server", payload_sha256=json_digest(spec.model_dump(mode="json"))),
-                LedgerRecord(kind="global-model", round=0, writer="server", payload_sha256=self.initial.sha256()),
-            ]
-            for name, stats in sorted(data.released_statistics.items()):
-                opening.append(
-                    LedgerRecord(
-                        kind="preprocessing", round=0, writer="server", payload_sha256=json_digest(stats), metadata={"name": name}
-                    )
-                )
-            self.ledger.append(opening)
+            opening = self.opening_records()
+            if opening:
+                self.ledger.append(opening)
         if components.secure_aggregation is not None:
             components.secure_aggregation.open(len(self.sites), self.initial)
 
@@ -347,6 +339,18 @@ class FederatedRun:
         self.result.records.append(record)
         if self.on_round is not None:
             self.on_round(record)
+
+    def opening_records(self) -> list[LedgerRecord]:
+        """The ledger's first records: the spec, the initial model, the released preprocessing statistics."""
+        opening = [
+            LedgerRecord(kind="spec", round=0, writer="server", payload_sha256=json_digest(self.spec.model_dump(mode="json"))),
+            LedgerRecord(kind="global-model", round=0, writer="server", payload_sha256=self.initial.sha256()),
+        ]
+        for name, stats in sorted(self.data.released_statistics.items()):
+            opening.append(
+                LedgerRecord(kind="preprocessing", round=0, writer="server", payload_sha256=json_digest(stats), metadata={"name": name})
+            )
+        return opening
 
     def ledger_writers(self) -> list[str]:
         """Whose keys sign ledger entries: the server and every site."""
