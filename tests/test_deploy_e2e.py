@@ -269,7 +269,7 @@ def test_dropout_with_quorum_unregistered_node_and_mismatched_columns(tmp_path: 
         bad["data"]["continuous"] = [c for c in bad["data"]["continuous"] if c != "sodium"]
         bad["data"]["categorical"] = [*bad["data"]["categorical"], "sodium"]
         (sites / "hospital-1.yaml").write_text(yaml.safe_dump(bad))
-        spec = deployed_spec(tmp_path / "q.yaml", "quorum", training(3, ", min_sites: 2, round_timeout_s: 40"))
+        spec = deployed_spec(tmp_path / "q.yaml", "quorum", training(3, ", min_sites: 2, round_timeout_s: 150"))
         done = run_cli(["run", str(spec), "--federation", address, "--certs", str(certs.root), "--out", str(tmp_path / "mismatch")], timeout=900)
         assert done.returncode == 2, done.stderr
         assert "hospital-1" in done.stderr and "columns" in done.stderr and len(done.stderr.strip().splitlines()) <= 2

@@ -34,6 +34,7 @@ from fedcore.deploy.certs import FederationCerts
 from fedcore.deploy.checkpoint import CoordinatorCheckpoint
 from fedcore.deploy.wire import MalformedMessage, pack, parse_model, parse_update, unpack
 from fedcore.deploy.site import statement
+from fedcore.deploy.study import preprocessing_timeout
 from fedcore.engine.simulation import FederatedRun, RunResult
 from fedcore.errors import DataError, FedcoreUserError, PrivacyBudgetError, RunFailure, SpecError
 from fedcore.plugins.datasets.pipeline import released_summaries
@@ -535,7 +536,7 @@ def coordinate(
         data = load_data_shape(run_dir, repeat) if state is not None else None
         if data is None:
             state = None
-            data = federated_preprocessing(federation, spec, f"{study}-r{repeat}", seed, spec.training.round_timeout_s)
+            data = federated_preprocessing(federation, spec, f"{study}-r{repeat}", seed, preprocessing_timeout(spec))
             save_data_shape(run_dir, repeat, data)
         done_rounds = int(state["round"]) if state is not None else 0
         earlier = _records_until(run_dir, repeat, done_rounds) if resume else []
@@ -566,17 +567,8 @@ def coordinate(
             log(f"repeat {repeat}: resumed after round {done_rounds} (ledger head {state['ledger_head']})")
         try:
             for round_ in range(done_rounds + 1, spec.training.rounds + 1):
-                round_start = time.perf_counter()
-                broadcast = run.begin_round(round_)
-                if broadcast is None:
+                if not run.run_round(round_, lambda message, extras, r=round_: run.collect(r, message, extras, log)):
                     break
-                message, extras = broadcast
-                try:
-                    updates = run.collect(round_, message, extras, log)
-                except PrivacyBudgetError as exc:
-                    run.stop(f"stopped in round {round_}: {exc}")
-                    break
-                run.finish_round(round_, updates, time.perf_counter() - round_start)
                 checkpoint.save(repeat, round_, run)
                 log(f"repeat {repeat} round {round_} done: sites {', '.join(s.name for s in run.present)}")
         finally:

@@ -46,11 +46,16 @@ def check_deployable(spec: ExperimentSpec) -> None:
         raise SpecError("training.min_sites must be at least 1", where="training.min_sites")
 
 
+def preprocessing_timeout(spec: ExperimentSpec) -> float:
+    """How long preprocessing waits for every site (reading a table is slower than a round of a small model)."""
+    return max(600.0, spec.training.round_timeout_s)
+
+
 def default_timeout(spec: ExperimentSpec, connect_timeout_s: float) -> float:
     """An upper bound of a study's wall time from its own timeouts (every wait is bounded)."""
     t = spec.training
     per_round = t.round_timeout_s * (t.round_retries + 1) + t.round_timeout_s
-    return connect_timeout_s + spec.repeats * (2 * t.round_timeout_s + t.rounds * per_round) + 120.0
+    return connect_timeout_s + spec.repeats * (2 * preprocessing_timeout(spec) + t.rounds * per_round) + 120.0
 
 
 def run_study(

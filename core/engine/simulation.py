@@ -295,6 +295,24 @@ class FederatedRun:
             return None
         return self.server.broadcast(round_)
 
+    def run_round(self, round_: int, train: Callable[[GlobalModel, dict[str, Weights]], Sequence[ClientUpdate]]) -> bool:
+        """One round: broadcast, ``train`` (the sites' released updates), aggregate and evaluate.
+
+        Returns False when the run stops instead (a privacy budget refused the round).
+        """
+        round_start = time.perf_counter()
+        broadcast = self.begin_round(round_)
+        if broadcast is None:
+            return False
+        message, extras = broadcast
+        try:
+            updates = train(message, extras)
+        except PrivacyBudgetError as exc:
+            self.stop(f"stopped in round {round_}: {exc}")
+            return False
+        self.finish_round(round_, updates, time.perf_counter() - round_start)
+        return True
+
     def stop(self, reason: str) -> None:
         """End the run early (a privacy budget refused a round); the rounds done are kept."""
         self.result.stopped_reason = reason
@@ -403,17 +421,8 @@ def run_federated(
     rounds = spec.training.rounds if stop_after_rounds is None else min(stop_after_rounds, spec.training.rounds)
     try:
         for round_ in range(1, rounds + 1):
-            round_start = time.perf_counter()
-            broadcast = run.begin_round(round_)
-            if broadcast is None:
+            if not run.run_round(round_, lambda message, extras: [site.train(message, extras) for site in run.sites]):
                 break
-            message, extras = broadcast
-            try:
-                updates = [site.train(message, extras) for site in run.sites]
-            except PrivacyBudgetError as exc:
-                run.stop(f"stopped in round {round_}: {exc}")
-                break
-            run.finish_round(round_, updates, time.perf_counter() - round_start)
     finally:
         result = run.close()
     return result
