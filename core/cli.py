@@ -112,6 +112,9 @@ _set_option = click.option(
 @click.option("--certs", type=click.Path(path_type=Path), default=None, help="with --federation: the coordinator's certificates")
 @click.option("--insecure", is_flag=True, help="with --federation: no TLS, no node authentication (printed loudly)")
 @click.option("--timeout", "timeout_s", type=float, default=None, help="with --federation: give up after this many seconds")
+@click.option(
+    "--resume", type=click.Path(path_type=Path), default=None, help="with --federation: continue this run directory's study"
+)
 def run(
     spec: Path,
     overrides: tuple[str, ...],
@@ -122,6 +125,7 @@ def run(
     certs: Path | None,
     insecure: bool,
     timeout_s: float | None,
+    resume: Path | None,
 ) -> None:
     """Run the experiment SPEC and write its report (a simulation, or on a federation with --federation)."""
     from fedcore.engine.runner import run_experiment
@@ -132,7 +136,7 @@ def run(
 
         if certs is None:
             raise FedcoreUserError("--federation needs --certs (the directory from 'fedcore federation certs')")
-        run_dir = run_study(spec, overrides, federation, certs, out, insecure, timeout_s=timeout_s)
+        run_dir = run_study(spec, overrides, federation, certs, out, insecure, timeout_s=timeout_s, resume=resume)
         click.echo(f"report: {run_dir / 'report.md'}")
         return
 

@@ -9,17 +9,20 @@ missing column) is replied as one line naming the site and the fix.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from flwr.client.mod import secaggplus_mod
 
 from fedcore.deploy import site as site_mod
-from fedcore.deploy.wire import META, pack, unpack, update_message
+from fedcore.deploy.secagg import secure_train_reply
+from fedcore.deploy.wire import pack, unpack, update_message
 from fedcore.errors import FedcoreUserError
 from fedcore.plugins.datasets.preprocessing import FederatedStatistics
 from fedcore.registry import PluginManager
@@ -48,9 +51,11 @@ AUDIT_ENV = "FEDCORE_SITE_AUDIT_DIR"
 def _audit(name: str, reply: Message) -> Message:
     folder = os.environ.get(AUDIT_ENV)
     if folder:
-        chunks = [str(reply.content[META]["json"]).encode()]
-        for key, record in reply.content.items():
-            if key.startswith("w:"):
+        chunks = []
+        for record in reply.content.values():
+            if isinstance(record, ConfigRecord):
+                chunks.append(json.dumps({k: v.hex() if isinstance(v, bytes) else v for k, v in record.items()}, default=str).encode())
+            elif isinstance(record, ArrayRecord):
                 chunks += [array.numpy().tobytes() for array in record.values()]
         Path(folder).mkdir(parents=True, exist_ok=True)
         with open(Path(folder) / f"{name}-{os.getpid()}.bin", "ab") as handle:
@@ -147,9 +152,27 @@ def preprocess(message: Message, context: Context) -> Message:
     return _handle(message, context, _preprocess)
 
 
-@app.train()
+@app.train("fedcore")
 def train(message: Message, context: Context) -> Message:
     return _handle(message, context, _train)
+
+
+@app.train(mods=[secaggplus_mod])
+def secure_train(message: Message, context: Context) -> Message:
+    """A round under ``secagg-plus``: Flower's ``secaggplus_mod`` runs the protocol and masks the update."""
+    site = _site_of(context)
+
+    def run(meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        reply_meta, reply_tensors = _train(site, meta, tensors)
+        update = reply_tensors["update"]
+        if update.extras:
+            raise FedcoreUserError(
+                f"site '{site.name}': the update carries extra tensors {sorted(update.extras)}, which secagg-plus cannot sum",
+                hint="use an aggregator and privacy settings without update extras, or crypten in a simulation",
+            )
+        return reply_meta, update
+
+    return _audit(site.name, secure_train_reply(message, run))
 
 
 @app.evaluate()

@@ -45,6 +45,7 @@ clientapp = "fedcore.deploy.client:app"
 run-dir = ""
 certs = ""
 connect-timeout-s = 300.0
+resume = false
 """.encode()
 
 
@@ -83,14 +84,14 @@ def register_sites(client: Any, certs: FederationCerts) -> dict[str, int]:
     return out
 
 
-def start_study(client: Any, run_dir: Path, certs: Path, connect_timeout_s: float) -> int:
+def start_study(client: Any, run_dir: Path, certs: Path, connect_timeout_s: float, resume: bool = False) -> int:
     """Submit fedcore's FAB as a new Flower run; its ServerApp writes ``run_dir``. Returns the Flower run id."""
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import StartRunRequest
     from flwr.supercore.fab import Fab
 
     fab = build_fab()
-    config = {"run-dir": str(run_dir.resolve()), "certs": str(certs.resolve()), "connect-timeout-s": float(connect_timeout_s)}
+    config = {"run-dir": str(run_dir.resolve()), "certs": str(certs.resolve()), "connect-timeout-s": float(connect_timeout_s), "resume": resume}
     response = client.StartRun(
         StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})), override_config=user_config_to_proto(config))
     )

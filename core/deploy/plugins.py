@@ -1,4 +1,4 @@
-"""Plugins deployment adds: the ``site-tables`` dataset (each site reads its own table).
+"""Plugins deployment adds: the ``site-tables`` dataset, the ``secagg-plus`` secure aggregator.
 
 Registered under the ``fedcore`` entry-point group as ``deploy``; importing this
 module never imports Flower, so fedcore without the ``deploy`` extra still loads.
@@ -11,7 +11,7 @@ from typing import ClassVar
 from pydantic import BaseModel, Field
 
 from fedcore import hookimpl
-from fedcore.components import Dataset, FederatedData
+from fedcore.components import Dataset, FederatedData, SecureAggregator
 from fedcore.errors import DataError
 from fedcore.plugins.datasets.pipeline import PreprocessingSettings
 
@@ -49,3 +49,10 @@ class SiteTables(Dataset):
 @hookimpl
 def fedcore_datasets() -> list[type[Dataset]]:
     return [SiteTables]
+
+
+@hookimpl
+def fedcore_secure_aggregators() -> list[type[SecureAggregator]]:
+    from fedcore.plugins.privacy.secure.secagg_plus import SecAggPlusSecureAggregator
+
+    return [SecAggPlusSecureAggregator]

@@ -34,6 +34,7 @@ from fedcore.deploy.certs import FederationCerts
 from fedcore.deploy.checkpoint import CoordinatorCheckpoint
 from fedcore.deploy.wire import MalformedMessage, pack, parse_model, parse_update, unpack
 from fedcore.deploy.site import statement
+from fedcore.deploy.study import preprocessing_timeout
 from fedcore.engine.simulation import FederatedRun, RunResult
 from fedcore.errors import DataError, FedcoreUserError, PrivacyBudgetError, RunFailure, SpecError
 from fedcore.plugins.datasets.pipeline import released_summaries
@@ -45,6 +46,8 @@ from fedcore.types import ClientUpdate, GlobalModel, LedgerRecord, PrivacySpent,
 app = ServerApp()
 
 STATUS_FILE = "status.json"
+#: fedcore's plain training message (SecAgg+ rounds use Flower's own ``train`` type, under ``secaggplus_mod``)
+TRAIN = "train.fedcore"
 LOG_FILE = "coordinator.log"
 
 
@@ -84,8 +87,9 @@ class RemoteSite:
 class Federation:
     """The connected sites and the one way to talk to them (Flower's grid), every wait bounded."""
 
-    def __init__(self, grid: Grid, certs: FederationCerts, log: Log) -> None:
+    def __init__(self, grid: Grid, certs: FederationCerts, log: Log, context: Context | None = None) -> None:
         self.grid = grid
+        self.context = context
         self.registry = certs.registry()
         self.log = log
         self.sites: list[RemoteSite] = []
@@ -224,6 +228,20 @@ def federated_preprocessing(federation: Federation, spec: ExperimentSpec, study:
     )
 
 
+def server_calibrated_privacy(spec: ExperimentSpec) -> str | None:
+    """The privacy mechanism whose noise assumes every site contributes (site-level or central DP), or None.
+
+    Record-level DP is accounted at each site for the rounds it trained, so dropouts
+    do not touch it; site-level and central DP are calibrated for the full federation,
+    so a round with a site missing is refused before anything is released.
+    """
+    for ref in spec.privacy:
+        level = (ref.settings or {}).get("level", "record") if ref.use == "gaussian" else None
+        if ref.use == "central-dp" or level == "site":
+            return f"privacy '{ref.use}'" + (" (level: site)" if level == "site" else "")
+    return None
+
+
 def refusal_reason(
     public_pem: str, study: str, arm: str, repeat: int, round_: int, site: RemoteSite, update: ClientUpdate, signature_b64: str
 ) -> str | None:
@@ -243,8 +261,12 @@ def refusal_reason(
 class DeployedRun(FederatedRun):
     """The simulation's :class:`FederatedRun` whose sites are remote hospitals."""
 
-    def __init__(self, federation: Federation, study: str, shape: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, federation: Federation, study: str, shape: dict[str, Any], *args: Any, resumed: bool = False, **kwargs: Any
+    ) -> None:
         self.federation = federation
+        self.resumed = resumed
+        self.absent: list[str] = []
         self.study = study
         self.shape = shape
         self.signatures: dict[str, dict[str, str]] = {}
@@ -252,6 +274,10 @@ class DeployedRun(FederatedRun):
         super().__init__(*args, sites=federation.sites, **kwargs)
 
     # -- seams of FederatedRun
+
+    def opening_records(self) -> list[LedgerRecord]:
+        # A resumed run continues its ledger's chain: its opening records are already on it.
+        return [] if self.resumed else super().opening_records()
 
     def ledger_writers(self) -> list[str]:
         # Sites sign their own statements (verified before appending, kept in the entry's metadata);
@@ -312,6 +338,45 @@ class DeployedRun(FederatedRun):
             round_, site, update, str(meta.get("signature", "")),
         )
 
+    def _secure_attempt(
+        self, round_: int, message: GlobalModel, extras: Mapping[str, Weights], arrived: dict[str, ClientUpdate],
+        refused: dict[str, str], log: Log,
+    ) -> None:
+        """One SecAgg+ round over every site: the revealed sum goes to the plugin, sealed updates to ``arrived``."""
+        from fedcore.deploy.secagg import SealedUpdate, secure_round
+
+        secure = self.components.secure_aggregation
+        assert secure is not None and self.federation.context is not None
+        arrived.clear()
+        summed, metas = secure_round(
+            self.federation.grid, self.federation.context, [s.node_id for s in self.federation.sites], round_,
+            self._meta(round_), message.weights, extras, secure.settings,
+        )
+        if summed is None:
+            log(f"round {round_}: SecAgg+ halted (too few sites answered every stage)")
+            return
+        by_node = {s.node_id: s for s in self.federation.sites}
+        for node, meta in metas.items():
+            site = by_node[node]
+            if "error" in meta:
+                raise DataError(str(meta["error"]))
+            update = parse_model(
+                SealedUpdate,
+                {**{k: meta[k] for k in ("site", "round", "n_samples", "local_steps", "train_loss", "train_seconds")},
+                 "delta": Weights(arrays={}), "claimed_digest": meta["digest"], "claimed_bytes": meta["bytes"]},
+                site.name, "sealed update",
+            )
+            log(f"round {round_}: site '{site.name}' sent its update masked (0 individual tensor bytes)")
+            reason = self._verify(site, round_, update, meta)
+            if reason is not None:
+                # Its masked contribution is already inside the sum: the whole round is refused.
+                raise RunFailure(f"round {round_}: the update of site '{site.name}' is refused ({reason}); under secure "
+                                 "aggregation it cannot be removed from the sum, so the round is not released")
+            site.reports = [parse_model(PrivacySpent, r, site.name, "privacy report") for r in meta.get("privacy", [])]
+            self.signatures[site.name] = {"signature": str(meta["signature"])}
+            arrived[site.name] = update
+        secure.provide(summed)  # type: ignore[attr-defined]
+
     def collect(self, round_: int, message: GlobalModel, extras: Mapping[str, Weights], log: Log) -> list[ClientUpdate]:
         """The round's verified updates from at least the quorum, retrying missing sites; else stop naming them."""
         training = self.spec.training
@@ -319,11 +384,17 @@ class DeployedRun(FederatedRun):
         arrived: dict[str, ClientUpdate] = {}
         refused: dict[str, str] = {}
         tensors = {"global": message.weights, **{f"extra:{k}": v for k, v in extras.items()}}
+        secure = self.components.secure_aggregation
         for attempt in range(training.round_retries + 1):
+            if secure is not None:
+                self._secure_attempt(round_, message, extras, arrived, refused, log)
+                if len(arrived) >= quorum:
+                    break
+                continue
             waiting = [s for s in self.federation.sites if s.name not in arrived and s.name not in refused]
             if not waiting:
                 break
-            replies = self.federation.ask("train", waiting, self._meta(round_), tensors, training.round_timeout_s)
+            replies = self.federation.ask(TRAIN, waiting, self._meta(round_), tensors, training.round_timeout_s)
             for site in waiting:
                 reply = replies.get(site.name)
                 if reply is None:
@@ -334,6 +405,7 @@ class DeployedRun(FederatedRun):
                         raise PrivacyBudgetError(str(meta["error"])) if "budget" in str(meta["error"]) else DataError(str(meta["error"]))
                     raise RunFailure(str(meta["error"]))
                 update, rest = parse_update(reply.content, site.name, self.initial)
+                log(f"round {round_}: received the update of site '{site.name}' ({update.nbytes()} individual tensor bytes)")
                 reason = self._verify(site, round_, update, rest)
                 if reason is not None:
                     refused[site.name] = reason
@@ -353,6 +425,13 @@ class DeployedRun(FederatedRun):
                 f"(quorum {quorum}) after {training.round_retries + 1} tries of {training.round_timeout_s:g}s; "
                 f"missing: {', '.join(absent)} (check those sites' SuperNodes, or lower training.min_sites)"
             )
+        calibrated = server_calibrated_privacy(self.spec)
+        if absent and calibrated:
+            raise RunFailure(
+                f"round {round_}: {len(arrived)} of {len(self.federation.sites)} sites sent an update, but {calibrated} is "
+                f"calibrated for all {len(self.federation.sites)} sites: the round is refused before release "
+                f"(missing: {', '.join(absent)}); restart those sites' SuperNodes"
+            )
         if absent and self.ledger is not None:
             self.ledger.append(
                 [
@@ -371,8 +450,70 @@ class DeployedRun(FederatedRun):
         return [arrived[s.name] for s in self.federation.sites if s.name in arrived]
 
 
-def coordinate(grid: Grid, run_dir: Path, certs: FederationCerts, connect_timeout_s: float, log: Log) -> None:
-    """The whole study at the coordinator; writes the run directory as the simulation does."""
+def _data_file(run_dir: Path, repeat: int) -> Path:
+    return run_dir / "checkpoints" / f"deploy-data-r{repeat}.json"
+
+
+def save_data_shape(run_dir: Path, repeat: int, data: FederatedData) -> None:
+    """What the coordinator learnt from preprocessing (no rows): features, classes, released summaries."""
+    path = _data_file(run_dir, repeat)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "feature_names": data.feature_names,
+        "class_names": data.class_names,
+        "report_sections": data.report_sections,
+        "released_statistics": data.released_statistics,
+        "max_rows_per_patient": data.max_rows_per_patient,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
+
+
+def load_data_shape(run_dir: Path, repeat: int) -> FederatedData | None:
+    path = _data_file(run_dir, repeat)
+    if not path.exists():
+        return None
+    return FederatedData(sites=[], **json.loads(path.read_text()))
+
+
+def _records_until(run_dir: Path, repeat: int, last_round: int) -> list[RoundRecord]:
+    """Keep ``rounds.jsonl`` lines of completed rounds only (a round cut short is redone); this repeat's records."""
+    path = run_dir / "rounds.jsonl"
+    if not path.exists():
+        return []
+    records = [RoundRecord.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r.repeat != repeat or r.round <= last_round]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r.model_dump_json() + "\n" for r in kept))
+    tmp.replace(path)
+    return [r for r in kept if r.repeat == repeat]
+
+
+def restore(run: DeployedRun, state: dict[str, Any]) -> None:
+    """The coordinator's state after the checkpoint's round (weights, aggregator, central DP, random state)."""
+    run.server.weights = Weights(arrays=state["weights"])
+    run.components.aggregator.load_state_dict(state["aggregator"])
+    for mechanism, mechanism_state in zip(run.server.privacy, state["privacy"], strict=True):
+        if mechanism_state and hasattr(mechanism, "load_state_dict"):
+            mechanism.load_state_dict(mechanism_state)
+    run.server.rng.bit_generator.state = state["server_rng"]
+
+
+def coordinate(
+    grid: Grid,
+    run_dir: Path,
+    certs: FederationCerts,
+    connect_timeout_s: float,
+    log: Log,
+    resume: bool = False,
+    context: Context | None = None,
+) -> None:
+    """The whole study at the coordinator; writes the run directory as the simulation does.
+
+    With ``resume``, every repeat continues after its checkpoint's round: the sites
+    still hold their preprocessed data and stage state under the study's id.
+    """
     from fedcore.report import build_report, write_summary
 
     experiment = load_experiment(run_dir / "spec.resolved.yaml")
@@ -382,54 +523,59 @@ def coordinate(grid: Grid, run_dir: Path, certs: FederationCerts, connect_timeou
     if spec.baseline.centralized:
         log("baseline.centralized skipped: a deployment never pools data")
     study = json.loads((run_dir / "deployment.json").read_text())["study"]
-    federation = Federation(grid, certs, log)
+    federation = Federation(grid, certs, log, context)
     federation.connect(connect_timeout_s)
     plugins = experiment.plugins
     started = time.perf_counter()
     results: list[RunResult] = []
     checkpoint = CoordinatorCheckpoint(run_dir)
-    with open(run_dir / "rounds.jsonl", "a") as rounds_file:
-        data: FederatedData | None = None
-        for repeat in range(spec.repeats):
-            seed = spec.seed + repeat
-            data = federated_preprocessing(federation, spec, f"{study}-r{repeat}", seed, spec.training.round_timeout_s)
-            shape = {
-                "n_sites": len(federation.sites),
-                "n_features": data.n_features,
-                "n_classes": data.n_classes,
-                "max_rows_per_patient": data.max_rows_per_patient,
-                "seed": seed,
-            }
-            components = build_components(spec, plugins)
+    data: FederatedData | None = None
+    for repeat in range(spec.repeats):
+        seed = spec.seed + repeat
+        state = checkpoint.load(repeat) if resume else None
+        data = load_data_shape(run_dir, repeat) if state is not None else None
+        if data is None:
+            state = None
+            data = federated_preprocessing(federation, spec, f"{study}-r{repeat}", seed, preprocessing_timeout(spec))
+            save_data_shape(run_dir, repeat, data)
+        done_rounds = int(state["round"]) if state is not None else 0
+        earlier = _records_until(run_dir, repeat, done_rounds) if resume else []
+        shape = {
+            "n_sites": len(federation.sites),
+            "n_features": data.n_features,
+            "n_classes": data.n_classes,
+            "max_rows_per_patient": data.max_rows_per_patient,
+            "seed": seed,
+        }
+        components = build_components(spec, plugins)
+        if components.secure_aggregation is not None:
+            components.secure_aggregation.deployed = True  # type: ignore[attr-defined]
+        rounds_file = open(run_dir / "rounds.jsonl", "a")
 
-            def on_round(record: RoundRecord) -> None:
-                record = record.model_copy(update={"sites": [s.name for s in run.present], "absent_sites": list(run.absent)})
-                rounds_file.write(record.model_dump_json() + "\n")
-                rounds_file.flush()
-                plugins.hook.fedcore_round_end(record=record)
+        def on_round(record: RoundRecord) -> None:
+            record = record.model_copy(update={"sites": [s.name for s in run.present], "absent_sites": list(run.absent)})
+            rounds_file.write(record.model_dump_json() + "\n")
+            rounds_file.flush()
+            plugins.hook.fedcore_round_end(record=record)
 
-            run = DeployedRun(
-                federation, f"{study}-r{repeat}", shape, spec, components, data, "main", repeat, seed, on_round,
-                ledger_dir=run_dir / "ledger" / f"main-r{repeat}",
-            )
-            run.absent = []
-            try:
-                for round_ in range(1, spec.training.rounds + 1):
-                    round_start = time.perf_counter()
-                    broadcast = run.begin_round(round_)
-                    if broadcast is None:
-                        break
-                    message, extras = broadcast
-                    try:
-                        updates = run.collect(round_, message, extras, log)
-                    except PrivacyBudgetError as exc:
-                        run.stop(f"stopped in round {round_}: {exc}")
-                        break
-                    run.finish_round(round_, updates, time.perf_counter() - round_start)
-                    checkpoint.save(repeat, round_, run)
-                    log(f"repeat {repeat} round {round_} done: sites {', '.join(s.name for s in run.present)}")
-            finally:
-                results.append(run.close())
+        run = DeployedRun(
+            federation, f"{study}-r{repeat}", shape, spec, components, data, "main", repeat, seed, on_round,
+            ledger_dir=run_dir / "ledger" / f"main-r{repeat}", resumed=state is not None,
+        )
+        if state is not None:
+            restore(run, state)
+            log(f"repeat {repeat}: resumed after round {done_rounds} (ledger head {state['ledger_head']})")
+        try:
+            for round_ in range(done_rounds + 1, spec.training.rounds + 1):
+                if not run.run_round(round_, lambda message, extras, r=round_: run.collect(r, message, extras, log)):
+                    break
+                checkpoint.save(repeat, round_, run)
+                log(f"repeat {repeat} round {round_} done: sites {', '.join(s.name for s in run.present)}")
+        finally:
+            result = run.close()
+            rounds_file.close()
+        result.records = [*earlier, *result.records]
+        results.append(result)
     assert data is not None
     write_summary(run_dir, experiment, results, time.perf_counter() - started, data, {"main": False})
     build_report(run_dir)
@@ -442,7 +588,9 @@ def main(grid: Grid, context: Context) -> None:
     log = Log(run_dir)
     write_status(run_dir, "running")
     try:
-        coordinate(grid, run_dir, FederationCerts(Path(str(context.run_config["certs"]))), float(context.run_config["connect-timeout-s"]), log)
+        certs = FederationCerts(Path(str(context.run_config["certs"])))
+        resume = bool(context.run_config.get("resume", False))
+        coordinate(grid, run_dir, certs, float(context.run_config["connect-timeout-s"]), log, resume, context)
     except FedcoreUserError as exc:
         log(f"error: {exc}")
         write_status(run_dir, "failed", error=str(exc), exit_code=2)

@@ -46,11 +46,16 @@ def check_deployable(spec: ExperimentSpec) -> None:
         raise SpecError("training.min_sites must be at least 1", where="training.min_sites")
 
 
+def preprocessing_timeout(spec: ExperimentSpec) -> float:
+    """How long preprocessing waits for every site (reading a table is slower than a round of a small model)."""
+    return max(600.0, spec.training.round_timeout_s)
+
+
 def default_timeout(spec: ExperimentSpec, connect_timeout_s: float) -> float:
     """An upper bound of a study's wall time from its own timeouts (every wait is bounded)."""
     t = spec.training
     per_round = t.round_timeout_s * (t.round_retries + 1) + t.round_timeout_s
-    return connect_timeout_s + spec.repeats * (2 * t.round_timeout_s + t.rounds * per_round) + 120.0
+    return connect_timeout_s + spec.repeats * (2 * preprocessing_timeout(spec) + t.rounds * per_round) + 120.0
 
 
 def run_study(
@@ -62,12 +67,25 @@ def run_study(
     insecure: bool = False,
     connect_timeout_s: float = 300.0,
     timeout_s: float | None = None,
+    resume: Path | None = None,
 ) -> Path:
-    """Run the study SPEC on the federation at ``address``; returns the run directory."""
+    """Run the study SPEC on the federation at ``address``; returns the run directory.
+
+    With ``resume`` (a run directory whose coordinator stopped), a new Flower run
+    continues that study after its last completed round, with the run
+    directory's own resolved spec.
+    """
     require_flwr()
     from fedcore.deploy.control import control_client, register_sites, start_study, wait_finished
     from fedcore.engine.runner import timestamped_run_dir
 
+    if resume is not None:
+        resume = Path(resume).resolve()
+        if not (resume / "deployment.json").is_file() or not (resume / "spec.resolved.yaml").is_file():
+            raise FedcoreUserError(
+                f"{resume} is not a deployed run's directory", hint="give --resume the run directory of a 'fedcore run --federation'"
+            )
+        spec_path, overrides = resume / "spec.resolved.yaml", ()
     experiment = load_experiment(spec_path, overrides)
     spec = experiment.spec
     check_deployable(spec)
@@ -83,21 +101,37 @@ def run_study(
         click.secho(INSECURE_WARNING, err=True, fg="red", bold=True)
     ca = None if insecure else certs.ca
     check_superlink(address, ca, "coordinator")
-    run_dir = timestamped_run_dir(spec, out).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FedcoreUserError(f"output directory {run_dir} is not empty", hint="choose a new --out directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.resolved.yaml").write_text(resolved_yaml(spec))
-    study = uuid.uuid4().hex[:16]
-    (run_dir / "deployment.json").write_text(
-        json.dumps({"study": study, "federation": address, "sites": sorted(registry), "tls": not insecure}, indent=1)
-    )
+    if resume is not None:
+        run_dir = resume
+        status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
+        if status.get("state") == "complete":
+            raise FedcoreUserError(f"the study in {run_dir} is complete; nothing to resume")
+        study = json.loads((run_dir / "deployment.json").read_text())["study"]
+        (run_dir / "status.json").unlink(missing_ok=True)
+    else:
+        run_dir = timestamped_run_dir(spec, out).resolve()
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FedcoreUserError(f"output directory {run_dir} is not empty", hint="choose a new --out directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "spec.resolved.yaml").write_text(resolved_yaml(spec))
+        study = uuid.uuid4().hex[:16]
+        (run_dir / "deployment.json").write_text(
+            json.dumps({"study": study, "federation": address, "sites": sorted(registry), "tls": not insecure}, indent=1)
+        )
     client = control_client(address, ca)
     register_sites(client, certs)
-    flower_run = start_study(client, run_dir, certs.root, connect_timeout_s)
+    flower_run = start_study(client, run_dir, certs.root, connect_timeout_s, resume=resume is not None)
     click.echo(f"study {study}: Flower run {flower_run} on {address}; run directory {run_dir}", err=True)
     budget = timeout_s if timeout_s is not None else default_timeout(spec, connect_timeout_s)
-    sub, details = wait_finished(client, flower_run, budget)
+    try:
+        sub, details = wait_finished(client, flower_run, budget)
+    except RunFailure:
+        raise
+    except Exception as exc:  # the SuperLink went away while we waited
+        raise RunFailure(
+            f"lost the SuperLink at {address} while the study ran ({type(exc).__name__}); when it is back, continue with "
+            f"'fedcore run {spec_path} --federation {address} --certs {certs.root} --resume {run_dir}'"
+        ) from None
     status_path = run_dir / "status.json"
     deadline = time.monotonic() + 10
     while not status_path.exists() and time.monotonic() < deadline:

@@ -290,16 +290,9 @@ class FederatedRun:
         self.commits = Committer(ledger_dir if self.ledger is not None else None, spec.execution.reproducible_noise, seed, arm, repeat)
         if self.ledger is not None:
             self.ledger.open(ledger_dir, self.ledger_writers())
-            opening = [
-                LedgerRecord(kind="spec", round=0, writer="server", payload_sha256=json_digest(spec.model_dump(mode="json"))),
-                LedgerRecord(kind="global-model", round=0, writer="server", payload_sha256=self.initial.sha256()),
-            ]
-            for name, stats in sorted(data.released_statistics.items()):
-                digest = self.commits.commit("server", "preprocessing", 0, json_bytes(stats), name)
-                opening.append(
-                    LedgerRecord(kind="preprocessing", round=0, writer="server", payload_sha256=digest, metadata={"name": name})
-                )
-            self.ledger.append(opening)
+            opening = self.opening_records()
+            if opening:
+                self.ledger.append(opening)
         if components.secure_aggregation is not None:
             components.secure_aggregation.open(len(self.sites), self.initial)
 
@@ -310,6 +303,24 @@ class FederatedRun:
             self.stop(f"stopped before round {round_}: {refusal}")
             return None
         return self.server.broadcast(round_)
+
+    def run_round(self, round_: int, train: Callable[[GlobalModel, dict[str, Weights]], Sequence[ClientUpdate]]) -> bool:
+        """One round: broadcast, ``train`` (the sites' released updates), aggregate and evaluate.
+
+        Returns False when the run stops instead (a privacy budget refused the round).
+        """
+        round_start = time.perf_counter()
+        broadcast = self.begin_round(round_)
+        if broadcast is None:
+            return False
+        message, extras = broadcast
+        try:
+            updates = train(message, extras)
+        except PrivacyBudgetError as exc:
+            self.stop(f"stopped in round {round_}: {exc}")
+            return False
+        self.finish_round(round_, updates, time.perf_counter() - round_start)
+        return True
 
     def stop(self, reason: str) -> None:
         """End the run early (a privacy budget refused a round); the rounds done are kept."""
@@ -357,6 +368,19 @@ class FederatedRun:
         self.result.records.append(record)
         if self.on_round is not None:
             self.on_round(record)
+
+    def opening_records(self) -> list[LedgerRecord]:
+        """The ledger's first records: the spec, the initial model, the released preprocessing statistics."""
+        opening = [
+            LedgerRecord(kind="spec", round=0, writer="server", payload_sha256=json_digest(self.spec.model_dump(mode="json"))),
+            LedgerRecord(kind="global-model", round=0, writer="server", payload_sha256=self.initial.sha256()),
+        ]
+        for name, stats in sorted(self.data.released_statistics.items()):
+            digest = self.commits.commit("server", "preprocessing", 0, json_bytes(stats), name)
+            opening.append(
+                LedgerRecord(kind="preprocessing", round=0, writer="server", payload_sha256=digest, metadata={"name": name})
+            )
+        return opening
 
     def ledger_writers(self) -> list[str]:
         """Whose keys sign ledger entries: the server and every site."""
@@ -409,17 +433,8 @@ def run_federated(
     rounds = spec.training.rounds if stop_after_rounds is None else min(stop_after_rounds, spec.training.rounds)
     try:
         for round_ in range(1, rounds + 1):
-            round_start = time.perf_counter()
-            broadcast = run.begin_round(round_)
-            if broadcast is None:
+            if not run.run_round(round_, lambda message, extras: [site.train(message, extras) for site in run.sites]):
                 break
-            message, extras = broadcast
-            try:
-                updates = [site.train(message, extras) for site in run.sites]
-            except PrivacyBudgetError as exc:
-                run.stop(f"stopped in round {round_}: {exc}")
-                break
-            run.finish_round(round_, updates, time.perf_counter() - round_start)
     finally:
         result = run.close()
     return result

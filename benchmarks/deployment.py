@@ -1,0 +1,231 @@
+"""Deployment over local SuperNodes against the sequential simulation of the same spec, in one run.
+
+    .venv/bin/python benchmarks/deployment.py [--patients 50000] [--rounds 2] [--local-epochs 5] [--no-dp]
+
+The paper workload (3 sites x 50,000 rows, one repeat, 2 rounds; the paper's
+MLP, Adam, batch 32, record-level DP at epsilon 1) is run three ways on this
+machine: the sequential simulation (``ehr-csv`` over the sites' tables), the
+deployment (Flower SuperLink + 3 SuperNodes with TLS and node auth, fedcore's
+ServerApp/ClientApp), and a plain Flower app running the same loop (train +
+evaluate messages, FedAvg, plain PyTorch training; no DP) so the reader sees
+fedcore's overhead over Flower itself. Bytes are counted on each site's socket
+(both directions) by a TCP relay in front of the SuperLink, over the last
+round (steady state: broadcast, update, evaluation broadcast, metrics, and
+Flower's own polling).
+
+Targets: deployed round <= 1.2 x the simulation's; bytes per site per round
+<= 1.1 x twice the model's float32 size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MODEL_FLOATS = 15427
+
+
+class ByteRelay:
+    """A TCP relay (127.0.0.1:port -> target) counting bytes in both directions; TLS passes through untouched."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.sent = 0  # site -> SuperLink
+        self.received = 0  # SuperLink -> site
+        self.lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def total(self) -> int:
+        with self.lock:
+            return self.sent + self.received
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(conn, upstream, "sent"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, conn, "received"), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, counter: str) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+                with self.lock:
+                    setattr(self, counter, getattr(self, counter) + len(chunk))
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def watch_rounds(done: "callable[[int], bool]", relays: dict[str, ByteRelay], rounds: int, stop: threading.Event) -> dict[int, dict[str, int]]:
+    """Relay totals at the moment each round is seen done (polled every 0.2 s)."""
+    marks: dict[int, dict[str, int]] = {}
+
+    def run() -> None:
+        while not stop.is_set() and len(marks) < rounds:
+            for r in range(1, rounds + 1):
+                if r not in marks and done(r):
+                    marks[r] = {s: relay.total() for s, relay in relays.items()}
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    marks["thread"] = thread  # type: ignore[index]
+    return marks
+
+
+def spec_text(name: str, data: str, rounds: int, epochs: int, dp: bool, extra: str = "") -> str:
+    privacy = (
+        "privacy:\n  - use: gaussian\n    settings: {level: record, epsilon: 1.0, delta: 1.0e-5, max_grad_norm: 1.0, accountant: prv}\n"
+        if dp else ""
+    )
+    return (
+        f"name: {name}\nseed: 2024\nrepeats: 1\ndata: {data}\nmodel: {{use: mlp, settings: {{hidden: [128, 64, 32]}}}}\n"
+        f"training: {{rounds: {rounds}, local_epochs: {epochs}, batch_size: 32, optimizer: adam, learning_rate: 0.001, round_timeout_s: 3600}}\n"
+        f"aggregator: {{use: fedavg}}\n{privacy}ledger: {{use: sqlite-chain}}\n"
+        f"execution: {{reproducible_noise: true, progress: false, engine: sequential, workers: 1{extra}}}\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--patients", type=int, default=50000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-epochs", type=int, default=5)
+    parser.add_argument("--no-dp", action="store_true")
+    parser.add_argument("--skip-flower", action="store_true", help="skip the plain Flower baseline")
+    args = parser.parse_args()
+
+    from fedcore.deploy.certs import make_certs
+    from fedcore.deploy.control import control_client, register_sites, run_status
+    from fedcore.deploy.demo import write_demo_sites
+    from fedcore.deploy.local import start_superlink, start_supernode
+    from fedcore.deploy.processes import free_port
+    from fedcore.deploy.study import run_study
+    from fedcore.engine.runner import run_experiment
+    from fedcore.plugins.datasets.synthetic import CATEGORICAL, CONTINUOUS, TARGET
+    from fedcore.spec import load_experiment
+
+    sites = ["hospital-0", "hospital-1", "hospital-2"]
+    work = Path(tempfile.mkdtemp(prefix="fedcore-deploy-bench-"))
+    certs = make_certs(work / "certs", sites)
+    write_demo_sites(work / "sites", certs.root, 3, args.patients, 2024)
+    dp = not args.no_dp
+
+    # 1. the sequential simulation
+    files = {s: str(work / "sites" / f"{s}.csv") for s in sites}
+    data = json.dumps({"use": "ehr-csv", "settings": {"site_files": files, "target": TARGET, "continuous": list(CONTINUOUS),
+                                                       "categorical": list(CATEGORICAL)}})
+    (work / "sim.yaml").write_text(spec_text("simulated", data, args.rounds, args.local_epochs, dp))
+    start = time.perf_counter()
+    sim_dir = run_experiment(load_experiment(work / "sim.yaml"), out=work / "simulated", workers=1, progress=False)
+    sim_wall = time.perf_counter() - start
+    sim_rounds = [json.loads(line) for line in (sim_dir / "rounds.jsonl").read_text().splitlines()]
+
+    # 2. the deployment, each site's traffic through its own relay
+    port = free_port()
+    link = start_superlink(certs, work / "fed", "127.0.0.1", port)
+    client = control_client(f"127.0.0.1:{port}", certs.ca)
+    register_sites(client, certs)
+    relays = {s: ByteRelay(("127.0.0.1", port)) for s in sites}
+    nodes = [start_supernode(certs, s, work / "sites" / f"{s}.yaml", f"127.0.0.1:{relays[s].port}", work / "fed") for s in sites]
+    (work / "deploy.yaml").write_text(spec_text("deployed", "{use: site-tables}", args.rounds, args.local_epochs, dp))
+    log = work / "deployed" / "coordinator.log"
+    stop = threading.Event()
+    marks = watch_rounds(lambda r: log.exists() and f"round {r} done" in log.read_text(), relays, args.rounds, stop)
+    start = time.perf_counter()
+    try:
+        run_dir = run_study(work / "deploy.yaml", (), f"127.0.0.1:{port}", certs.root, work / "deployed")
+    finally:
+        stop.set()
+        for node in nodes:
+            node.stop()
+    deploy_wall = time.perf_counter() - start
+    deploy_rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    last = args.rounds
+    deploy_bytes = {s: marks[last][s] - marks[last - 1][s] for s in sites} if last > 1 else {s: marks[1][s] for s in sites}
+
+    # 3. a plain Flower app with the same loop (no fedcore code in it)
+    flower: dict[str, object] = {}
+    if not args.skip_flower:
+        from flwr.cli.build import build_fab_from_files
+        from flwr.common.serde import fab_to_proto, user_config_to_proto
+        from flwr.proto.control_pb2 import StartRunRequest
+        from flwr.supercore.fab import Fab
+
+        app = (Path(__file__).parent / "flower_baseline_app.py").read_bytes()
+        pyproject = (
+            b'[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n[project]\nname = "flower-baseline"\n'
+            b'version = "1.0.0"\ndescription = "baseline"\nlicense = "Apache-2.0"\ndependencies = []\n[tool.flwr.app]\npublisher = "fedcore"\n'
+            b'[tool.flwr.app.components]\nserverapp = "flower_baseline_app:server"\nclientapp = "flower_baseline_app:client"\n'
+            b'[tool.flwr.app.config]\nsites = 3\nrounds = 2\nfeatures = 1\nclasses = 3\nout = ""\n'
+        )
+        fab = build_fab_from_files({"pyproject.toml": pyproject, "flower_baseline_app.py": app})[0]
+        n_train = int(0.8 * args.patients)
+        relays_b = {s: ByteRelay(("127.0.0.1", port)) for s in sites}
+        from fedcore.deploy.processes import launch
+
+        n_features = json.loads((run_dir / "summary.json").read_text())["data"]["features"]
+        nodes_b = []
+        for s in sites:
+            command = ["flower-supernode", "--superlink", f"127.0.0.1:{relays_b[s].port}", "--port", str(free_port()),
+                       "--root-certificates", str(certs.ca.resolve()), "--auth-supernode-private-key", str((certs.site(s) / "node.key").resolve()),
+                       "--node-config", f"rows={n_train} features={n_features} classes=3 epochs={args.local_epochs}"]
+            nodes_b.append(launch(f"baseline {s}", command, work / "fed" / f"baseline-{s}.log", work / "fed" / f"baseline-{s}-home"))
+        out = work / "flower-baseline.json"
+        config = {"sites": 3, "rounds": args.rounds, "features": n_features, "classes": 3, "out": str(out)}
+        response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+                                                   override_config=user_config_to_proto(config)))
+        stop_b = threading.Event()
+        marks_b = watch_rounds(lambda r: out.exists() and len(json.loads(out.read_text() or "[]")) >= r, relays_b, args.rounds, stop_b)
+        start = time.perf_counter()
+        while run_status(client, response.run_id)[0] != "finished" and time.perf_counter() - start < 7200:
+            time.sleep(1)
+        stop_b.set()
+        for node in nodes_b:
+            node.stop()
+        flower = {"rounds": json.loads(out.read_text()) if out.exists() else [], "bytes": {}}
+        if out.exists() and args.rounds in marks_b and (args.rounds - 1) in marks_b:
+            flower["bytes"] = {s: marks_b[args.rounds][s] - marks_b[args.rounds - 1][s] for s in sites}
+        else:
+            flower["bytes"] = {s: relays_b[s].total() // args.rounds for s in sites}
+    link.stop()
+
+    model_bytes = 4 * MODEL_FLOATS
+    sim_round = sum(r["round_seconds"] for r in sim_rounds) / len(sim_rounds)
+    dep_round = sum(r["round_seconds"] for r in deploy_rounds) / len(deploy_rounds)
+    print(f"workload: 3 sites x {args.patients} patients, {args.rounds} rounds x {args.local_epochs} local epochs, "
+          f"{'record-level DP eps=1' if dp else 'no DP'}; work dir {work}")
+    print(f"simulation (sequential): round {sim_round:.2f} s (train+aggregate, mean), wall {sim_wall:.1f} s")
+    print(f"deployment (3 SuperNodes, TLS): round {dep_round:.2f} s, wall {deploy_wall:.1f} s "
+          f"-> ratio {dep_round / sim_round:.2f} (target <= 1.2)")
+    for s in sites:
+        print(f"  {s}: {deploy_bytes[s]} bytes in round {args.rounds} on its socket = "
+              f"{deploy_bytes[s] / (2 * model_bytes):.2f} x twice the model ({2 * model_bytes} bytes; target <= 1.1)")
+    if flower:
+        rounds_b = flower["rounds"]  # type: ignore[assignment]
+        if rounds_b:
+            b_round = sum(r["round_seconds"] for r in rounds_b) / len(rounds_b)  # type: ignore[index]
+            print(f"plain Flower app, same loop (no DP): round {b_round:.2f} s -> fedcore deployed / Flower {dep_round / b_round:.2f}")
+        for s, n in flower["bytes"].items():  # type: ignore[union-attr]
+            print(f"  {s}: {n} bytes per round = {n / (2 * model_bytes):.2f} x twice the model")
+
+
+if __name__ == "__main__":
+    main()

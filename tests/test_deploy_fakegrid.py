@@ -1,0 +1,176 @@
+"""The coordinator (ServerApp logic) and the site (ClientApp) in one process through a FAKE grid.
+
+``FakeGrid`` is a fake of Flower's ``Grid``, for fast checks only: it hands each
+message straight to fedcore's real ClientApp in this process (each site with
+its own site file, state folder and signing key) instead of crossing a
+SuperLink. It checks the coordinator's quorum, dropout, refusal and resume
+logic in seconds; ``test_deploy_e2e.py`` runs the same code over Flower's real
+SuperLink and SuperNodes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr", reason="the deploy extra (flwr) is not installed")
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedcore.deploy.certs import FederationCerts, make_certs  # noqa: E402
+from fedcore.deploy.client import app as client_app  # noqa: E402
+from fedcore.deploy.demo import write_demo_sites  # noqa: E402
+from fedcore.deploy.server import Log, coordinate  # noqa: E402
+from fedcore.deploy.wire import pack, unpack  # noqa: E402
+from fedcore.errors import RunFailure  # noqa: E402
+from fedcore.spec import load_experiment, resolved_yaml  # noqa: E402
+
+SITES = ["hospital-0", "hospital-1", "hospital-2"]
+
+
+class FakeGrid:
+    """FAKE Flower grid (tests only): delivers every message to the real ClientApp in this process."""
+
+    def __init__(self, sites_dir: Path, drop: Callable[[str, Message], bool] = lambda *_: False,
+                 tamper: Callable[[str, Message, Message], Message] = lambda _, __, reply: reply) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.names = {100 + i: name for i, name in enumerate(SITES)}
+        self.contexts = {
+            node: Context(1, node, {"data": str(sites_dir / f"{name}.yaml"), "site": name}, RecordDict(), {})
+            for node, name in self.names.items()
+        }
+        self.drop, self.tamper = drop, tamper
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.names)
+
+    def create_message(self, content: RecordDict, kind: str, node: int, group: str) -> Message:
+        return Message(content, dst_node_id=node, message_type=kind)
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            name = self.names[message.metadata.dst_node_id]
+            if self.drop(name, message):
+                continue  # that site's SuperNode is gone: no reply within the timeout
+            replies.append(self.tamper(name, message, client_app(message, self.contexts[message.metadata.dst_node_id])))
+        return replies
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[FederationCerts, Path]:
+    root = tmp_path_factory.mktemp("fake")
+    certs = make_certs(root / "certs", SITES)
+    write_demo_sites(root / "sites", certs.root, 3, 120, 7)
+    return certs, root / "sites"
+
+
+def _run_dir(tmp_path: Path, training: str) -> Path:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: fake\nseed: 3\nrepeats: 1\ndata: {use: site-tables}\nmodel: {use: mlp, settings: {hidden: [16]}}\n"
+        f"training: {{local_epochs: 1, batch_size: 32, {training}}}\naggregator: {{use: fedavg}}\nledger: {{use: sqlite-chain}}\n"
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "spec.resolved.yaml").write_text(resolved_yaml(load_experiment(spec).spec))
+    (run_dir / "deployment.json").write_text(json.dumps({"study": tmp_path.name[-12:].replace("_", "-") + "x"}))
+    return run_dir
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+
+
+def _ledger(run_dir: Path) -> list[tuple]:
+    with sqlite3.connect(run_dir / "ledger" / "main-r0" / "ledger.sqlite") as conn:
+        return list(conn.execute("SELECT seq, round, kind, metadata FROM entries ORDER BY seq"))
+
+
+def _is_train(message: Message, from_round: int) -> bool:
+    kind = message.metadata.message_type
+    return kind in ("train.fedcore", "evaluate") and unpack(message.content, "c")[0].get("round", 0) >= from_round
+
+
+def test_quorum_carries_a_round_without_a_dropped_site(world: tuple[FederationCerts, Path], tmp_path: Path) -> None:
+    certs, sites = world
+    run_dir = _run_dir(tmp_path, "rounds: 3, min_sites: 2")
+    grid = FakeGrid(sites, drop=lambda name, m: name == "hospital-2" and _is_train(m, 2))
+    coordinate(grid, run_dir, certs, 10, Log(run_dir))  # type: ignore[arg-type]
+    records = _rounds(run_dir)
+    assert [r["sites"] for r in records] == [SITES, SITES[:2], SITES[:2]]
+    assert [r["absent_sites"] for r in records] == [[], ["hospital-2"], ["hospital-2"]]
+    dropouts = [json.loads(m) for _, r, kind, m in _ledger(run_dir) if kind == "dropout"]
+    assert [(d["site"], d["reason"]) for d in dropouts] == [("hospital-2", "no update in time")] * 2
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
+
+
+def test_below_quorum_stops_naming_the_missing_site_after_retries(world: tuple[FederationCerts, Path], tmp_path: Path) -> None:
+    certs, sites = world
+    run_dir = _run_dir(tmp_path, "rounds: 3, round_retries: 2")
+    asked: list[int] = []
+
+    def drop(name: str, message: Message) -> bool:
+        if name == "hospital-1" and message.metadata.message_type == "train.fedcore":
+            asked.append(1)
+            return True
+        return False
+
+    with pytest.raises(RunFailure, match=r"round 1: only 2 of 3 sites .*quorum 3.* after 3 tries.*missing: hospital-1"):
+        coordinate(FakeGrid(sites, drop=drop), run_dir, certs, 10, Log(run_dir))  # type: ignore[arg-type]
+    assert len(asked) == 3  # asked once, then retried twice
+    assert not (run_dir / "rounds.jsonl").read_text().strip()
+    assert [kind for _, _, kind, _ in _ledger(run_dir) if kind in ("site-update", "aggregate")] == []
+
+
+def test_an_update_whose_signature_does_not_verify_is_refused(world: tuple[FederationCerts, Path], tmp_path: Path) -> None:
+    certs, sites = world
+    run_dir = _run_dir(tmp_path, "rounds: 2, min_sites: 2")
+
+    def forge(name: str, message: Message, reply: Message) -> Message:
+        if name != "hospital-1" or message.metadata.message_type != "train.fedcore":
+            return reply
+        meta, tensors = unpack(reply.content, name)
+        meta["signature"] = meta["signature"][:-8] + "AAAAAAA="
+        content = pack(meta, tensors)
+        return Message(content, reply_to=message)
+
+    coordinate(FakeGrid(sites, tamper=forge), run_dir, certs, 10, Log(run_dir))  # type: ignore[arg-type]
+    assert all(r["absent_sites"] == ["hospital-1"] for r in _rounds(run_dir))
+    refused = [json.loads(m) for _, _, kind, m in _ledger(run_dir) if kind == "dropout"]
+    assert refused and all("signature" in d["reason"] and d["site"] == "hospital-1" for d in refused)
+    assert "refused the update of site 'hospital-1'" in (run_dir / "coordinator.log").read_text()
+    updates = [json.loads(m)["site"] for _, _, kind, m in _ledger(run_dir) if kind == "site-update"]
+    assert "hospital-1" not in updates and len(updates) == 4
+
+
+def test_resume_continues_after_the_last_checkpoint(world: tuple[FederationCerts, Path], tmp_path: Path) -> None:
+    certs, sites = world
+    run_dir = _run_dir(tmp_path, "rounds: 3")
+
+    class Crash(BaseException):
+        pass
+
+    def crash(name: str, message: Message) -> bool:
+        if _is_train(message, 2) and message.metadata.message_type == "evaluate":
+            raise Crash()  # the coordinator dies after the sites trained round 2, before it completes
+        return False
+
+    with pytest.raises(Crash):
+        coordinate(FakeGrid(sites, drop=crash), run_dir, certs, 10, Log(run_dir))  # type: ignore[arg-type]
+    assert [r["round"] for r in _rounds(run_dir)] == [1]
+    coordinate(FakeGrid(sites), run_dir, certs, 10, Log(run_dir), resume=True)  # type: ignore[arg-type]
+    assert [r["round"] for r in _rounds(run_dir)] == [1, 2, 3]
+    rows = _ledger(run_dir)
+    assert [r[0] for r in rows] == list(range(len(rows)))
+    assert sum(1 for r in rows if r[2] == "global-model") == 1  # the opening is not written twice
+    # Round 2 was aggregated (and recorded) before the crash, during its evaluation, and redone after the
+    # resume: the ledger says both happened, in order, and nothing that did not.
+    assert [r[1] for r in rows if r[2] == "aggregate"] == [1, 2, 2, 3]
+    assert [r[1] for r in rows if r[2] == "site-update"] == [1, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3]
+    assert "resumed after round 1" in (run_dir / "coordinator.log").read_text()
