@@ -172,24 +172,32 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
-def test_kill_9_of_the_main_process_leaves_no_worker_and_nothing_written_after(tmp_path: Path) -> None:
+def _long_run_with_two_workers(tmp_path: Path, output: int) -> tuple[subprocess.Popen, Path]:
+    """A `fedcore run --workers 2` in its own session, returned once two rounds are written."""
     spec = tmp_path / "long.yaml"
     spec.write_text(TINY_SPEC.replace("repeats: 1", "repeats: 4").replace("rounds: 2", "rounds: 40"))
     run_dir = tmp_path / "run"
     main = subprocess.Popen(
         [fedcore_script(), "run", str(spec), "--out", str(run_dir), "--workers", "2", "--no-progress"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        text=True,
         start_new_session=True,
     )
+    deadline = time.monotonic() + 240
+    rounds = run_dir / "rounds.jsonl"
+    while not (rounds.is_file() and rounds.read_text().count("\n") >= 2):
+        if main.poll() is not None or time.monotonic() > deadline:
+            main.kill()
+            pytest.fail("the run ended, or wrote no round in 240 s, before it could be stopped")
+        time.sleep(0.2)
+    return main, run_dir
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_kill_9_of_the_main_process_leaves_no_worker_and_nothing_written_after(tmp_path: Path) -> None:
+    main, run_dir = _long_run_with_two_workers(tmp_path, subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 240
-        rounds = run_dir / "rounds.jsonl"
-        while not (rounds.is_file() and rounds.read_text().count("\n") >= 2):
-            assert main.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no round in 240 s"
-            time.sleep(0.2)
         assert len(_session_pids(main.pid)) >= 3  # main, the queue's manager, the workers
         os.kill(main.pid, signal.SIGKILL)
         main.wait(timeout=10)
@@ -206,22 +214,8 @@ def test_kill_9_of_the_main_process_leaves_no_worker_and_nothing_written_after(t
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
 def test_sigterm_interrupts_a_run_kills_its_workers_and_says_so(tmp_path: Path) -> None:
-    spec = tmp_path / "long.yaml"
-    spec.write_text(TINY_SPEC.replace("repeats: 1", "repeats: 4").replace("rounds: 2", "rounds: 40"))
-    run_dir = tmp_path / "run"
-    main = subprocess.Popen(
-        [fedcore_script(), "run", str(spec), "--out", str(run_dir), "--workers", "2", "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    main, run_dir = _long_run_with_two_workers(tmp_path, subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 240
-        rounds = run_dir / "rounds.jsonl"
-        while not (rounds.is_file() and rounds.read_text().count("\n") >= 2):
-            assert main.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
         main.send_signal(signal.SIGTERM)
         _, stderr = main.communicate(timeout=60)
         assert main.returncode == 130

@@ -20,17 +20,9 @@ from conftest import REPO, SHARED_DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-TINY: dict[str, Any] = {
-    "name": "prop",
-    "seed": 2,
-    "repeats": 1,
-    "data": {"use": "synthetic-ehr", "settings": {"sites": 3, "patients_per_site": 120}},
-    "model": {"use": "mlp", "settings": {"hidden": [8]}},
-    "training": {"rounds": 1, "local_epochs": 1, "batch_size": 32},
-    "aggregator": {"use": "fedavg"},
-    "execution": {"progress": False, "workers": 1},
-}
+from corpus.make_corpus import BASE  # noqa: E402 - the corpus's valid spec, the mutations' start
 
+TINY: dict[str, Any] = {**BASE, "name": "prop", "data": {"use": "synthetic-ehr", "settings": {"sites": 3, "patients_per_site": 120}}}
 
 def _shrunk(path: Path) -> dict[str, Any] | None:
     spec = yaml.safe_load(path.read_text())
