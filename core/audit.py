@@ -315,6 +315,11 @@ class AuditContext:
     :ivar privacy: what the run's accountants computed (empty without DP).
     :ivar earlier: results of the audits listed before this one, by name.
     :ivar seed: the repeat's seed.
+    :ivar plugins: the plugin manager that resolved the spec (shadow runs use its components).
+    :ivar arm: the arm's label.
+
+    The sites' data it carries in simulation is private to :meth:`train_shadows`, which
+    stands for a federated run at the sites; an audit's own code never reads it.
     """
 
     spec: ExperimentSpec

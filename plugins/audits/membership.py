@@ -57,7 +57,7 @@ class LiRASettings(_Targets):
 
     shadows: int = Field(16, ge=2, le=256, description="shadow runs (all OUT: trained without any target row)")
     shadow_fraction: float = Field(
-        0.125,
+        0.0625,
         gt=0,
         le=0.5,
         description="share of a site's training rows each shadow run trains on (drawn from the non-target rows); "
