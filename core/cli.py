@@ -10,6 +10,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -96,8 +97,7 @@ def run(
     from fedcore.spec import load_experiment
 
     if federation is not None:
-        from fedcore.deploy.study import run_study
-
+        run_study = _deployment("run")
         if certs is None:
             raise FedcoreUserError("--federation needs --certs (the directory from 'fedcore federation certs')")
         run_dir = run_study(spec, overrides, federation, certs, out, insecure, timeout_s=timeout_s, resume=resume)
@@ -234,14 +234,28 @@ def _ledger_name_of(target: Path) -> str | None:
     return None
 
 
-def _add_deployment_commands() -> None:
-    from fedcore.deploy.cli import federation, site
+def _deployment(name: str) -> Any:
+    """A deployment entry point (group ``fedcore.deployment``; fedcore's own is ``fedcore.plugins.deploy``)."""
+    from importlib.metadata import entry_points
 
-    cli.add_command(federation)
-    cli.add_command(site)
+    for ep in entry_points(group="fedcore.deployment"):
+        if ep.name == name:
+            return ep.load()
+    raise FedcoreUserError("--federation needs fedcore's deployment support, which is not installed", hint="pip install 'fedcore[deploy]'")
 
 
-_add_deployment_commands()
+def _add_extension_commands() -> None:
+    """Command groups other packages register (group ``fedcore.cli``): the deployment's ``federation`` and ``site``."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="fedcore.cli"):
+        try:
+            cli.add_command(ep.load(), ep.name)
+        except Exception:  # noqa: S112 - a broken extension must not take the core CLI down; 'fedcore plugins' lists failures
+            continue
+
+
+_add_extension_commands()
 
 
 def main() -> None:
