@@ -112,12 +112,12 @@ def main() -> None:
     parser.add_argument("--skip-flower", action="store_true", help="skip the plain Flower baseline")
     args = parser.parse_args()
 
-    from fedcore.deploy.certs import make_certs
-    from fedcore.deploy.control import control_client, register_sites, run_status
-    from fedcore.deploy.demo import write_demo_sites
-    from fedcore.deploy.local import start_superlink, start_supernode
-    from fedcore.deploy.processes import free_port
-    from fedcore.deploy.study import run_study
+    from fedcore.plugins.deploy.certs import make_certs
+    from fedcore.plugins.deploy.control import control_client, register_sites, run_status
+    from fedcore.plugins.deploy.demo import write_demo_sites
+    from fedcore.plugins.deploy.local import start_superlink, start_supernode
+    from fedcore.plugins.deploy.processes import free_port
+    from fedcore.plugins.deploy.study import run_study
     from fedcore.engine.runner import run_experiment
     from fedcore.plugins.datasets.synthetic import CATEGORICAL, CONTINUOUS, TARGET
     from fedcore.spec import load_experiment
@@ -179,7 +179,7 @@ def main() -> None:
         fab = build_fab_from_files({"pyproject.toml": pyproject, "flower_baseline_app.py": app})[0]
         n_train = int(0.8 * args.patients)
         relays_b = {s: ByteRelay(("127.0.0.1", port)) for s in sites}
-        from fedcore.deploy.processes import launch
+        from fedcore.plugins.deploy.processes import launch
 
         n_features = json.loads((run_dir / "summary.json").read_text())["data"]["features"]
         nodes_b = []

@@ -13,6 +13,7 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -132,8 +133,7 @@ def run(
     from fedcore.spec import load_experiment
 
     if federation is not None:
-        from fedcore.deploy.study import run_study
-
+        run_study = _deployment("run")
         if certs is None:
             raise FedcoreUserError("--federation needs --certs (the directory from 'fedcore federation certs')")
         run_dir = run_study(spec, overrides, federation, certs, out, insecure, timeout_s=timeout_s, resume=resume)
@@ -301,18 +301,28 @@ def _ledger_name_of(target: Path) -> str | None:
     return None
 
 
-def _add_command_groups() -> None:
-    """Command groups that live with their feature: ``fedcore fabric ...`` (the local Fabric
-    network, with the fabric ledger plugin), ``fedcore federation ...`` and ``fedcore site ...``
-    (deployment)."""
-    from fedcore.deploy.cli import federation, site
-    from fedcore.plugins.ledgers.fabric.cli import fabric
+def _deployment(name: str) -> Any:
+    """A deployment entry point (group ``fedcore.deployment``; fedcore's own is ``fedcore.plugins.deploy``)."""
+    from importlib.metadata import entry_points
 
-    for group in (fabric, federation, site):
-        cli.add_command(group)
+    for ep in entry_points(group="fedcore.deployment"):
+        if ep.name == name:
+            return ep.load()
+    raise FedcoreUserError("--federation needs fedcore's deployment support, which is not installed", hint="pip install 'fedcore[deploy]'")
 
 
-_add_command_groups()
+def _add_extension_commands() -> None:
+    """Command groups other packages register (group ``fedcore.cli``): fabric's ``fabric`` (the local network), the deployment's ``federation`` and ``site``."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="fedcore.cli"):
+        try:
+            cli.add_command(ep.load(), ep.name)
+        except Exception:  # noqa: S112 - a broken extension must not take the core CLI down; 'fedcore plugins' lists failures
+            continue
+
+
+_add_extension_commands()
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ pytest.importorskip("flwr", reason="the deploy extra (flwr) is not installed")
 from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from fedcore.deploy.certs import FederationCerts, make_certs  # noqa: E402
-from fedcore.deploy.client import app as client_app  # noqa: E402
-from fedcore.deploy.demo import write_demo_sites  # noqa: E402
-from fedcore.deploy.server import Log, coordinate  # noqa: E402
-from fedcore.deploy.wire import pack, unpack  # noqa: E402
+from fedcore.plugins.deploy.certs import FederationCerts, make_certs  # noqa: E402
+from fedcore.plugins.deploy.client import app as client_app  # noqa: E402
+from fedcore.plugins.deploy.demo import write_demo_sites  # noqa: E402
+from fedcore.plugins.deploy.server import Log, coordinate  # noqa: E402
+from fedcore.plugins.deploy.wire import pack, unpack  # noqa: E402
 from fedcore.errors import RunFailure  # noqa: E402
 from fedcore.spec import load_experiment, resolved_yaml  # noqa: E402
 

@@ -16,12 +16,12 @@ pytest.importorskip("flwr", reason="the deploy extra (flwr) is not installed")
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
-from fedcore.deploy.certs import make_certs  # noqa: E402
-from fedcore.deploy.processes import check_superlink, free_port  # noqa: E402
-from fedcore.deploy.server import RemoteSite, refusal_reason  # noqa: E402
-from fedcore.deploy.site import load_site_config, sign_statement, statement  # noqa: E402
-from fedcore.deploy.study import check_deployable  # noqa: E402
-from fedcore.deploy.wire import MalformedMessage, pack, parse_update, unpack, update_message  # noqa: E402
+from fedcore.plugins.deploy.certs import make_certs  # noqa: E402
+from fedcore.plugins.deploy.processes import check_superlink, free_port  # noqa: E402
+from fedcore.plugins.deploy.server import RemoteSite, refusal_reason  # noqa: E402
+from fedcore.plugins.deploy.site import load_site_config, sign_statement, statement  # noqa: E402
+from fedcore.plugins.deploy.study import check_deployable  # noqa: E402
+from fedcore.plugins.deploy.wire import MalformedMessage, pack, parse_update, unpack, update_message  # noqa: E402
 from fedcore.errors import DataError, PluginError, RunFailure, SpecError  # noqa: E402
 from fedcore.spec import load_experiment  # noqa: E402
 from fedcore.types import ClientUpdate, Weights  # noqa: E402

@@ -41,7 +41,9 @@ class SecAggPlusSettings(BaseModel):
     reconstruction_threshold: float = Field(
         0.67, gt=0, description="shares needed to unmask: a fraction of num_shares (<= 1) or a count"
     )
-    max_weight: float = Field(1.0e6, gt=0, description="largest site sample count (update weight) expected")
+    max_weight: float | None = Field(
+        None, gt=0, description="largest update weight (site sample count); default: the largest site's, as reported"
+    )
     clipping_range: float = Field(8.0, gt=0, description="update values are clipped to +- this before quantization")
     quantization_range: int = Field(4194304, ge=2, description="quantization levels over the clipping range")
     timeout_s: float = Field(600.0, gt=0, description="each protocol stage waits at most this long for the sites")

@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedcore.deploy.certs import FederationCerts
-from fedcore.deploy.control import control_client, register_sites
-from fedcore.deploy.processes import (
+from fedcore.plugins.deploy.certs import FederationCerts
+from fedcore.plugins.deploy.control import control_client, register_sites
+from fedcore.plugins.deploy.processes import (
     FlowerProcess,
     free_port,
     launch,

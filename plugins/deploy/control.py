@@ -13,7 +13,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from fedcore.deploy.certs import FederationCerts
+from fedcore.plugins.deploy.certs import FederationCerts
 from fedcore.errors import RunFailure
 
 FAB_NAME = "fedcore-study"
@@ -38,8 +38,8 @@ dependencies = []
 publisher = "fedcore"
 
 [tool.flwr.app.components]
-serverapp = "fedcore.deploy.server:app"
-clientapp = "fedcore.deploy.client:app"
+serverapp = "fedcore.plugins.deploy.server:app"
+clientapp = "fedcore.plugins.deploy.client:app"
 
 [tool.flwr.app.config]
 run-dir = ""

@@ -20,9 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.client.mod import secaggplus_mod
 
-from fedcore.deploy import site as site_mod
-from fedcore.deploy.secagg import secure_train_reply
-from fedcore.deploy.wire import pack, unpack, update_message
+from fedcore.plugins.deploy import site as site_mod
+from fedcore.plugins.deploy.secagg import secure_train_reply
+from fedcore.plugins.deploy.wire import pack, unpack, update_message
 from fedcore.errors import FedcoreUserError
 from fedcore.plugins.datasets.preprocessing import FederatedStatistics
 from fedcore.registry import PluginManager

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from fedcore.deploy.certs import FederationCerts
+from fedcore.plugins.deploy.certs import FederationCerts
 from fedcore.plugins.datasets.synthetic import CATEGORICAL, CONTINUOUS, TARGET, SyntheticEHR
 
 

@@ -2,7 +2,7 @@
 
 Everything here runs at the site (inside fedcore's ClientApp on the site's
 SuperNode). The site's file (``site.yaml``) names its table and columns; those
-never leave the site. What the site sends is listed in :mod:`fedcore.deploy.wire`.
+never leave the site. What the site sends is listed in :mod:`fedcore.plugins.deploy.wire`.
 
 Local training goes through one adapter, :func:`train_site_round`, which calls
 the simulation's own :class:`~fedcore.engine.simulation.Site` (built by the

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import click
 
-from fedcore.deploy import require_flwr
-from fedcore.deploy.certs import FederationCerts
-from fedcore.deploy.processes import check_superlink
+from fedcore.plugins.deploy import require_flwr
+from fedcore.plugins.deploy.certs import FederationCerts
+from fedcore.plugins.deploy.processes import check_superlink
 from fedcore.errors import FedcoreUserError, PluginError, RunFailure, SpecError
 from fedcore.spec import ExperimentSpec, load_experiment, resolved_yaml
 
@@ -76,7 +76,7 @@ def run_study(
     directory's own resolved spec.
     """
     require_flwr()
-    from fedcore.deploy.control import control_client, register_sites, start_study, wait_finished
+    from fedcore.plugins.deploy.control import control_client, register_sites, start_study, wait_finished
     from fedcore.engine.runner import timestamped_run_dir
 
     if resume is not None:

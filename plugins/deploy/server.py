@@ -11,7 +11,7 @@ Per round: the global model goes to every site; updates that arrive within
 at least ``training.min_sites`` arrived (FedAvg re-weights over the arrivals);
 otherwise the missing sites are asked again, up to ``training.round_retries``
 times, and then the run stops naming them. After every completed round the
-coordinator's checkpoint is written (:mod:`fedcore.deploy.checkpoint`).
+coordinator's checkpoint is written (:mod:`fedcore.plugins.deploy.checkpoint`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedcore.components import FederatedData
-from fedcore.deploy.certs import FederationCerts
-from fedcore.deploy.checkpoint import CoordinatorCheckpoint
-from fedcore.deploy.wire import MalformedMessage, pack, parse_model, parse_update, unpack
-from fedcore.deploy.site import statement
-from fedcore.deploy.study import preprocessing_timeout
+from fedcore.plugins.deploy.certs import FederationCerts
+from fedcore.plugins.deploy.checkpoint import CoordinatorCheckpoint
+from fedcore.plugins.deploy.wire import MalformedMessage, pack, parse_model, parse_update, unpack
+from fedcore.plugins.deploy.site import statement
+from fedcore.plugins.deploy.study import preprocessing_timeout
 from fedcore.engine.simulation import FederatedRun, RunResult
 from fedcore.errors import DataError, FedcoreUserError, PrivacyBudgetError, RunFailure, SpecError
 from fedcore.plugins.datasets.pipeline import released_summaries
@@ -93,6 +93,8 @@ class Federation:
         self.registry = certs.registry()
         self.log = log
         self.sites: list[RemoteSite] = []
+        #: each site's training-set size (its update weight), as it reported after preprocessing
+        self.site_rows: dict[str, int] = {}
 
     def connect(self, timeout_s: float) -> None:
         """Wait until every registered site's SuperNode is connected and says who it is."""
@@ -207,11 +209,12 @@ def federated_preprocessing(federation: Federation, spec: ExperimentSpec, study:
     feature_names = [str(n) for n in fitted_transformer(stats, continuous, categorical).get_feature_names_out()]
     rows = [answers[s.name]["max_rows_per_patient"] for s in federation.sites]
     spec_json = spec.model_dump_json()
-    federation.ask_all(
+    prepared = federation.ask_all(
         "query.preprocess",
         {s.name: {**base, "index": s.index, "statistics": stats.model_dump(mode="json"), "classes": classes, "spec": spec_json} for s in federation.sites},
         timeout_s,
     )
+    federation.site_rows = {name: int(answer["n_train"]) for name, answer in prepared.items()}
     return FederatedData(
         sites=[],
         feature_names=feature_names,
@@ -343,14 +346,19 @@ class DeployedRun(FederatedRun):
         refused: dict[str, str], log: Log,
     ) -> None:
         """One SecAgg+ round over every site: the revealed sum goes to the plugin, sealed updates to ``arrived``."""
-        from fedcore.deploy.secagg import SealedUpdate, secure_round
+        from fedcore.plugins.deploy.secagg import SealedUpdate, secure_round
 
         secure = self.components.secure_aggregation
         assert secure is not None and self.federation.context is not None
         arrived.clear()
+        settings = secure.settings
+        if settings.max_weight is None:  # type: ignore[attr-defined]
+            # The largest weight the sites will use: SecAgg+ scales each update by weight / max_weight before
+            # quantizing, so a loose bound would quantize the updates away.
+            settings = settings.model_copy(update={"max_weight": float(max(self.federation.site_rows.values(), default=1))})
         summed, metas = secure_round(
             self.federation.grid, self.federation.context, [s.node_id for s in self.federation.sites], round_,
-            self._meta(round_), message.weights, extras, secure.settings,
+            self._meta(round_), message.weights, extras, settings,
         )
         if summed is None:
             log(f"round {round_}: SecAgg+ halted (too few sites answered every stage)")
@@ -454,7 +462,7 @@ def _data_file(run_dir: Path, repeat: int) -> Path:
     return run_dir / "checkpoints" / f"deploy-data-r{repeat}.json"
 
 
-def save_data_shape(run_dir: Path, repeat: int, data: FederatedData) -> None:
+def save_data_shape(run_dir: Path, repeat: int, data: FederatedData, site_rows: dict[str, int]) -> None:
     """What the coordinator learnt from preprocessing (no rows): features, classes, released summaries."""
     path = _data_file(run_dir, repeat)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -464,17 +472,20 @@ def save_data_shape(run_dir: Path, repeat: int, data: FederatedData) -> None:
         "report_sections": data.report_sections,
         "released_statistics": data.released_statistics,
         "max_rows_per_patient": data.max_rows_per_patient,
+        "site_rows": site_rows,
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload))
     tmp.replace(path)
 
 
-def load_data_shape(run_dir: Path, repeat: int) -> FederatedData | None:
+def load_data_shape(run_dir: Path, repeat: int) -> tuple[FederatedData, dict[str, int]] | None:
     path = _data_file(run_dir, repeat)
     if not path.exists():
         return None
-    return FederatedData(sites=[], **json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    site_rows = saved.pop("site_rows", {})
+    return FederatedData(sites=[], **saved), site_rows
 
 
 def _records_until(run_dir: Path, repeat: int, last_round: int) -> list[RoundRecord]:
@@ -533,11 +544,13 @@ def coordinate(
     for repeat in range(spec.repeats):
         seed = spec.seed + repeat
         state = checkpoint.load(repeat) if resume else None
-        data = load_data_shape(run_dir, repeat) if state is not None else None
-        if data is None:
+        saved = load_data_shape(run_dir, repeat) if state is not None else None
+        if saved is None:
             state = None
             data = federated_preprocessing(federation, spec, f"{study}-r{repeat}", seed, preprocessing_timeout(spec))
-            save_data_shape(run_dir, repeat, data)
+            save_data_shape(run_dir, repeat, data, federation.site_rows)
+        else:
+            data, federation.site_rows = saved
         done_rounds = int(state["round"]) if state is not None else 0
         earlier = _records_until(run_dir, repeat, done_rounds) if resume else []
         shape = {

@@ -2,10 +2,10 @@
 
 The transport is Flower's (``flwr``, the ``fedcore[deploy]`` extra): a SuperLink
 at the coordinator, one SuperNode per hospital, TLS and SuperNode
-authentication. fedcore supplies the ServerApp (:mod:`fedcore.deploy.server`,
+authentication. fedcore supplies the ServerApp (:mod:`fedcore.plugins.deploy.server`,
 which drives the simulation's :class:`~fedcore.engine.simulation.FederatedRun`)
-and the ClientApp (:mod:`fedcore.deploy.client`, which trains through the one
-adapter :func:`fedcore.deploy.site.train_site_round`). See docs/deployment.md.
+and the ClientApp (:mod:`fedcore.plugins.deploy.client`, which trains through the one
+adapter :func:`fedcore.plugins.deploy.site.train_site_round`). See docs/deployment.md.
 """
 
 from __future__ import annotations

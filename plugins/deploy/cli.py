@@ -23,7 +23,7 @@ def federation() -> None:
 @click.option("--host", "hosts", multiple=True, help="a name or IP the SuperLink is reached at (repeatable; localhost is always in)")
 def certs_command(out: Path, sites: str, hosts: tuple[str, ...]) -> None:
     """Write the federation's CA, the SuperLink's TLS pair and every site's keys."""
-    from fedcore.deploy.certs import make_certs
+    from fedcore.plugins.deploy.certs import make_certs
 
     if out.exists() and any(out.iterdir()):
         raise click.ClickException(f"{out} is not empty; certificates are never overwritten (choose a new --out)")
@@ -39,7 +39,7 @@ def certs_command(out: Path, sites: str, hosts: tuple[str, ...]) -> None:
 @click.option("--seed", type=int, default=2024, show_default=True)
 def demo_data(out: Path, certs_dir: Path, sites: int, patients: int, seed: int) -> None:
     """Write synthetic EHR tables, one per site, and each site's site.yaml (a local demo)."""
-    from fedcore.deploy.demo import write_demo_sites
+    from fedcore.plugins.deploy.demo import write_demo_sites
 
     for path in write_demo_sites(out, certs_dir, sites, patients, seed):
         click.echo(str(path))
@@ -55,10 +55,10 @@ def demo_data(out: Path, certs_dir: Path, sites: int, patients: int, seed: int) 
 @click.option("--detach", is_flag=True, help="return once everything runs (stop with 'fedcore federation down')")
 def up(sites: int | None, data_dir: Path, certs_dir: Path, state: Path, port: int, insecure: bool, detach: bool) -> None:
     """A local federation: Flower's SuperLink and one SuperNode per site, as processes."""
-    from fedcore.deploy import require_flwr
-    from fedcore.deploy.certs import FederationCerts, make_certs
-    from fedcore.deploy.local import LocalFederation
-    from fedcore.deploy.study import INSECURE_WARNING
+    from fedcore.plugins.deploy import require_flwr
+    from fedcore.plugins.deploy.certs import FederationCerts, make_certs
+    from fedcore.plugins.deploy.local import LocalFederation
+    from fedcore.plugins.deploy.study import INSECURE_WARNING
 
     require_flwr()
     if not (certs_dir / "sites.json").exists():
@@ -124,10 +124,10 @@ def site() -> None:
 @click.option("--retries", type=int, default=5, show_default=True, help="connection attempts before giving up")
 def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, retries: int) -> None:
     """Run this hospital's SuperNode (in the foreground) with fedcore's ClientApp."""
-    from fedcore.deploy import require_flwr
-    from fedcore.deploy.processes import check_superlink, flwr_env, free_port, supernode_command
-    from fedcore.deploy.site import load_site_config
-    from fedcore.deploy.study import INSECURE_WARNING
+    from fedcore.plugins.deploy import require_flwr
+    from fedcore.plugins.deploy.processes import check_superlink, flwr_env, free_port, supernode_command
+    from fedcore.plugins.deploy.site import load_site_config
+    from fedcore.plugins.deploy.study import INSECURE_WARNING
 
     require_flwr()
     loaded = load_site_config(data)
@@ -167,10 +167,10 @@ def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, retr
 @click.option("--certs", "certs_dir", type=click.Path(path_type=Path), required=True, help="the coordinator's certificates (sites.json)")
 def register(superlink: str, certs_dir: Path) -> None:
     """Register every site's SuperNode key of sites.json with the SuperLink (only these may connect)."""
-    from fedcore.deploy import require_flwr
-    from fedcore.deploy.certs import FederationCerts
-    from fedcore.deploy.control import control_client, register_sites
-    from fedcore.deploy.processes import check_superlink
+    from fedcore.plugins.deploy import require_flwr
+    from fedcore.plugins.deploy.certs import FederationCerts
+    from fedcore.plugins.deploy.control import control_client, register_sites
+    from fedcore.plugins.deploy.processes import check_superlink
 
     require_flwr()
     certs = FederationCerts(certs_dir)

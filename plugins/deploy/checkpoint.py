@@ -4,7 +4,7 @@ Written atomically (temporary file, then rename) to ``RUN/checkpoints/deploy-r<r
 the round, the global weights, the aggregator's and central privacy
 mechanisms' state, the server's random state, the ledger's head and which
 sites took part. The site's part (accountant, control variates, generator)
-stays on the site's disk, keyed by the study's run id (:class:`fedcore.deploy.site.SiteStore`).
+stays on the site's disk, keyed by the study's run id (:class:`fedcore.plugins.deploy.site.SiteStore`).
 
 The reliability issue brings one checkpoint format for simulation and
 deployment (``fedcore.checkpoint``); this module is the deployment's
