@@ -184,12 +184,12 @@ def _long_run_with_two_workers(tmp_path: Path, output: int) -> tuple[subprocess.
         text=True,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 480
     rounds = run_dir / "rounds.jsonl"
     while not (rounds.is_file() and rounds.read_text().count("\n") >= 2):
         if main.poll() is not None or time.monotonic() > deadline:
             main.kill()
-            pytest.fail("the run ended, or wrote no round in 240 s, before it could be stopped")
+            pytest.fail("the run ended, or wrote no round in 480 s, before it could be stopped")
         time.sleep(0.2)
     return main, run_dir
 
