@@ -84,9 +84,7 @@ def watch_rounds(done: "callable[[int], bool]", relays: dict[str, ByteRelay], ro
                     marks[r] = {s: relay.total() for s, relay in relays.items()}
             time.sleep(0.2)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    marks["thread"] = thread  # type: ignore[index]
+    threading.Thread(target=run, daemon=True).start()
     return marks
 
 

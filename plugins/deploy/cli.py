@@ -121,8 +121,8 @@ def site() -> None:
 @click.option("--certs", "certs_dir", type=click.Path(path_type=Path), required=True, help="this site's folder from 'federation certs'")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="this site's site.yaml (its table and columns; never sent)")
 @click.option("--insecure", is_flag=True, help="no TLS (printed loudly)")
-@click.option("--retries", type=int, default=5, show_default=True, help="connection attempts before giving up")
-def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, retries: int) -> None:
+@click.option("--reconnect-s", type=float, default=900.0, show_default=True, help="how long to keep reconnecting to a lost SuperLink")
+def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, reconnect_s: float) -> None:
     """Run this hospital's SuperNode (in the foreground) with fedcore's ClientApp."""
     from fedcore.plugins.deploy import require_flwr
     from fedcore.plugins.deploy.processes import check_superlink, flwr_env, free_port, supernode_command
@@ -138,7 +138,7 @@ def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, retr
     if insecure:
         click.secho(INSECURE_WARNING, err=True, fg="red", bold=True)
     check_superlink(superlink, None if insecure else certs_dir / "ca.crt", f"site '{loaded.name}'")
-    command = supernode_command(certs_dir.resolve(), superlink, loaded.source, loaded.name, free_port(), insecure, retries)
+    command = supernode_command(certs_dir.resolve(), superlink, loaded.source, loaded.name, free_port(), insecure, wait_s=reconnect_s)
     home = loaded.state_dir / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(command, env=flwr_env(home))  # noqa: S603

@@ -121,14 +121,26 @@ def superlink_command(
 
 
 def supernode_command(
-    site_certs: Path, superlink: str, data: Path, site: str, port: int, insecure: bool = False, retries: int = 5, wait_s: float = 30.0
+    site_certs: Path,
+    superlink: str,
+    data: Path,
+    site: str,
+    port: int,
+    insecure: bool = False,
+    retries: int | None = None,
+    wait_s: float = 900.0,
 ) -> list[str]:
-    """``flower-supernode`` for one hospital: TLS to the SuperLink, its own auth key, its own data file."""
+    """``flower-supernode`` for one hospital: TLS to the SuperLink, its own auth key, its own data file.
+
+    A hospital's node outlives a coordinator restart: it keeps reconnecting for up
+    to ``wait_s`` seconds (``retries`` bounds the attempts too, when given).
+    """
     command = [
         "flower-supernode", "--superlink", superlink, "--port", str(port),
-        "--node-config", f"data='{data}' site='{site}'",
-        "--max-retries", str(retries), "--max-wait-time", str(wait_s),
+        "--node-config", f"data='{data}' site='{site}'", "--max-wait-time", str(wait_s),
     ]
+    if retries is not None:
+        command += ["--max-retries", str(retries)]
     if insecure:
         command += ["--insecure"]
     else:
