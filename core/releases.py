@@ -1,13 +1,15 @@
 """Everything that leaves a site, declared once: per message type and field, inside the DP
 guarantee or released outside it.
 
-A site sends four kinds of message (in simulation they are objects the engine hands
+A site sends these kinds of message (in simulation they are objects the engine hands
 over; deployed, they cross the network):
 
 - ``ClientUpdate`` every round (its ``extras`` by name),
 - ``SiteEvaluation`` every round (the global model's metrics on the site's splits),
 - ``SiteSummary`` once, during federated preprocessing (``FederatedData.released_statistics``),
-- ``SiteDescription`` once: the site's name and split sizes, shown in the report's data table.
+- ``SiteDescription`` once: the site's name and split sizes, shown in the report's data table,
+- ``SiteAttackStats`` once per membership audit (``audits:`` in the spec): the attack's
+  aggregate success on the site's own rows.
 
 Each field is a :class:`Release`: what it is, and under which protection it is inside
 the guarantee (``"record"``: record-level DP-SGD at the site; ``"site"``: site-level
@@ -120,6 +122,24 @@ RELEASES: tuple[Release, ...] = (
     Release("SiteSummary", "categorical.*.counts.*", "preprocessing: exact category counts per column", OUTSIDE),
     Release("SiteSummary", "categorical.*.missing", "preprocessing: missing values per categorical column", OUTSIDE),
     Release("SiteDescription", "name", "the site's name", PUBLIC),
+    # A membership audit's release from each site (fedcore.components.SiteAttackStats):
+    # aggregates of the attack on the site's own rows, never a per-row score.
+    *(
+        Release("SiteAttackStats", path, what, inside, audit)
+        for audit in ("membership-loss", "membership-lira")
+        for path, what, inside in (
+            ("site", "the site's index", PUBLIC),
+            ("fpr_levels", "the audit's fixed false-positive levels", PUBLIC),
+            ("n_members", "audit: how many training rows were attacked", OUTSIDE),
+            ("n_nonmembers", "audit: how many held-out rows were compared", OUTSIDE),
+            ("auc", "audit: the attack's exact ROC AUC on the site's rows", OUTSIDE),
+            ("tpr_at_fpr", "audit: the attack's exact true-positive rates at the fixed FPR levels", OUTSIDE),
+            ("*.n_members", "audit: attacked training rows per half", OUTSIDE),
+            ("*.n_nonmembers", "audit: compared held-out rows per half", OUTSIDE),
+            ("*.true_positives", "audit: exact true-positive counts per threshold and half", OUTSIDE),
+            ("*.false_positives", "audit: exact false-positive counts per threshold and half", OUTSIDE),
+        )
+    ),
     *(
         Release("SiteDescription", split, "the exact sizes of the site's splits", OUTSIDE)
         for split in ("train", "validation", "test")

@@ -226,3 +226,17 @@ def test_lira_scores_rows_against_their_out_gaussians(variance: str) -> None:
         module.bias[0] += 50.0
     boosted = attack.site_scores(site, (weights_of(module), shadows))
     assert boosted.members[0] == max(np.concatenate([boosted.members, boosted.nonmembers]))
+
+
+def test_every_field_a_site_releases_about_an_audit_is_declared() -> None:
+    """A membership audit's per-site release is declared in fedcore.releases, field by field."""
+    import numpy as np
+
+    from fedcore.audit import site_release
+    from fedcore.components import MembershipScores
+    from fedcore.releases import undeclared
+
+    rng = np.random.default_rng(0)
+    stats = site_release(0, MembershipScores(rng.normal(1.0, 1.0, 60), rng.normal(0.0, 1.0, 60)), seed=0)
+    assert undeclared("SiteAttackStats", stats) == []
+    assert undeclared("SiteAttackStats", {"new_field": 1}) == ["new_field"]
