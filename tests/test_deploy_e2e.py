@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -221,7 +222,7 @@ def _check_same_as_simulation(tmp_path: Path, sites: Path, certs: FederationCert
         assert d["privacy"][0]["epsilon"] == pytest.approx(s["privacy"][0]["epsilon"], rel=1e-12)
         assert d["sites"] == SITES and d["absent_sites"] == []
     ours = [(r[1], r[3]) for r in ledger_rows(tmp_path / "deployed") if r[2] == "site-update"]
-    theirs = [(r[1], r[3]) for r in ledger_rows(tmp_path / "simulated") if r[2] == "site-update"]
+    theirs = _simulated_update_payloads(tmp_path / "simulated")
     assert ours == theirs and len(ours) == 6
     # Every site-update entry carries its site's signature, which verifies with the site's registered key.
     study = json.loads((tmp_path / "deployed" / "deployment.json").read_text())["study"]
@@ -234,6 +235,21 @@ def _check_same_as_simulation(tmp_path: Path, sites: Path, certs: FederationCert
         import base64
 
         assert verify_signature(load_public_pem(registry[site]["signing_public_key"]), base64.b64decode(meta["site_signature"]), message)
+
+
+def _simulated_update_payloads(run_dir: Path) -> list[tuple[int, str]]:
+    """(round, SHA-256 of the update's canonical bytes) of each site-update entry of a simulated run.
+
+    The simulation's ledger holds hiding commitments, SHA-256(salt || bytes); each site keeps
+    the opening (salt and bytes) in its own folder, from which the plain digest is recomputed.
+    """
+    payloads: dict[str, str] = {}
+    for path in (run_dir / "sites").glob("*/openings/*/openings.jsonl"):
+        for line in path.read_text().splitlines():
+            opening = json.loads(line)
+            if opening["kind"] == "site-update":
+                payloads[opening["commitment"]] = hashlib.sha256((path.parent / opening["payload_file"]).read_bytes()).hexdigest()
+    return [(r[1], payloads[r[3]]) for r in ledger_rows(run_dir) if r[2] == "site-update"]
 
 
 class _DigestUpdate:
