@@ -70,11 +70,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[FederationCerts, Pa
     return certs, root / "sites"
 
 
-def _run_dir(tmp_path: Path, training: str) -> Path:
+def _run_dir(tmp_path: Path, training: str, extra: str = "") -> Path:
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         "name: fake\nseed: 3\nrepeats: 1\ndata: {use: site-tables}\nmodel: {use: mlp, settings: {hidden: [16]}}\n"
         f"training: {{local_epochs: 1, batch_size: 32, {training}}}\naggregator: {{use: fedavg}}\nledger: {{use: sqlite-chain}}\n"
+        + extra
     )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -174,3 +175,37 @@ def test_resume_continues_after_the_last_checkpoint(world: tuple[FederationCerts
     assert [r[1] for r in rows if r[2] == "aggregate"] == [1, 2, 2, 3]
     assert [r[1] for r in rows if r[2] == "site-update"] == [1, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3]
     assert "resumed after round 1" in (run_dir / "coordinator.log").read_text()
+
+
+def test_a_round_lost_by_the_coordinator_is_replayed_by_the_sites_not_trained_twice(
+    world: tuple[FederationCerts, Path], tmp_path: Path
+) -> None:
+    """Under record-level DP with a budget for 3 rounds, a coordinator crash after the sites released
+    round 2 must not make them spend round 2 twice (that would refuse round 3): they resend it."""
+    certs, sites = world
+    dp = "privacy: [{use: gaussian, settings: {level: record, epsilon: 1.0, delta: 1.0e-5, max_grad_norm: 1.0}}]\n"
+    run_dir = _run_dir(tmp_path, "rounds: 3", dp)
+    released: dict[str, list[bytes]] = {}
+
+    class Crash(BaseException):
+        pass
+
+    def crash(name: str, message: Message) -> bool:
+        if _is_train(message, 2) and message.metadata.message_type == "evaluate":
+            raise Crash()
+        return False
+
+    def keep(name: str, message: Message, reply: Message) -> Message:
+        if message.metadata.message_type == "train.fedcore" and unpack(message.content, "c")[0]["round"] == 2:
+            tensors = unpack(reply.content, "c")[1]
+            released.setdefault(name, []).append(b"".join(tensors[k].to_bytes() for k in sorted(tensors)))
+        return reply
+
+    with pytest.raises(Crash):
+        coordinate(FakeGrid(sites, drop=crash, tamper=keep), run_dir, certs, 10, Log(run_dir))  # type: ignore[arg-type]
+    coordinate(FakeGrid(sites, tamper=keep), run_dir, certs, 10, Log(run_dir), resume=True)  # type: ignore[arg-type]
+    assert [r["round"] for r in _rounds(run_dir)] == [1, 2, 3]
+    assert sorted(released) == SITES
+    assert all(len(v) == 2 and v[0] == v[1] for v in released.values())  # the same release, sent twice
+    text = (run_dir / "summary.json").read_text()
+    assert "stopped in round" not in text and "budget" not in text.lower()

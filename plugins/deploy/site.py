@@ -284,10 +284,29 @@ def train_site_round(
     keep on the site's disk. Re-point this one function at the engine's site
     runtime when it exists.
     """
+    asked = _request_digest(message, extras)
+    last = (state or {}).get("released")
+    if last is not None and last["round"] == message.round and last["request_sha256"] == asked:
+        # The coordinator lost this round (it crashed after the site released it) and asks
+        # again with the same model: send the same release again. A replay is free under DP
+        # (post-processing of what already left the site); training anew would spend the
+        # budget twice for one round and could end the run early.
+        return last["update"], last["privacy"], state  # type: ignore[return-value]
     _restore(site, state)
     update = site.train(message, extras)
+    privacy = site.privacy_spent()
     rounds = [*(state or {}).get("rounds", []), message.round]
-    return update, site.privacy_spent(), _snapshot(site, rounds)
+    snapshot = _snapshot(site, rounds)
+    snapshot["released"] = {"round": message.round, "request_sha256": asked, "update": update, "privacy": privacy}
+    return update, privacy, snapshot
+
+
+def _request_digest(message: GlobalModel, extras: dict[str, Weights]) -> str:
+    """SHA-256 of a training request: the round, the global weights and every extra by name."""
+    digest = hashlib.sha256(str(message.round).encode() + message.weights.to_bytes())
+    for name in sorted(extras):
+        digest.update(name.encode() + extras[name].to_bytes())
+    return digest.hexdigest()
 
 
 def evaluate_site(site: Site, message: GlobalModel) -> SiteEvaluation:
