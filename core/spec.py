@@ -22,6 +22,7 @@ from fedcore.components import (
     Attack,
     Component,
     Dataset,
+    KINDS,
     Ledger,
     Model,
     PrivacyMechanism,
@@ -109,15 +110,9 @@ class ExperimentSpec(_Strict):
         return self.baseline.epochs or self.training.rounds * self.training.local_epochs
 
 
-#: spec path of each plugin slot -> component kind
-SLOTS: dict[str, str] = {
-    "data": "dataset",
-    "model": "model",
-    "aggregator": "aggregator",
-    "secure_aggregation": "secure_aggregator",
-    "ledger": "ledger",
-}
-LIST_SLOTS: dict[str, str] = {"privacy": "privacy", "attacks": "attack"}
+#: spec path of each plugin slot -> component kind (views of :data:`fedcore.components.KINDS`)
+SLOTS: dict[str, str] = {kind.slot: kind.name for kind in KINDS if not kind.many}
+LIST_SLOTS: dict[str, str] = {kind.slot: kind.name for kind in KINDS if kind.many}
 
 
 # ------------------------------------------------------------------ YAML reading

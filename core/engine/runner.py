@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,41 +25,47 @@ import numpy as np
 import torch
 
 from fedcore.components import FederatedData
-from fedcore.engine.simulation import RunResult, run_centralized, run_federated
+from fedcore.engine.simulation import RunJob, RunResult, run_centralized, run_federated
 from fedcore.errors import SpecError
 from fedcore.registry import PluginManager
 from fedcore.spec import Experiment, ExperimentSpec, build_components, resolved_yaml
-from fedcore.types import RoundRecord, json_digest
+from fedcore.report.summary import baseline_key
+from fedcore.types import RoundRecord
 
 
 @dataclass(frozen=True)
+class EngineChoice:
+    """Which engine trains an arm, and why not the vectorized one when it does not."""
+
+    engine: str
+    reason: str | None = None
+
+    @property
+    def vectorized(self) -> bool:
+        return self.engine == "vectorized"
+
+
+@dataclass(frozen=True, eq=False)
 class Job:
-    """One training: an arm's federated run or a centralized baseline, for one repeat."""
+    """One training: an arm's federated run or a centralized baseline, for one repeat.
+
+    What a worker process receives: the validated spec and the engine chosen for the arm
+    (nothing is parsed or decided again there).
+    """
 
     arm: str
     repeat: int
     mode: str
-    spec_json: str
+    spec: ExperimentSpec
     seed: int
+    engine: EngineChoice
 
     @property
     def key(self) -> str:
         return f"{self.mode}:{self.arm}:{self.repeat}"
 
-    @cached_property
-    def spec(self) -> ExperimentSpec:
-        """The job's spec, parsed once (the JSON is what crosses to worker processes)."""
-        return ExperimentSpec.model_validate_json(self.spec_json)
 
-
-def baseline_key(spec: ExperimentSpec) -> str:
-    """Arms that share data, model and training share one centralized baseline."""
-    return json_digest(
-        [spec.data.model_dump(), spec.model.model_dump(), spec.training.model_dump(), spec.baseline.model_dump()]
-    )
-
-
-def plan_jobs(experiment: Experiment) -> list[Job]:
+def plan_jobs(experiment: Experiment, engines: dict[str, EngineChoice]) -> list[Job]:
     """Federated jobs for every arm and repeat; one baseline per distinct (data, model, training)."""
     jobs: list[Job] = []
     spec = experiment.spec
@@ -68,12 +73,13 @@ def plan_jobs(experiment: Experiment) -> list[Job]:
         seed = spec.seed + repeat
         seen: set[str] = set()
         for arm in experiment.arms:
+            engine = engines[arm.label]
             if arm.spec.baseline.centralized:
                 key = baseline_key(arm.spec)
                 if key not in seen:
                     seen.add(key)
-                    jobs.append(Job(arm.label, repeat, "centralized", arm.spec.model_dump_json(), seed))
-            jobs.append(Job(arm.label, repeat, "federated", arm.spec.model_dump_json(), seed))
+                    jobs.append(Job(arm.label, repeat, "centralized", arm.spec, seed, engine))
+            jobs.append(Job(arm.label, repeat, "federated", arm.spec, seed, engine))
     return jobs
 
 
@@ -91,46 +97,49 @@ def load_data(spec: ExperimentSpec, seed: int, plugins: PluginManager) -> Federa
     return _DATA_CACHE[key]
 
 
-def preflight(experiment: Experiment) -> dict[str, bool]:
+def preflight(experiment: Experiment) -> dict[str, EngineChoice]:
     """Load the first repeat's data and create every site's stages before anything is written.
 
     Bad data and impossible privacy budgets fail here, as user errors, with no run
-    directory left behind. Returns, per arm, whether the vectorized engine runs it.
+    directory left behind. Returns, per arm, the engine that runs it and why.
     """
     from fedcore.engine.simulation import site_stages
+    from fedcore.engine.stages import StagePlan
 
     spec = experiment.spec
-    vectorized: dict[str, bool] = {}
+    choices: dict[str, EngineChoice] = {}
     for arm in experiment.arms:
         data = load_data(arm.spec, spec.seed, experiment.plugins)
         components = build_components(arm.spec, experiment.plugins)
-        for site in data.sites:
-            site_stages(arm.spec, components, data, site, spec.seed)
-        vectorized[arm.label] = vectorized_allowed(arm.spec, build_components(arm.spec, experiment.plugins), data)
-    return vectorized
+        plans = [
+            StagePlan.of(site_stages(arm.spec, components, data, site, spec.seed), site.class_counts(data.n_classes))
+            for site in data.sites
+        ]
+        choices[arm.label] = choose_engine(arm.spec, components, data, plans)
+    return choices
 
 
-def vectorized_allowed(spec: ExperimentSpec, components: Any, data: FederatedData) -> bool:
-    """Whether the vectorized engine runs ``spec`` (exactly what the sequential engine would)."""
+def choose_engine(spec: ExperimentSpec, components: Any, data: FederatedData, plans: Any) -> EngineChoice:
+    """The engine for ``spec``: vectorized where it runs every site's plan, else sequential (and why)."""
     if spec.execution.engine == "sequential":
-        return False
+        return EngineChoice("sequential", "execution.engine: sequential")
     if spec.execution.device == "cuda" and not torch.cuda.is_available():
         raise SpecError(
             "execution.device is cuda but no CUDA device is available", where="execution.device", hint="use device: cpu"
         )
     from fedcore.engine import vectorized
 
-    reason = vectorized.unsupported_reason(spec, components, data)
+    reason = vectorized.refusal(spec, components, data, plans)
     if reason is not None and (spec.execution.engine == "vectorized" or spec.execution.device == "cuda"):
         raise SpecError(
             f"the vectorized engine cannot run this spec: {reason}",
             where="execution.engine",
             hint="use engine: auto (falls back to the sequential engine) or engine: sequential, on device: cpu",
         )
-    return reason is None
+    return EngineChoice("sequential", reason) if reason is not None else EngineChoice("vectorized")
 
 
-def execution_units(jobs: list[Job], vectorized: dict[str, bool], workers: int) -> list[list[Job]]:
+def execution_units(jobs: list[Job], workers: int) -> list[list[Job]]:
     """Jobs grouped into what one process runs at once.
 
     Repeats of a vectorized arm train together (one stacked computation), split
@@ -139,7 +148,7 @@ def execution_units(jobs: list[Job], vectorized: dict[str, bool], workers: int) 
     units: list[list[Job]] = []
     groups: dict[tuple[str, str], list[Job]] = {}
     for job in jobs:
-        if vectorized.get(job.arm, False):
+        if job.engine.vectorized:
             groups.setdefault((job.mode, job.arm), []).append(job)
         else:
             units.append([job])
@@ -169,20 +178,16 @@ def execute_unit(
     run_dir: Path,
     plugins: PluginManager | None,
     on_round: Callable[[RoundRecord], None] | None,
-    vectorized: bool,
 ) -> list[RunResult]:
     """Run a unit in this process: one job sequentially, or a group of repeats vectorized."""
-    if not vectorized:
+    if not unit[0].engine.vectorized:
         return [execute_job(job, run_dir, plugins, on_round) for job in unit]
     from fedcore.engine import vectorized as vec
 
     plugins = plugins or PluginManager()
     spec = unit[0].spec
     options = vec.EngineOptions(device=spec.execution.device)
-    runs = [
-        vec.RunJob(build_components(spec, plugins), load_data(spec, j.seed, plugins), j.repeat, j.seed, _ledger_dir(run_dir, j))
-        for j in unit
-    ]
+    runs = [run_job(j, run_dir, plugins) for j in unit]
     if unit[0].mode == "centralized":
         results = vec.run_centralized_vectorized(spec, runs, unit[0].arm, on_round, options)
     else:
@@ -190,6 +195,12 @@ def execute_unit(
     for job, result in zip(unit, results, strict=True):
         _save_checkpoint(job, result, run_dir)
     return results
+
+
+def run_job(job: Job, run_dir: Path, plugins: PluginManager) -> RunJob:
+    """A job's own inputs in this process: fresh components, the (cached) data, its ledger folder."""
+    data = load_data(job.spec, job.seed, plugins)
+    return RunJob(build_components(job.spec, plugins), data, job.repeat, job.seed, _ledger_dir(run_dir, job))
 
 
 def execute_job(
@@ -200,15 +211,11 @@ def execute_job(
 ) -> RunResult:
     """Run one job in this process."""
     plugins = plugins or PluginManager()
-    spec = job.spec
-    data = load_data(spec, job.seed, plugins)
-    components = build_components(spec, plugins)
+    run = run_job(job, run_dir, plugins)
     if job.mode == "centralized":
-        result = run_centralized(spec, components, data, job.arm, job.repeat, job.seed, on_round)
+        result = run_centralized(job.spec, run, job.arm, on_round)
     else:
-        result = run_federated(
-            spec, components, data, job.arm, job.repeat, job.seed, on_round, ledger_dir=_ledger_dir(run_dir, job)
-        )
+        result = run_federated(job.spec, run, job.arm, on_round)
     _save_checkpoint(job, result, run_dir)
     return result
 
@@ -226,8 +233,8 @@ def _worker_init(events: Any, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_run(unit: list[Job], run_dir: str, vectorized: bool) -> list[RunResult]:
-    return execute_unit(unit, Path(run_dir), None, _WORKER_QUEUE.put, vectorized)
+def _worker_run(unit: list[Job], run_dir: str) -> list[RunResult]:
+    return execute_unit(unit, Path(run_dir), None, _WORKER_QUEUE.put)
 
 
 def default_workers(n_jobs: int) -> int:
@@ -295,8 +302,8 @@ def run_experiment(
 
     spec = experiment.spec
     plugins = experiment.plugins
-    jobs = plan_jobs(experiment)
-    vectorized = preflight(experiment)
+    engines = preflight(experiment)
+    jobs = plan_jobs(experiment, engines)
     run_dir = timestamped_run_dir(spec, out)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.resolved.yaml").write_text(resolved_yaml(spec))
@@ -305,7 +312,7 @@ def run_experiment(
         (run_dir / "arms.json").write_text(json.dumps(arms_yaml, indent=1))
     workers = workers or spec.execution.workers or default_workers(len(jobs))
     workers = min(workers, len(jobs))
-    units = execution_units(jobs, vectorized, workers)
+    units = execution_units(jobs, workers)
     show = spec.execution.progress if progress is None else progress
     plugins.hook.fedcore_run_start(spec=spec, run_dir=run_dir, n_runs=len(jobs))
     started = time.perf_counter()
@@ -322,22 +329,21 @@ def run_experiment(
         if workers <= 1:
             torch.set_num_threads(spec.execution.threads_per_worker)
             for unit in units:
-                results += execute_unit(unit, run_dir, plugins, on_round, vectorized.get(unit[0].arm, False))
+                results += execute_unit(unit, run_dir, plugins, on_round)
                 for _ in unit:
                     bars.job_done()
         else:
-            results = _run_parallel(units, vectorized, run_dir, workers, spec.execution.threads_per_worker, on_round, bars)
+            results = _run_parallel(units, run_dir, workers, spec.execution.threads_per_worker, on_round, bars)
     total = time.perf_counter() - started
     data_sections = load_data(experiment.arms[0].spec, spec.seed, plugins)
-    summary = write_summary(run_dir, experiment, results, total, data_sections, vectorized)
+    summary = write_summary(run_dir, experiment, results, total, data_sections, engines)
     build_report(run_dir)
-    plugins.hook.fedcore_run_end(summary=summary, run_dir=run_dir)
+    plugins.hook.fedcore_run_end(summary=summary.model_dump(), run_dir=run_dir)
     return run_dir
 
 
 def _run_parallel(
     units: list[list[Job]],
-    vectorized: dict[str, bool],
     run_dir: Path,
     workers: int,
     threads: int,
@@ -369,7 +375,7 @@ def _run_parallel(
             # Longest units first keeps both cores busy until the end.
             ordered = sorted(units, key=lambda u: -sum(_job_cost(j) for j in u))
             futures: dict[Future[list[RunResult]], list[Job]] = {
-                pool.submit(_worker_run, unit, str(run_dir), vectorized.get(unit[0].arm, False)): unit for unit in ordered
+                pool.submit(_worker_run, unit, str(run_dir)): unit for unit in ordered
             }
             for future in as_completed(futures):
                 results += future.result()

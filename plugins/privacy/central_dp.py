@@ -26,7 +26,7 @@ from fedcore.components import Aggregator, LocalTrainingStage, PrivacyMechanism,
 from fedcore.errors import PrivacyBudgetError, SpecError
 from fedcore.noise import KEY_BYTES, add_noise
 from fedcore.plugins.privacy.accounting import Accountant, calibrate_noise_multiplier, prv_eps_error
-from fedcore.plugins.privacy.gaussian import BUDGET_SLACK, BudgetRefused, clip_weights, mechanism_index
+from fedcore.plugins.privacy.gaussian import BUDGET_SLACK, BudgetRefused, clip_weights, mechanism_index, refuse_extras
 from fedcore.types import ClientUpdate, PrivacySpent, SecureSum, Weights
 
 #: name of the clipped-or-not bit in ``ClientUpdate.extras`` (summed by any secure aggregator)
@@ -73,13 +73,7 @@ class CentralClipStage(LocalTrainingStage):
         self.adaptive = adaptive
 
     def transform_update(self, ctx: RoundContext, update: ClientUpdate) -> ClientUpdate:
-        foreign = sorted(update.extras)
-        if foreign:
-            raise PrivacyBudgetError(
-                f"the update carries extra tensors {foreign} that central DP does not clip or noise",
-                where="privacy",
-                hint="use an aggregator that sends only the model update (fedavg, fedprox, fedadam...)",
-            )
+        refuse_extras(update, "central DP")
         broadcast = ctx.broadcast_extras.get(CLIP_NORM)
         bound = float(broadcast["value"][0]) if broadcast is not None else self.clip.value
         clipped, norm = clip_weights(update.delta, bound)
@@ -89,7 +83,7 @@ class CentralClipStage(LocalTrainingStage):
         return update.model_copy(update={"delta": clipped, "n_samples": 1, "extras": extras})
 
 
-class CentralDP(PrivacyMechanism):
+class CentralDP(PrivacyMechanism[CentralDPSettings]):
     """Server-side Gaussian noise on the sum of site-clipped updates, fixed or adaptive clipping."""
 
     name: ClassVar[str] = "central-dp"
@@ -108,7 +102,7 @@ class CentralDP(PrivacyMechanism):
 
     @property
     def s(self) -> CentralDPSettings:
-        return self.settings  # type: ignore[return-value]
+        return self.settings
 
     # -- checks and calibration
 

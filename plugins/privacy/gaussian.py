@@ -120,7 +120,7 @@ class _AccountedStage(LocalTrainingStage):
 class RecordLevelStage(_AccountedStage):
     """DP-SGD at one site: Poisson batches, per-sample clip and noise, the site's accountant.
 
-    :ivar dp_parameters: the calibrated :class:`DPSGDParameters` (read by the vectorized engine).
+    :ivar dp_parameters: the calibrated :class:`DPSGDParameters`, declared by :meth:`dp_step`.
     """
 
     def __init__(self, mechanism: str, settings: GaussianSettings, info: SiteInfo) -> None:
@@ -203,6 +203,9 @@ class RecordLevelStage(_AccountedStage):
 
     # -- local training seams
 
+    def dp_step(self) -> DPSGDParameters:
+        return self.dp_parameters
+
     def class_weights(self, class_counts: np.ndarray) -> np.ndarray | None:
         if self._noisy_class_counts is None:
             return None
@@ -246,6 +249,17 @@ class RecordLevelStage(_AccountedStage):
             max_grad_norm=self.dp_parameters.max_grad_norm,
             steps=self.accountant.steps,
             notes=notes,
+        )
+
+
+def refuse_extras(update: ClientUpdate, mechanism: str) -> None:
+    """Refuse an update carrying tensors besides the model delta, which ``mechanism`` would release unprotected."""
+    foreign = sorted(update.extras)
+    if foreign:
+        raise PrivacyBudgetError(
+            f"the update carries extra tensors {foreign} that {mechanism} does not clip or noise",
+            where="privacy",
+            hint="use an aggregator that sends only the model update (fedavg, fedprox, fedadam...)",
         )
 
 
@@ -295,13 +309,7 @@ class SiteLevelStage(_AccountedStage):
 
     def transform_update(self, ctx: RoundContext, update: ClientUpdate) -> ClientUpdate:
         self.check_budget()
-        foreign = sorted(update.extras)
-        if foreign:
-            raise PrivacyBudgetError(
-                f"the update carries extra tensors {foreign} that site-level DP does not clip or noise",
-                where="privacy",
-                hint="use an aggregator that sends only the model update (fedavg, fedprox, fedadam...)",
-            )
+        refuse_extras(update, "site-level DP")
         clipped, self.last_norm = clip_weights(update.delta, self.settings.max_update_norm)
         released = add_gaussian_noise(clipped, self.noise_std, ctx.generator)
         self.accountant.step(self.noise_multiplier, 1.0, 1)
@@ -325,7 +333,7 @@ class SiteLevelStage(_AccountedStage):
         )
 
 
-class Gaussian(PrivacyMechanism):
+class Gaussian(PrivacyMechanism[GaussianSettings]):
     """The Gaussian mechanism with an accountant: DP-SGD per record, or clip-and-noise per hospital."""
 
     name: ClassVar[str] = "gaussian"
@@ -339,7 +347,7 @@ class Gaussian(PrivacyMechanism):
 
     @property
     def s(self) -> GaussianSettings:
-        return self.settings  # type: ignore[return-value]
+        return self.settings
 
     def check_spec(self, spec: Any, components: Any) -> None:
         index = mechanism_index(spec, self)
