@@ -21,17 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fedcore.engine.simulation import derive_seed, initial_module, run_federated
+from fedcore.engine.simulation import RunJob, derive_seed, initial_module, run_federated
 from fedcore.registry import PluginManager
-from fedcore.spec import build_components, load_experiment
-
-SPEC = """
-name: overhead
-data: {{use: synthetic-ehr, settings: {{sites: 3, patients_per_site: {rows}}}}}
-model: {{use: mlp, settings: {{hidden: [128, 64, 32]}}}}
-training: {{rounds: {rounds}, local_epochs: {epochs}, batch_size: 32, optimizer: adam, learning_rate: 0.001}}
-aggregator: {{use: fedavg}}
-"""
+from fedcore.spec import build_components
+from paper_spec import paper_experiment
 
 
 def plain_fedavg(spec, components, data, seed: int) -> float:
@@ -64,7 +57,7 @@ def plain_fedavg(spec, components, data, seed: int) -> float:
 
 
 def fedcore_rounds(spec, components, data, seed: int) -> float:
-    result = run_federated(spec, components, data, "bench", 0, seed)
+    result = run_federated(spec, RunJob(components, data, 0, seed), "bench")
     return sum(r.round_seconds for r in result.records)
 
 
@@ -77,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     plugins = PluginManager()
-    spec = load_experiment(text=SPEC.format(rows=args.rows, rounds=args.rounds, epochs=args.epochs), plugins=plugins).spec
+    spec = paper_experiment(args.rows, args.rounds, args.epochs, dp=False, plugins=plugins).spec
     data = build_components(spec, plugins).dataset.load(0)
     plain_times, fedcore_times = [], []
     for trial in range(args.trials):

@@ -33,22 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PAPER = """
-name: bench
-seed: 2024
-data: {{use: synthetic-ehr, settings: {{sites: 3, patients_per_site: {rows}}}}}
-model: {{use: mlp, settings: {{hidden: [128, 64, 32]}}}}
-training: {{rounds: {rounds}, local_epochs: {epochs}, batch_size: 32, optimizer: adam, learning_rate: 0.001}}
-aggregator: {{use: fedavg}}
-{privacy}
-"""
-DP = "privacy: [{use: gaussian, settings: {level: record, epsilon: 1.0, delta: 1.0e-5, max_grad_norm: 1.0, accountant: prv}}]"
+from paper_spec import paper_experiment
 
 
 def experiment(rows: int = 50_000, rounds: int = 1, epochs: int = 5, dp: bool = False):
-    from fedcore.spec import load_experiment
-
-    return load_experiment(text=PAPER.format(rows=rows, rounds=rounds, epochs=epochs, privacy=DP if dp else ""))
+    return paper_experiment(rows, rounds, epochs, dp)
 
 
 def load(exp, seed: int):
@@ -114,12 +103,12 @@ def plain_centralized_epoch(exp, data, seed: int) -> Clock:
 
 def sequential_round(exp, data, seed: int) -> Clock:
     """One whole round of the sequential engine (training, aggregation, evaluation)."""
-    from fedcore.engine.simulation import run_federated
+    from fedcore.engine.simulation import RunJob, run_federated
     from fedcore.spec import build_components
 
     components = build_components(exp.spec, exp.plugins)
     with Clock() as clock:
-        run_federated(exp.spec, components, data, "bench", 0, seed)
+        run_federated(exp.spec, RunJob(components, data, 0, seed), "bench")
     return clock
 
 

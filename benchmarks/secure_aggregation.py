@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fedcore.components import plain_sum
-from fedcore.engine.simulation import run_federated
+from fedcore.engine.simulation import RunJob, run_federated
 from fedcore.engine.training import weights_of
 from fedcore.plugins.privacy.secure.aggregator import CrypTenSecureAggregator
 from fedcore.spec import build_components, load_experiment
@@ -93,7 +93,7 @@ def paper_rounds(rows: int, rounds: int, epochs: int, secure: bool) -> tuple[lis
     spec = experiment.spec
     components = build_components(spec, experiment.plugins)
     data = components.dataset.load(spec.seed)
-    result = run_federated(spec, components, data, "secure" if secure else "plain", 0, spec.seed)
+    result = run_federated(spec, RunJob(components, data, 0, spec.seed), "secure" if secure else "plain")
     aggregator = components.secure_aggregation
     assert aggregator is None or isinstance(aggregator, CrypTenSecureAggregator)
     return [r.round_seconds for r in result.records], aggregator

@@ -373,19 +373,13 @@ def train_federated(
     spec: ExperimentSpec, plugins: PluginManager, datasets: Sequence[FederatedData], seeds: Sequence[int]
 ) -> list[Weights]:
     """Final global weights of one federated run per (data, seed), through the engine the runner uses."""
-    from fedcore.engine import vectorized as vec
-    from fedcore.engine.runner import vectorized_allowed
-    from fedcore.engine.simulation import run_federated
+    from fedcore.engine.runner import engine_for, train_runs
+    from fedcore.engine.simulation import RunJob
     from fedcore.spec import build_components
 
-    if vectorized_allowed(spec, build_components(spec, plugins), datasets[0]):
-        jobs = [vec.RunJob(build_components(spec, plugins), d, k, s) for k, (d, s) in enumerate(zip(datasets, seeds))]
-        results = vec.run_repeats_vectorized(spec, jobs, "shadow", None, vec.EngineOptions(device=spec.execution.device))
-    else:
-        results = [
-            run_federated(spec, build_components(spec, plugins), d, "shadow", k, s)
-            for k, (d, s) in enumerate(zip(datasets, seeds))
-        ]
+    engine = engine_for(spec, build_components(spec, plugins), datasets[0])
+    runs = [RunJob(build_components(spec, plugins), d, k, s) for k, (d, s) in enumerate(zip(datasets, seeds))]
+    results = train_runs(spec, runs, "shadow", "federated", engine)
     return [r.final_weights for r in results if r.final_weights is not None]
 
 

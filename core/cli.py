@@ -290,15 +290,10 @@ def ledger_verify(target: Path, keys: Path | None, head: str | None, ledger_name
 
 
 def _ledger_name_of(target: Path) -> str | None:
-    import yaml
+    from fedcore.report.summary import run_spec
 
-    for candidate in (target, *target.parents):
-        spec_file = candidate / "spec.resolved.yaml"
-        if spec_file.is_file():
-            spec = yaml.safe_load(spec_file.read_text()) or {}
-            ledger_ref = spec.get("ledger") or {}
-            return ledger_ref.get("use")
-    return None
+    found = run_spec(target)
+    return None if found is None else (found[1].get("ledger") or {}).get("use")
 
 
 def _deployment(name: str) -> Any:

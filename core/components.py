@@ -10,17 +10,25 @@ Privacy mechanisms, aggregators and attacks change what a site does in a round
 through one seam, :class:`LocalTrainingStage`. A component returns a stage for
 each site from :meth:`Component.site_stage`; the stage object lives at its site
 for the whole run (so it *is* the per-site state kept between rounds: control
-variates, accountant). The engine calls, in order of the spec (aggregator,
-then ``privacy`` in list order, then ``attacks``):
+variates, accountant). The site runtime (:mod:`fedcore.engine.site`, the one reader
+of these rules) calls, in order of the spec (aggregator, then ``privacy`` in list
+order, then ``attacks``):
 
-1. ``transform_training_data`` once per round, before training (label flipping).
-2. ``class_weights`` for the loss (first stage that returns weights wins).
-3. ``prepare`` with the module and optimizer (Opacus-style wrapping).
-4. ``sampler`` (first non-None wins; default: reshuffled fixed-size batches).
-5. ``gradient_step`` (first non-None wins; default: mean loss, ``backward``).
-6. ``transform_gradients`` after each backward pass, before ``optimizer.step``.
-7. ``finish`` after the last local step (update control variates, step accountants).
-8. ``transform_update`` on the outgoing :class:`~fedcore.types.ClientUpdate`.
+1. ``class_weights`` and ``dp_step`` once, when the site is set up (first non-None
+   class weights win; at most one stage declares a DP-SGD step).
+2. ``transform_training_data`` once per round, before training (label flipping).
+3. ``sampler`` (first non-None wins; default: reshuffled fixed-size batches) and
+   ``gradient_step`` (first non-None wins; default: mean loss, ``backward``), every round
+   (a stage may check its budget here and refuse the round).
+4. ``prepare`` with the module and optimizer (Opacus-style wrapping).
+5. ``transform_gradients`` after each backward pass, before ``optimizer.step``.
+6. ``finish`` after the last local step (update control variates, step accountants).
+7. ``transform_update`` on the outgoing :class:`~fedcore.types.ClientUpdate`.
+
+Seams 3-5 run inside the step loop. The vectorized engine executes the declared
+:class:`DPStep` with its own stacked kernels instead of the declaring stage's sampler and
+gradient step (which are that step's sequential reference), and refuses a site with any
+other per-step seam, saying which.
 
 On the server, :meth:`PrivacyMechanism.transform_sum` acts on the (secure) sum
 before the aggregator applies it.
@@ -31,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,20 +60,27 @@ class NoSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Component:
-    """Base of all plugin components.
+#: a component's settings model: ``class FedAvgM(Aggregator[FedAvgMSettings])`` types ``self.settings``
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+class Component(Generic[SettingsT]):
+    """Base of all plugin components, generic in its settings model.
 
     :cvar name: the name used in a spec's ``use:``.
-    :cvar Settings: the pydantic model of the component's settings (``extra="forbid"``).
+    :cvar Settings: the pydantic model of the component's settings (``extra="forbid"``);
+        name the same model as the type argument (``Aggregator[MySettings]``) and
+        ``self.settings`` is typed as it.
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     Settings: ClassVar[type[BaseModel]] = NoSettings
     description: ClassVar[str] = ""
+    settings: SettingsT
 
     def __init__(self, settings: BaseModel | None = None) -> None:
-        self.settings = settings if settings is not None else self.Settings()
+        self.settings = cast(SettingsT, settings if settings is not None else self.Settings())
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -138,7 +153,7 @@ class FederatedData:
         return len(self.class_names)
 
 
-class Dataset(Component):
+class Dataset(Component[SettingsT]):
     """Loads data for every site and preprocesses it (federatedly where statistics are needed)."""
 
     kind: ClassVar[str] = "dataset"
@@ -154,7 +169,7 @@ class Dataset(Component):
         raise NotImplementedError
 
 
-class Model(Component):
+class Model(Component[SettingsT]):
     """Builds the torch module trained by every site."""
 
     kind: ClassVar[str] = "model"
@@ -203,6 +218,39 @@ BatchSampler = Callable[[int], Iterator[tuple["torch.Tensor", "torch.Tensor"]]]
 GradientStep = Callable[["torch.nn.Module", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
+@dataclass(frozen=True)
+class DPStep:
+    """Record-level DP-SGD at one site, fixed before the run by calibration.
+
+    Every local step: a Poisson batch (each training row independently with probability
+    ``sample_rate``), each row's gradient clipped to L2 norm ``max_grad_norm`` (over all
+    parameters together), summed, ``N(0, (noise_multiplier * max_grad_norm)^2)`` added per
+    coordinate, divided by ``expected_batch_size``, as Opacus's ``DPOptimizer``.
+
+    :ivar noise_multiplier: sigma; the noise std is ``sigma * max_grad_norm``.
+    :ivar max_grad_norm: the per-sample clipping norm C.
+    :ivar sample_rate: Poisson sampling probability q of each training row per step.
+    :ivar expected_batch_size: ``q * n_train``, the divisor of the noisy gradient sum.
+    :ivar steps_per_epoch: Poisson batches drawn per local epoch.
+    :ivar local_epochs: local epochs per round.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    expected_batch_size: float
+    steps_per_epoch: int
+    local_epochs: int = 1
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.max_grad_norm
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.steps_per_epoch * self.local_epochs
+
+
 class LocalTrainingStage:
     """How one component changes one site's local training. Every method defaults to no change.
 
@@ -218,6 +266,15 @@ class LocalTrainingStage:
 
     def class_weights(self, class_counts: np.ndarray) -> np.ndarray | None:
         """Per-class loss weights, or None for an unweighted loss."""
+        return None
+
+    def dp_step(self) -> DPStep | None:
+        """The record-level DP-SGD step this stage declares, or None.
+
+        A stage that declares one implements it as its :meth:`sampler` and
+        :meth:`gradient_step` too (what the sequential trainer runs); the vectorized
+        engine runs the declared step with its stacked kernels.
+        """
         return None
 
     def prepare(
@@ -265,7 +322,7 @@ class LocalTrainingStage:
 # ------------------------------------------------------------------ server side
 
 
-class Aggregator(Component):
+class Aggregator(Component[SettingsT]):
     """Turns the round's updates (or their secure sum) into new global weights.
 
     Aggregators that need only the weighted sum implement :meth:`aggregate_sum`
@@ -319,7 +376,7 @@ def plain_sum(round: int, updates: Sequence[ClientUpdate]) -> SecureSum:
     )
 
 
-class PrivacyMechanism(Component):
+class PrivacyMechanism(Component[SettingsT]):
     """Differential privacy: site stages (DP-SGD, update clipping and noise) and server noise."""
 
     kind: ClassVar[str] = "privacy"
@@ -356,7 +413,7 @@ class PrivacyMechanism(Component):
         return max(site_reports, key=lambda r: r.epsilon)
 
 
-class SecureAggregator(Component):
+class SecureAggregator(Component[SettingsT]):
     """Reveals to the server only the weighted sum of the sites' updates."""
 
     kind: ClassVar[str] = "secure_aggregator"
@@ -382,7 +439,7 @@ class LedgerVerification:
     message: str = ""
 
 
-class Ledger(Component):
+class Ledger(Component[SettingsT]):
     """Tamper-evident audit log of digests (spec, preprocessing, updates, aggregates, privacy)."""
 
     kind: ClassVar[str] = "ledger"
@@ -404,7 +461,7 @@ class Ledger(Component):
         raise NotImplementedError
 
 
-class Attack(Component):
+class Attack(Component[SettingsT]):
     """A simulated misbehaving site (label flipping, scaled or sign-flipped updates)."""
 
     kind: ClassVar[str] = "attack"
@@ -509,7 +566,7 @@ class AuditResult(Frozen):
     notes: list[str] = Field(default_factory=list)
 
 
-class Audit(Component):
+class Audit(Component[SettingsT]):
     """Measures what a finished model leaks: runs after training on each (arm, repeat)'s final model.
 
     The contract: :meth:`prepare` runs at the coordinator and may read only the
@@ -536,13 +593,37 @@ class Audit(Component):
         raise NotImplementedError
 
 
-COMPONENT_KINDS: dict[str, type[Component]] = {
-    "dataset": Dataset,
-    "model": Model,
-    "aggregator": Aggregator,
-    "privacy": PrivacyMechanism,
-    "secure_aggregator": SecureAggregator,
-    "ledger": Ledger,
-    "attack": Attack,
-    "audit": Audit,
-}
+@dataclass(frozen=True)
+class Kind:
+    """One kind of component: the one table the registry, spec loader, CLI and docs read.
+
+    :ivar name: the kind's name (``Component.kind`` of its base class).
+    :ivar base: the base class every component of the kind subclasses.
+    :ivar hook: the registration hook that returns the kind's classes.
+    :ivar slot: where a spec names it (``privacy``, ``data``...).
+    :ivar label: how messages and ``fedcore plugins`` call it.
+    :ivar many: whether the slot holds a list (``privacy: [...]``) or one reference.
+    """
+
+    name: str
+    base: type[Component]
+    hook: str
+    slot: str
+    label: str
+    many: bool = False
+
+
+KINDS: tuple[Kind, ...] = (
+    Kind("dataset", Dataset, "fedcore_datasets", "data", "dataset"),
+    Kind("model", Model, "fedcore_models", "model", "model"),
+    Kind("aggregator", Aggregator, "fedcore_aggregators", "aggregator", "aggregator"),
+    Kind("privacy", PrivacyMechanism, "fedcore_privacy_mechanisms", "privacy", "privacy mechanism", many=True),
+    Kind("secure_aggregator", SecureAggregator, "fedcore_secure_aggregators", "secure_aggregation", "secure aggregator"),
+    Kind("ledger", Ledger, "fedcore_ledgers", "ledger", "ledger"),
+    Kind("attack", Attack, "fedcore_attacks", "attacks", "attack", many=True),
+    Kind("audit", Audit, "fedcore_audits", "audits", "audit", many=True),
+)
+#: the kinds by name
+KIND: dict[str, Kind] = {kind.name: kind for kind in KINDS}
+#: kind name -> base class (a view of :data:`KINDS`)
+COMPONENT_KINDS: dict[str, type[Component]] = {kind.name: kind.base for kind in KINDS}

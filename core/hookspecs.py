@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from fedcore.components import KINDS
+
 if TYPE_CHECKING:
     from fedcore.components import (
         Aggregator,
@@ -122,14 +124,5 @@ def fedcore_run_failed(run_dir: Path, status: dict[str, Any]) -> None:
     """
 
 
-#: registration hook name -> component kind it returns
-REGISTRATION_HOOKS: dict[str, str] = {
-    "fedcore_datasets": "dataset",
-    "fedcore_models": "model",
-    "fedcore_aggregators": "aggregator",
-    "fedcore_privacy_mechanisms": "privacy",
-    "fedcore_secure_aggregators": "secure_aggregator",
-    "fedcore_ledgers": "ledger",
-    "fedcore_attacks": "attack",
-    "fedcore_audits": "audit",
-}
+#: registration hook name -> the component kind it returns (a view of :data:`fedcore.components.KINDS`)
+REGISTRATION_HOOKS: dict[str, str] = {kind.hook: kind.name for kind in KINDS}

@@ -15,22 +15,14 @@ from importlib.metadata import EntryPoint, entry_points
 import pluggy
 
 from fedcore import hookspecs
-from fedcore.components import COMPONENT_KINDS, Component
+from fedcore.components import KIND, KINDS, Component
 from fedcore.errors import PluginError
 
 ENTRY_POINT_GROUP = "fedcore"
 DISABLE_ENV = "FEDCORE_DISABLE_PLUGINS"
 
-KIND_LABELS = {
-    "dataset": "dataset",
-    "model": "model",
-    "aggregator": "aggregator",
-    "privacy": "privacy mechanism",
-    "secure_aggregator": "secure aggregator",
-    "ledger": "ledger",
-    "attack": "attack",
-    "audit": "audit",
-}
+#: kind name -> how messages call it (a view of :data:`fedcore.components.KINDS`)
+KIND_LABELS = {kind.name: kind.label for kind in KINDS}
 
 
 @dataclass(frozen=True)
@@ -104,7 +96,7 @@ class PluginManager:
         for index, plugin in enumerate(extra_plugins):
             name = getattr(plugin, "__name__", None) or f"local-{index}"
             self._register(plugin, name, ("<local>", "-"))
-        self.components: dict[str, dict[str, ComponentEntry]] = {kind: {} for kind in COMPONENT_KINDS}
+        self.components: dict[str, dict[str, ComponentEntry]] = {kind.name: {} for kind in KINDS}
         self.conflicts: dict[tuple[str, str], list[ComponentEntry]] = {}
         self._collect()
 
@@ -136,6 +128,27 @@ class PluginManager:
             self.failures.append(PluginFailure(name, *dist, f"{type(exc).__name__}: {exc}"))
             return
         self._origin[name] = dist
+        self._check_pending(plugin, name, dist)
+
+    def _check_pending(self, plugin: object, name: str, dist: tuple[str, str]) -> None:
+        """Refuse a plugin implementing a hook fedcore does not have (a misspelled ``fedcore_aggregator``).
+
+        pluggy's ``check_pending``, plugin by plugin: the plugin is unregistered and listed
+        as a failure naming the hook, instead of silently contributing nothing.
+        """
+        try:
+            self._pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self._pm.unregister(plugin)
+            del self._origin[name]
+            unknown = sorted(
+                hook for hook in dir(self._pm.hook) if not hook.startswith("_") and not getattr(self._pm.hook, hook).has_spec()
+            )
+            known = ", ".join(sorted(h for h in dir(self._pm.hook) if h.startswith("fedcore_") and h not in unknown))
+            what = ", ".join(f"'{h}'" for h in unknown) or str(exc)
+            self.failures.append(
+                PluginFailure(name, *dist, f"implements {what}, which is not a fedcore hook (fedcore's hooks: {known})")
+            )
 
     def _collect(self) -> None:
         for hook_name, kind in hookspecs.REGISTRATION_HOOKS.items():
@@ -152,7 +165,7 @@ class PluginManager:
                     self._add(kind, cls, plugin_name, dist)
 
     def _add(self, kind: str, cls: type[Component], plugin: str, dist: tuple[str, str]) -> None:
-        base = COMPONENT_KINDS[kind]
+        base = KIND[kind].base
         if not (isinstance(cls, type) and issubclass(cls, base)) or not cls.name:
             self.failures.append(
                 PluginFailure(plugin, *dist, f"{cls!r} is not a named subclass of {base.__name__}")
@@ -172,11 +185,11 @@ class PluginManager:
         return sorted(self.components[kind])
 
     def entries(self) -> list[ComponentEntry]:
-        return [e for kind in COMPONENT_KINDS for e in sorted(self.components[kind].values(), key=lambda e: e.name)]
+        return [e for kind in KINDS for e in sorted(self.components[kind.name].values(), key=lambda e: e.name)]
 
     def get(self, kind: str, name: str, where: str) -> type[Component]:
         """The component class for ``use: name`` at spec path ``where``; a one-line error otherwise."""
-        label = KIND_LABELS[kind]
+        label = KIND[kind].label
         if (kind, name) in self.conflicts:
             who = " and ".join(f"{e.distribution} {e.version} (plugin '{e.plugin}')" for e in self.conflicts[(kind, name)])
             raise PluginError(

@@ -24,6 +24,7 @@ from fedcore.components import (
     Audit,
     Component,
     Dataset,
+    KINDS,
     Ledger,
     Model,
     PrivacyMechanism,
@@ -122,15 +123,9 @@ class ExperimentSpec(_Strict):
         return self.baseline.epochs or self.training.rounds * self.training.local_epochs
 
 
-#: spec path of each plugin slot -> component kind
-SLOTS: dict[str, str] = {
-    "data": "dataset",
-    "model": "model",
-    "aggregator": "aggregator",
-    "secure_aggregation": "secure_aggregator",
-    "ledger": "ledger",
-}
-LIST_SLOTS: dict[str, str] = {"privacy": "privacy", "attacks": "attack", "audits": "audit"}
+#: spec path of each plugin slot -> component kind (views of :data:`fedcore.components.KINDS`)
+SLOTS: dict[str, str] = {kind.slot: kind.name for kind in KINDS if not kind.many}
+LIST_SLOTS: dict[str, str] = {kind.slot: kind.name for kind in KINDS if kind.many}
 #: top-level keys a sweep may not vary (they hold for the whole run)
 UNSWEPT = ("sweep", "name", "seed", "repeats", "execution")
 #: the largest spec file read, and the most YAML nodes it may expand to (aliases included)

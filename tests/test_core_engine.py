@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import TINY_SPEC
 from fedcore import hookimpl
 from fedcore.components import Aggregator, LocalTrainingStage, PrivacyMechanism, plain_sum
-from fedcore.engine.simulation import derive_seed, run_federated
+from fedcore.engine.simulation import RunJob, derive_seed, run_federated
 from fedcore.metrics import convergence_epoch
 from fedcore.plugins.aggregators.fedavg import FedAvg
 from fedcore.registry import PluginManager
@@ -62,7 +62,7 @@ def test_one_round_equals_a_plain_pytorch_fedavg_loop() -> None:
     spec = experiment.spec
     data = tiny_federated_data(sites=3, rows=200, features=5)
     components = build_components(spec, experiment.plugins)
-    result = run_federated(spec, components, data, "main", 0, seed=7)
+    result = run_federated(spec, RunJob(components, data, 0, 7), "main")
 
     torch.manual_seed(derive_seed(7, 0))
     reference = components.model.build(data.n_features, data.n_classes)

@@ -113,3 +113,35 @@ def test_plugins_command_lists_a_table(run_cli) -> None:
     rows = json.loads(result.stdout)
     assert {"kind": "aggregator", "name": "fedavg"}.items() <= next(r for r in rows if r["name"] == "fedavg").items()
     assert all(set(r) == {"kind", "name", "distribution", "version", "status"} for r in rows)
+
+
+MISSPELLED = """
+from typing import ClassVar
+from fedcore import hookimpl
+from fedcore.components import Aggregator
+
+class Lonely(Aggregator):
+    \"\"\"Registered through a hook name with a typo: it would never be found.\"\"\"
+    name: ClassVar[str] = "lonely"
+
+@hookimpl
+def fedcore_aggregator():
+    return [Lonely]
+"""
+
+
+def test_a_misspelled_hook_is_a_failure_row_naming_the_plugin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli
+) -> None:
+    _make_dist(tmp_path, "typo-fedcore-plugin", "0.3.0", "typo_fedcore_plugin", MISSPELLED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = PluginManager()
+    failure = next(f for f in manager.failures if f.plugin == "typo_fedcore_plugin")
+    assert failure.distribution == "typo-fedcore-plugin" and failure.version == "0.3.0"
+    assert "'fedcore_aggregator'" in failure.error and "fedcore_aggregators" in failure.error
+    assert "fedavg" in manager.names("aggregator")  # the other plugins still load
+    import json
+
+    result = run_cli("plugins", "--json")
+    rows = [r for r in json.loads(result.stdout) if r["name"] == "typo_fedcore_plugin"]
+    assert rows and "fedcore_aggregator" in rows[0]["status"]

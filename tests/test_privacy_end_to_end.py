@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from fedcore.cli import cli
 from fedcore.engine.runner import run_experiment
-from fedcore.engine.simulation import run_federated
+from fedcore.engine.simulation import RunJob, run_federated
 from fedcore.plugins.privacy.accounting import epsilon_of
 from fedcore.spec import build_components, load_experiment
 
@@ -43,7 +43,7 @@ def test_run_stopped_after_k_rounds_reports_the_epsilon_of_k_rounds() -> None:
     spec = experiment.spec
     components = build_components(spec, experiment.plugins)
     data = components.dataset.load(spec.seed)
-    result = run_federated(spec, components, data, "main", 0, spec.seed, stop_after_rounds=1)
+    result = run_federated(spec, RunJob(components, data, 0, spec.seed), "main", stop_after_rounds=1)
     [spent] = result.records[-1].privacy
     stages = components.privacy[0].stages.values()  # type: ignore[attr-defined]
     one_round = max(

@@ -15,6 +15,7 @@ import pytest
 
 from fedcore import releases
 from fedcore.engine import simulation
+from fedcore.engine.site import SiteRuntime
 from fedcore.spec import load_experiment
 from fedcore.types import ClientUpdate, Weights
 
@@ -54,7 +55,7 @@ class Captured:
 def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
     """Wraps the seams where a site hands something over (both engines go through them)."""
     box = Captured()
-    release, evaluate, init = simulation.Site.release, simulation.Site.evaluate, simulation.FederatedRun.__init__
+    release, evaluate, init = SiteRuntime.end_round, SiteRuntime.evaluate, simulation.FederatedRun.__init__
 
     def capture_release(self, *args: Any, **kwargs: Any) -> ClientUpdate:
         update = release(self, *args, **kwargs)
@@ -66,17 +67,18 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
         box.messages.append(("SiteEvaluation", evaluation))
         return evaluation
 
-    def capture_init(self, spec: Any, components: Any, data: Any, *args: Any, **kwargs: Any) -> None:
+    def capture_init(self, spec: Any, job: Any, *args: Any, **kwargs: Any) -> None:
+        data = job.data
         for summary in data.released_statistics.values():
             box.messages.append(("SiteSummary", summary))
         for site in data.sites:
             box.messages.append(
                 ("SiteDescription", {"name": site.name, "train": site.n_train, "validation": len(site.y_val), "test": len(site.y_test)})
             )
-        init(self, spec, components, data, *args, **kwargs)
+        init(self, spec, job, *args, **kwargs)
 
-    monkeypatch.setattr(simulation.Site, "release", capture_release)
-    monkeypatch.setattr(simulation.Site, "evaluate", capture_evaluate)
+    monkeypatch.setattr(SiteRuntime, "end_round", capture_release)
+    monkeypatch.setattr(SiteRuntime, "evaluate", capture_evaluate)
     monkeypatch.setattr(simulation.FederatedRun, "__init__", capture_init)
     return box
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedcore.engine.simulation import Site, derive_seed, initial_module
+from fedcore.engine.simulation import derive_seed, initial_module
+from fedcore.engine.site import SiteRuntime
 from fedcore.engine.training import weights_of
 from fedcore.plugins.privacy.secure.aggregator import crypten_import_problem
 from fedcore.plugins.privacy.secure.audit import individual_updates_received
@@ -19,7 +20,7 @@ from fedcore.plugins.privacy.secure.group import PartyGroup
 from fedcore.plugins.privacy.secure.server import PlainSiteLink, ServerConfig, ServerProcess
 from fedcore.spec import build_components, load_experiment
 from fedcore.testing import run_spec_text
-from fedcore.types import ClientUpdate, GlobalModel, Weights
+from fedcore.types import ClientUpdate, Weights
 
 pytestmark = [
     pytest.mark.skipif(crypten_import_problem() is not None, reason=f"{crypten_import_problem()}"),
@@ -58,7 +59,9 @@ def federate_through_a_server_process(mode: str, tmp_path: Path, rounds: int = 2
     data = components.dataset.load(spec.seed)
     initial = weights_of(initial_module(components, data, spec.seed))
     sites = [
-        Site(d, components.model.build(data.n_features, data.n_classes), spec, [], data.n_classes, derive_seed(spec.seed, 1, d.site))
+        SiteRuntime(
+            d, components.model.build(data.n_features, data.n_classes), spec.training, [], data.n_classes, derive_seed(spec.seed, 1, d.site)
+        )
         for d in data.sites
     ]
     key = secrets.token_bytes(32)
@@ -76,7 +79,7 @@ def federate_through_a_server_process(mode: str, tmp_path: Path, rounds: int = 2
             links = [PlainSiteLink(s, server.address, key) for s in range(len(sites))]
         weights = initial
         for round_ in range(1, rounds + 1):
-            updates = [site.train(GlobalModel(round=round_, weights=weights)) for site in sites]
+            updates = [site.fit(weights, round_) for site in sites]
             sent += updates
             if mode == "secure":
                 group.submit(round_, VectorLayout.of(initial), {u.site: u for u in updates}, timeout_s=60)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from fedcore.engine.vectorized import CopyTask, DPConfig, StackedTrainer, poisson_batches
+from fedcore.components import DPStep
+from fedcore.engine.vectorized import CopyTask, StackedTrainer, poisson_batches
 from fedcore.engine.vectorized_step import CompiledStep, ParamLayout, make_dp_step
 from fedcore.spec import TrainingSpec
 
@@ -97,7 +98,7 @@ def test_the_engine_noise_on_each_copy_is_opacus_sigma_c_over_the_expected_batch
     distribution must be the one plain Opacus releases."""
     module = torch.nn.Linear(100, 100)
     configs = [
-        DPConfig(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=1e-12, expected_batch_size=batch, steps_per_epoch=1)
+        DPStep(noise_multiplier=sigma, max_grad_norm=clip, sample_rate=1e-12, expected_batch_size=batch, steps_per_epoch=1)
         for sigma, clip, batch in ((1.1, 1.0, 32.0), (0.7, 3.0, 8.0))
     ]
     trainer = StackedTrainer(module, TrainingSpec(optimizer="sgd", learning_rate=1.0, batch_size=8), 2)
@@ -120,7 +121,7 @@ def test_the_engine_noise_on_each_copy_is_opacus_sigma_c_over_the_expected_batch
         assert float(released.std() / opacus.std()) == pytest.approx(1.0, abs=6 / math.sqrt(released.numel()))
 
 
-def _opacus_noise_release(dp: DPConfig, width: int) -> torch.Tensor:
+def _opacus_noise_release(dp: DPStep, width: int) -> torch.Tensor:
     """What one Opacus DP-SGD step moves a Linear(width, width) by when every per-sample
     gradient is zero: SGD at learning rate 1 on (0 + N(0, (sigma C)^2)) / B."""
     from opacus import GradSampleModule
@@ -166,7 +167,7 @@ def test_dp_training_is_reproducible_and_independent_of_its_companions() -> None
     training = TrainingSpec(local_epochs=1, batch_size=8, learning_rate=0.01)
     data = [(torch.randn(n, 6), torch.randint(0, 3, (n,))) for n in (64, 40)]
     dps = [
-        DPConfig(noise_multiplier=1.1, max_grad_norm=1.0, sample_rate=8 / n, expected_batch_size=8.0, steps_per_epoch=n // 8)
+        DPStep(noise_multiplier=1.1, max_grad_norm=1.0, sample_rate=8 / n, expected_batch_size=8.0, steps_per_epoch=n // 8)
         for n in (64, 40)
     ]
     start = torch.cat([p.detach().reshape(-1) for p in _mlp().parameters()])
@@ -197,7 +198,7 @@ privacy: [{use: gaussian, settings: {level: record, epsilon: 4.0, delta: 1.0e-5,
 
 def test_the_gaussian_plugin_accounts_the_same_run_in_both_engines() -> None:
     """Same stages, same accountant, same number of steps: the same epsilon, computed not asserted."""
-    from fedcore.engine.simulation import run_federated
+    from fedcore.engine.simulation import RunJob, run_federated
     from fedcore.engine.vectorized import run_federated_vectorized, unsupported_reason
     from fedcore.spec import build_components, load_experiment
 
@@ -205,8 +206,8 @@ def test_the_gaussian_plugin_accounts_the_same_run_in_both_engines() -> None:
     spec = experiment.spec
     data = build_components(spec, experiment.plugins).dataset.load(3)
     assert unsupported_reason(spec, build_components(spec, experiment.plugins), data) is None
-    sequential = run_federated(spec, build_components(spec, experiment.plugins), data, "main", 0, 3)
-    vectorized = run_federated_vectorized(spec, build_components(spec, experiment.plugins), data, "main", 0, 3)
+    sequential = run_federated(spec, RunJob(build_components(spec, experiment.plugins), data, 0, 3), "main")
+    vectorized = run_federated_vectorized(spec, RunJob(build_components(spec, experiment.plugins), data, 0, 3), "main")
     for a, b in zip(sequential.records, vectorized.records, strict=True):
         assert [p.model_dump() for p in a.privacy] == [p.model_dump() for p in b.privacy]
         assert a.privacy and 0 < a.privacy[0].epsilon <= 4.0

@@ -123,9 +123,9 @@ def _tiny(spec_overrides: list[str]):
 def test_a_run_matches_the_sequential_engine_record_for_record() -> None:
     spec, plugins = _tiny(["training.rounds=2", "training.local_epochs=2"])
     data = tiny_federated_data(sites=3, rows=230, features=5)
-    sequential = run_federated(spec, build_components(spec, plugins), data, "main", 0, seed=5)
+    sequential = run_federated(spec, RunJob(build_components(spec, plugins), data, 0, 5), "main")
     seen = []
-    vectorized = run_federated_vectorized(spec, build_components(spec, plugins), data, "main", 0, seed=5, on_round=seen.append)
+    vectorized = run_federated_vectorized(spec, RunJob(build_components(spec, plugins), data, 0, 5), "main", on_round=seen.append)
     assert [r.round for r in seen] == [1, 2]
     for a, b in zip(sequential.records, vectorized.records, strict=True):
         assert (a.round, a.epoch, a.mode, a.update_bytes) == (b.round, b.epoch, b.mode, b.update_bytes)
@@ -143,7 +143,7 @@ def test_repeats_trained_together_equal_repeats_trained_alone() -> None:
         spec, [RunJob(build_components(spec, plugins), d, r, 9 + r) for r, d in enumerate(datas)], "main"
     )
     for r, data in enumerate(datas):
-        alone = run_federated_vectorized(spec, build_components(spec, plugins), data, "main", r, 9 + r)
+        alone = run_federated_vectorized(spec, RunJob(build_components(spec, plugins), data, r, 9 + r), "main")
         assert together[r].repeat == r
         assert together[r].final_weights.allclose(alone.final_weights, rtol=1e-5, atol=1e-6)  # type: ignore[union-attr]
 
@@ -151,7 +151,7 @@ def test_repeats_trained_together_equal_repeats_trained_alone() -> None:
 def test_centralized_baseline_matches_the_sequential_one() -> None:
     spec, plugins = _tiny(["baseline.epochs=3"])
     data = tiny_federated_data(sites=2, rows=200, features=5)
-    sequential = run_centralized(spec, build_components(spec, plugins), data, "main", 0, seed=4)
+    sequential = run_centralized(spec, RunJob(build_components(spec, plugins), data, 0, 4), "main")
     (vectorized,) = run_centralized_vectorized(spec, [RunJob(build_components(spec, plugins), data, 0, 4)], "main")
     assert [r.epoch for r in vectorized.records] == [1, 2, 3]
     assert sequential.final_weights.allclose(vectorized.final_weights, rtol=1e-5, atol=1e-6)  # type: ignore[union-attr]
@@ -191,6 +191,40 @@ def test_unsupported_reason_names_what_blocks_vectorizing() -> None:
     assert reason is not None and "transform_gradients" in reason
 
 
+class _StepwiseAtSiteTwo(FedAvg):
+    """FedAvg with a per-step stage at site 2 only (neither site 0 nor an attacked site)."""
+
+    name: ClassVar[str] = "stepwise-at-two"
+
+    def site_stage(self, site):
+        return _ProximalStage() if site.site == 2 else None
+
+
+def test_a_per_step_stage_at_any_site_is_refused_and_the_site_named() -> None:
+    spec, plugins = _tiny([])
+    data = tiny_federated_data(sites=3, rows=100, features=6)
+    components = build_components(spec, plugins)
+    components.aggregator = _StepwiseAtSiteTwo()
+    reason = unsupported_reason(spec, components, data)
+    assert reason is not None and reason.startswith("site 2:") and "transform_gradients" in reason
+    with pytest.raises(ValueError, match="site 2"):
+        run_federated_vectorized(spec, RunJob(components, data, 0, 1), "main")
+
+
+def test_the_engine_and_why_are_recorded_per_arm(tmp_path) -> None:
+    from fedcore.engine.runner import run_experiment
+    from fedcore.report import Summary
+
+    text = TINY_SPEC + "sweep: {model.settings.dropout: [0.0, 0.2]}\n"
+    experiment = load_experiment(text=text, overrides=["training.rounds=1"])
+    run_dir = run_experiment(experiment, out=tmp_path / "run", workers=1, progress=False)
+    setups = {arm.label: arm.setup for arm in Summary.read(run_dir / "summary.json").arms}
+    assert [s.engine for s in setups.values()] == ["vectorized", "sequential"]
+    reason = list(setups.values())[1].engine_reason
+    assert reason is not None and "dropout" in reason
+    assert reason in (run_dir / "report.md").read_text()
+
+
 def test_copies_with_uneven_data_skip_steps_without_touching_their_optimizer() -> None:
     """A copy with one batch per epoch must equal that copy trained alone."""
     torch.manual_seed(3)
@@ -211,7 +245,7 @@ def test_site_data_tensors_are_not_modified() -> None:
     data = tiny_federated_data(sites=2, rows=100, features=6)
     before = [s.x_train.copy() for s in data.sites]
     spec, plugins = _tiny(["training.rounds=1"])
-    run_federated_vectorized(spec, build_components(spec, plugins), data, "main", 0, 1)
+    run_federated_vectorized(spec, RunJob(build_components(spec, plugins), data, 0, 1), "main")
     for b, s in zip(before, data.sites, strict=True):
         np.testing.assert_array_equal(b, s.x_train)
 
@@ -238,7 +272,7 @@ def test_full_runs_reach_the_sequential_accuracy_within_one_repeat_sd(privacy: s
     seeds = [spec.seed + r for r in range(spec.repeats)]
     datas = [build_components(spec, plugins).dataset.load(s) for s in seeds]
     sequential = [
-        run_federated(spec, build_components(spec, plugins), d, "main", r, s).records[-1].test.accuracy
+        run_federated(spec, RunJob(build_components(spec, plugins), d, r, s), "main").records[-1].test.accuracy
         for r, (d, s) in enumerate(zip(datas, seeds, strict=True))
     ]
     jobs = [RunJob(build_components(spec, plugins), d, r, s) for r, (d, s) in enumerate(zip(datas, seeds, strict=True))]

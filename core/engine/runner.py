@@ -18,7 +18,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from multiprocessing.managers import SyncManager
 from dataclasses import dataclass
-from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,41 +28,47 @@ import torch
 from fedcore import rundir
 from fedcore.components import FederatedData
 from fedcore.engine import processes
-from fedcore.engine.simulation import RunResult, run_centralized, run_federated
+from fedcore.engine.simulation import RunJob, RunResult, run_centralized, run_federated
 from fedcore.errors import FedcoreUserError, SpecError
 from fedcore.registry import PluginManager
+from fedcore.report.summary import baseline_key
 from fedcore.spec import Experiment, ExperimentSpec, arm_indexes, build_components, locate, resolved_yaml
-from fedcore.types import RoundRecord, json_digest
+from fedcore.types import RoundRecord
 
 
 @dataclass(frozen=True)
+class EngineChoice:
+    """Which engine trains an arm, and why not the vectorized one when it does not."""
+
+    engine: str
+    reason: str | None = None
+
+    @property
+    def vectorized(self) -> bool:
+        return self.engine == "vectorized"
+
+
+@dataclass(frozen=True, eq=False)
 class Job:
-    """One training: an arm's federated run or a centralized baseline, for one repeat."""
+    """One training: an arm's federated run or a centralized baseline, for one repeat.
+
+    What a worker process receives: the validated spec and the engine chosen for the arm
+    (nothing is parsed or decided again there).
+    """
 
     arm: str
     repeat: int
     mode: str
-    spec_json: str
+    spec: ExperimentSpec
     seed: int
+    engine: EngineChoice
 
     @property
     def key(self) -> str:
         return f"{self.mode}:{self.arm}:{self.repeat}"
 
-    @cached_property
-    def spec(self) -> ExperimentSpec:
-        """The job's spec, parsed once (the JSON is what crosses to worker processes)."""
-        return ExperimentSpec.model_validate_json(self.spec_json)
 
-
-def baseline_key(spec: ExperimentSpec) -> str:
-    """Arms that share data, model and training share one centralized baseline."""
-    return json_digest(
-        [spec.data.model_dump(), spec.model.model_dump(), spec.training.model_dump(), spec.baseline.model_dump()]
-    )
-
-
-def plan_jobs(experiment: Experiment) -> list[Job]:
+def plan_jobs(experiment: Experiment, engines: dict[str, EngineChoice]) -> list[Job]:
     """Federated jobs for every arm and repeat; one baseline per distinct (data, model, training)."""
     jobs: list[Job] = []
     spec = experiment.spec
@@ -71,12 +76,13 @@ def plan_jobs(experiment: Experiment) -> list[Job]:
         seed = spec.seed + repeat
         seen: set[str] = set()
         for arm in experiment.arms:
+            engine = engines[arm.label]
             if arm.spec.baseline.centralized:
                 key = baseline_key(arm.spec)
                 if key not in seen:
                     seen.add(key)
-                    jobs.append(Job(arm.label, repeat, "centralized", arm.spec.model_dump_json(), seed))
-            jobs.append(Job(arm.label, repeat, "federated", arm.spec.model_dump_json(), seed))
+                    jobs.append(Job(arm.label, repeat, "centralized", arm.spec, seed, engine))
+            jobs.append(Job(arm.label, repeat, "federated", arm.spec, seed, engine))
     return jobs
 
 
@@ -94,49 +100,56 @@ def load_data(spec: ExperimentSpec, seed: int, plugins: PluginManager) -> Federa
     return _DATA_CACHE[key]
 
 
-def preflight(experiment: Experiment) -> dict[str, bool]:
+def preflight(experiment: Experiment) -> dict[str, EngineChoice]:
     """Load the first repeat's data and create every site's stages before anything is written.
 
     Bad data and impossible privacy budgets fail here, as user errors, with no run
-    directory left behind. Returns, per arm, whether the vectorized engine runs it.
+    directory left behind. Returns, per arm, the engine that runs it and why.
     """
-    from fedcore.engine.simulation import site_stages
-
     spec = experiment.spec
-    vectorized: dict[str, bool] = {}
+    choices: dict[str, EngineChoice] = {}
     for arm in experiment.arms:
         try:
             data = load_data(arm.spec, spec.seed, experiment.plugins)
-            components = build_components(arm.spec, experiment.plugins)
-            for site in data.sites:
-                site_stages(arm.spec, components, data, site, spec.seed)
-            vectorized[arm.label] = vectorized_allowed(arm.spec, build_components(arm.spec, experiment.plugins), data)
+            choices[arm.label] = engine_for(arm.spec, build_components(arm.spec, experiment.plugins), data)
         except FedcoreUserError as exc:
             raise locate(exc, experiment.source.for_arm(arm_indexes(experiment, arm))) from None
-    return vectorized
+    return choices
 
 
-def vectorized_allowed(spec: ExperimentSpec, components: Any, data: FederatedData) -> bool:
-    """Whether the vectorized engine runs ``spec`` (exactly what the sequential engine would)."""
+def engine_for(spec: ExperimentSpec, components: Any, data: FederatedData) -> EngineChoice:
+    """The engine for ``spec`` on ``data``: creates every site's stages (as a run does) and reads them."""
+    from fedcore.engine.simulation import site_stages
+    from fedcore.engine.stages import StagePlan
+
+    plans = [
+        StagePlan.of(site_stages(spec, components, data, site, spec.seed), site.class_counts(data.n_classes))
+        for site in data.sites
+    ]
+    return choose_engine(spec, components, data, plans)
+
+
+def choose_engine(spec: ExperimentSpec, components: Any, data: FederatedData, plans: Any) -> EngineChoice:
+    """The engine for ``spec``: vectorized where it runs every site's plan, else sequential (and why)."""
     if spec.execution.engine == "sequential":
-        return False
+        return EngineChoice("sequential", "execution.engine: sequential")
     if spec.execution.device == "cuda" and not torch.cuda.is_available():
         raise SpecError(
             "execution.device is cuda but no CUDA device is available", where="execution.device", hint="use device: cpu"
         )
     from fedcore.engine import vectorized
 
-    reason = vectorized.unsupported_reason(spec, components, data)
+    reason = vectorized.refusal(spec, components, data, plans)
     if reason is not None and (spec.execution.engine == "vectorized" or spec.execution.device == "cuda"):
         raise SpecError(
             f"the vectorized engine cannot run this spec: {reason}",
             where="execution.engine",
             hint="use engine: auto (falls back to the sequential engine) or engine: sequential, on device: cpu",
         )
-    return reason is None
+    return EngineChoice("sequential", reason) if reason is not None else EngineChoice("vectorized")
 
 
-def execution_units(jobs: list[Job], vectorized: dict[str, bool], workers: int) -> list[list[Job]]:
+def execution_units(jobs: list[Job], workers: int) -> list[list[Job]]:
     """Jobs grouped into what one process runs at once.
 
     Repeats of a vectorized arm train together (one stacked computation), split
@@ -145,7 +158,7 @@ def execution_units(jobs: list[Job], vectorized: dict[str, bool], workers: int) 
     units: list[list[Job]] = []
     groups: dict[tuple[str, str], list[Job]] = {}
     for job in jobs:
-        if vectorized.get(job.arm, False):
+        if job.engine.vectorized:
             groups.setdefault((job.mode, job.arm), []).append(job)
         else:
             units.append([job])
@@ -187,28 +200,46 @@ def execute_unit(
     run_dir: Path,
     plugins: PluginManager | None,
     on_round: Callable[[RoundRecord], None] | None,
-    vectorized: bool,
 ) -> list[RunResult]:
     """Run a unit in this process: one job sequentially, or a group of repeats vectorized."""
-    if not vectorized:
+    if not unit[0].engine.vectorized:
         return [execute_job(job, run_dir, plugins, on_round) for job in unit]
-    from fedcore.engine import vectorized as vec
-
     plugins = plugins or PluginManager()
-    spec = unit[0].spec
-    options = vec.EngineOptions(device=spec.execution.device)
-    runs = [
-        vec.RunJob(build_components(spec, plugins), load_data(spec, j.seed, plugins), j.repeat, j.seed, _ledger_dir(run_dir, j))
-        for j in unit
-    ]
-    if unit[0].mode == "centralized":
-        results = vec.run_centralized_vectorized(spec, runs, unit[0].arm, on_round, options)
-    else:
-        results = vec.run_repeats_vectorized(spec, runs, unit[0].arm, on_round, options)
+    runs = [run_job(j, run_dir, plugins) for j in unit]
+    results = train_runs(unit[0].spec, runs, unit[0].arm, unit[0].mode, unit[0].engine, on_round)
     for job, result in zip(unit, results, strict=True):
         _audit(job, result, plugins)
         _save_checkpoint(job, result, run_dir)
     return results
+
+
+def train_runs(
+    spec: ExperimentSpec,
+    runs: list[RunJob],
+    arm: str,
+    mode: str,
+    engine: EngineChoice,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> list[RunResult]:
+    """One training per ``runs`` entry (repeats of one arm, ``mode`` federated or centralized), by ``engine``.
+
+    The vectorized engine trains them as one stacked computation; the sequential one, one after another.
+    """
+    if not engine.vectorized:
+        train = run_centralized if mode == "centralized" else run_federated
+        return [train(spec, run, arm, on_round) for run in runs]
+    from fedcore.engine import vectorized as vec
+
+    options = vec.EngineOptions(device=spec.execution.device)
+    if mode == "centralized":
+        return vec.run_centralized_vectorized(spec, runs, arm, on_round, options)
+    return vec.run_repeats_vectorized(spec, runs, arm, on_round, options)
+
+
+def run_job(job: Job, run_dir: Path, plugins: PluginManager) -> RunJob:
+    """A job's own inputs in this process: fresh components, the (cached) data, its ledger folder."""
+    data = load_data(job.spec, job.seed, plugins)
+    return RunJob(build_components(job.spec, plugins), data, job.repeat, job.seed, _ledger_dir(run_dir, job))
 
 
 def execute_job(
@@ -219,15 +250,11 @@ def execute_job(
 ) -> RunResult:
     """Run one job in this process."""
     plugins = plugins or PluginManager()
-    spec = job.spec
-    data = load_data(spec, job.seed, plugins)
-    components = build_components(spec, plugins)
+    run = run_job(job, run_dir, plugins)
     if job.mode == "centralized":
-        result = run_centralized(spec, components, data, job.arm, job.repeat, job.seed, on_round)
+        result = run_centralized(job.spec, run, job.arm, on_round)
     else:
-        result = run_federated(
-            spec, components, data, job.arm, job.repeat, job.seed, on_round, ledger_dir=_ledger_dir(run_dir, job)
-        )
+        result = run_federated(job.spec, run, job.arm, on_round)
     _audit(job, result, plugins)
     _save_checkpoint(job, result, run_dir)
     return result
@@ -247,8 +274,8 @@ def _worker_init(events: Any, threads: int, parent_pid: int | None = None) -> No
     torch.set_num_threads(threads)
 
 
-def _worker_run(unit: list[Job], run_dir: str, vectorized: bool) -> list[RunResult]:
-    return execute_unit(unit, Path(run_dir), None, _WORKER_QUEUE.put, vectorized)
+def _worker_run(unit: list[Job], run_dir: str) -> list[RunResult]:
+    return execute_unit(unit, Path(run_dir), None, _WORKER_QUEUE.put)
 
 
 def default_workers(experiment: Experiment, units: list[list[Job]]) -> int:
@@ -321,16 +348,21 @@ def run_experiment(
     """Run every job of ``experiment`` and write the run directory; returns its path."""
     spec = experiment.spec
     plugins = experiment.plugins
-    jobs = plan_jobs(experiment)
-    vectorized = preflight(experiment)
+    engines = preflight(experiment)
+    jobs = plan_jobs(experiment, engines)
     run_dir = rundir.create(timestamped_run_dir(spec, out))
     with rundir.tracked(run_dir, plugins):
-        _train_and_report(experiment, jobs, vectorized, run_dir, workers, progress)
+        _train_and_report(experiment, jobs, engines, run_dir, workers, progress)
     return run_dir
 
 
 def _train_and_report(
-    experiment: Experiment, jobs: list[Job], vectorized: dict[str, bool], run_dir: Path, workers: int | None, progress: bool | None
+    experiment: Experiment,
+    jobs: list[Job],
+    engines: dict[str, EngineChoice],
+    run_dir: Path,
+    workers: int | None,
+    progress: bool | None,
 ) -> None:
     """Every training of the experiment, then ``summary.json`` and the report, into ``run_dir``."""
     from fedcore.report import build_report, write_summary
@@ -342,9 +374,9 @@ def _train_and_report(
         arms_yaml = {arm.label: json.loads(arm.spec.model_dump_json()) for arm in experiment.arms}
         (run_dir / "arms.json").write_text(json.dumps(arms_yaml, indent=1))
     if not (workers or spec.execution.workers):
-        workers = default_workers(experiment, execution_units(jobs, vectorized, os.cpu_count() or 1))
+        workers = default_workers(experiment, execution_units(jobs, os.cpu_count() or 1))
     workers = min(workers or spec.execution.workers or 1, len(jobs))
-    units = execution_units(jobs, vectorized, workers)
+    units = execution_units(jobs, workers)
     show = spec.execution.progress if progress is None else progress
     rundir.call_observers(plugins, "fedcore_run_start", spec=spec, run_dir=run_dir, n_runs=len(jobs))
     started = time.perf_counter()
@@ -362,24 +394,23 @@ def _train_and_report(
             torch.set_num_threads(spec.execution.threads_per_worker)
             for unit in units:
                 try:
-                    results += execute_unit(unit, run_dir, plugins, on_round, vectorized.get(unit[0].arm, False))
+                    results += execute_unit(unit, run_dir, plugins, on_round)
                 except BaseException as exc:
                     rundir.tag_job(exc, _job_info(unit))
                     raise
                 for _ in unit:
                     bars.job_done()
         else:
-            results = _run_parallel(units, vectorized, run_dir, workers, spec.execution.threads_per_worker, on_round, bars)
+            results = _run_parallel(units, run_dir, workers, spec.execution.threads_per_worker, on_round, bars)
     total = time.perf_counter() - started
     data_sections = load_data(experiment.arms[0].spec, spec.seed, plugins)
-    summary = write_summary(run_dir, experiment, results, total, data_sections, vectorized)
+    summary = write_summary(run_dir, experiment, results, total, data_sections, engines)
     build_report(run_dir)
-    rundir.call_observers(plugins, "fedcore_run_end", summary=summary, run_dir=run_dir)
+    rundir.call_observers(plugins, "fedcore_run_end", summary=summary.model_dump(), run_dir=run_dir)
 
 
 def _run_parallel(
     units: list[list[Job]],
-    vectorized: dict[str, bool],
     run_dir: Path,
     workers: int,
     threads: int,
@@ -412,7 +443,7 @@ def _run_parallel(
             # Longest units first keeps both cores busy until the end.
             ordered = sorted(units, key=lambda u: -sum(_job_cost(j) for j in u))
             futures: dict[Future[list[RunResult]], list[Job]] = {
-                pool.submit(_worker_run, unit, str(run_dir), vectorized.get(unit[0].arm, False)): unit for unit in ordered
+                pool.submit(_worker_run, unit, str(run_dir)): unit for unit in ordered
             }
             try:
                 for future in as_completed(futures):

@@ -1,6 +1,6 @@
 """In-process simulation: sites and a server exchanging only boundary messages.
 
-:class:`Site` holds one hospital's data and stages; :class:`Server` holds the
+:class:`~fedcore.engine.site.SiteRuntime` holds one hospital's data and stages; :class:`Server` holds the
 global model, the aggregator and the server side of privacy. They talk through
 :class:`~fedcore.types.GlobalModel` and :class:`~fedcore.types.ClientUpdate`
 (serializable), so a network transport can replace :func:`run_federated`'s
@@ -25,14 +25,15 @@ from fedcore.components import (
     RoundContext,
     SecureAggregator,
     SiteData,
-    SiteInfo,
     plain_sum,
 )
 from fedcore.commitments import Committer
 from fedcore.errors import PrivacyBudgetError
+from fedcore.engine.site import SiteRuntime, evaluate_split_pair
+from fedcore.engine.stages import site_info, stages_for
+from fedcore.engine.training import LocalTrainer, weights_of
+from fedcore.metrics import pool
 from fedcore.randomness import Secrets
-from fedcore.engine.training import LocalTrainer, load_weights, predict, weights_of
-from fedcore.metrics import classification_metrics, pool
 from fedcore.spec import Components, ExperimentSpec
 from fedcore.types import (
     ClassificationMetrics,
@@ -57,69 +58,6 @@ def derive_seed(*parts: int) -> int:
 
 def site_name(site: int) -> str:
     return f"site-{site}"
-
-
-class Site:
-    """One hospital: its data never leaves; it returns updates and metrics only."""
-
-    def __init__(
-        self,
-        data: SiteData,
-        module: torch.nn.Module,
-        spec: ExperimentSpec,
-        stages: Sequence[LocalTrainingStage],
-        n_classes: int,
-        seed: int,
-    ) -> None:
-        self.data = data
-        self.spec = spec
-        self.stages = list(stages)
-        self.n_classes = n_classes
-        self.generator = torch.Generator().manual_seed(seed)
-        self.trainer = LocalTrainer(module, spec.training, self.stages, data.class_counts(n_classes))
-        # The site's training tensors, made once. A copy: dataset arrays may be read-only,
-        # and torch wants writable storage.
-        self.x_train = torch.tensor(data.x_train)
-        self.y_train = torch.tensor(data.y_train)
-
-    def train(self, message: GlobalModel, extras: dict[str, Weights] | None = None) -> ClientUpdate:
-        start = time.perf_counter()
-        load_weights(self.trainer.module, message.weights)
-        ctx = RoundContext(self.data.site, message.round, message.weights, self.generator, dict(extras or {}))
-        outcome = self.trainer.run(ctx, self.x_train, self.y_train, self.spec.training.local_epochs)
-        return self.release(ctx, message, outcome.steps, outcome.mean_loss, time.perf_counter() - start)
-
-    def release(self, ctx: RoundContext, message: GlobalModel, steps: int, mean_loss: float, seconds: float) -> ClientUpdate:
-        """The update of the site's trained module, through every stage's ``transform_update``."""
-        update = ClientUpdate(
-            site=self.data.site,
-            round=message.round,
-            delta=weights_of(self.trainer.module) - message.weights,
-            n_samples=self.data.n_train,
-            local_steps=steps,
-            train_loss=mean_loss,
-            train_seconds=seconds,
-        )
-        for stage in self.stages:
-            update = stage.transform_update(ctx, update)
-        return update
-
-    def privacy_spent(self) -> list[PrivacySpent]:
-        return [r for r in (s.privacy_spent() for s in self.stages) if r is not None]
-
-    def evaluate(self, message: GlobalModel) -> SiteEvaluation:
-        load_weights(self.trainer.module, message.weights)
-        return evaluate_split_pair(self.trainer.module, self.data, self.n_classes)
-
-
-def evaluate_split_pair(module: torch.nn.Module, data: SiteData, n_classes: int) -> SiteEvaluation:
-    out: dict[str, Any] = {}
-    for split, x, y in (("validation", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
-        preds, loss = predict(module, x, y)
-        metrics, conf = classification_metrics(y, preds, n_classes, loss)
-        out[split] = metrics
-        out[f"{split}_confusion"] = conf.tolist()
-    return SiteEvaluation(site=data.site, **out)
 
 
 def pooled(evaluations: Sequence[SiteEvaluation], split: str) -> ClassificationMetrics:
@@ -201,54 +139,47 @@ class RunResult:
     """The spec's audits of the final model (:class:`fedcore.components.AuditResult` as JSON)."""
 
 
-def _site_info(data: FederatedData, site: SiteData, spec: ExperimentSpec, seed: int) -> SiteInfo:
-    return SiteInfo(
-        site=site.site,
-        n_sites=len(data.sites),
-        n_train=site.n_train,
-        n_features=data.n_features,
-        n_classes=data.n_classes,
-        class_counts=tuple(int(c) for c in site.class_counts(data.n_classes)),
-        batch_size=spec.training.batch_size,
-        local_epochs=spec.training.local_epochs,
-        rounds=spec.training.rounds,
-        seed=seed,
-        max_rows_per_patient=data.max_rows_per_patient,
-        # The arm's resolved spec tells arms apart; seed = spec seed + repeat tells repeats apart.
-        secrets=Secrets(spec.execution.reproducible_noise, seed, json_digest(spec.model_dump(mode="json"))),
-    )
-
-
 def initial_module(components: Components, data: FederatedData, seed: int) -> torch.nn.Module:
     torch.manual_seed(derive_seed(seed, 0))
     return components.model.build(data.n_features, data.n_classes)
 
 
 def site_stages(spec: ExperimentSpec, components: Components, data: FederatedData, site: SiteData, seed: int) -> list[LocalTrainingStage]:
-    """The stages of one site, in spec order: aggregator, privacy (list order), attacks on this site.
+    """The stages of one site of this run (:func:`fedcore.engine.stages.stages_for`)."""
+    # The arm's resolved spec tells arms apart (``execution`` left out: the engine, workers
+    # and device never change the numbers); seed = spec seed + repeat tells repeats apart.
+    arm = json_digest(spec.model_dump(mode="json", exclude={"execution"}))
+    secrets = Secrets(spec.execution.reproducible_noise, seed, arm)
+    info = site_info(
+        site, len(data.sites), data.n_features, data.n_classes, spec.training, seed, data.max_rows_per_patient, secrets
+    )
+    return stages_for(components, info)
 
-    Creating them is where privacy mechanisms calibrate their noise, so an impossible
-    budget fails here, before any training.
-    """
-    info = _site_info(data, site, spec, seed)
-    owners = [components.aggregator, *components.privacy]
-    owners += [a for a in components.attacks if site.site in a.attacked_sites()]
-    return [stage for stage in (owner.site_stage(info) for owner in owners) if stage is not None]
 
-
-def make_sites(spec: ExperimentSpec, components: Components, data: FederatedData, seed: int) -> list[Site]:
+def make_sites(spec: ExperimentSpec, components: Components, data: FederatedData, seed: int) -> list[SiteRuntime]:
     """Every hospital of the run, each with its own module, stages and generator."""
     return [
-        Site(
+        SiteRuntime(
             site_data,
             components.model.build(data.n_features, data.n_classes),
-            spec,
+            spec.training,
             site_stages(spec, components, data, site_data, seed),
             data.n_classes,
             derive_seed(seed, 1, site_data.site),
         )
         for site_data in data.sites
     ]
+
+
+@dataclass
+class RunJob:
+    """One training's own inputs: components (fresh per run: they hold its state), data, seed, ledger folder."""
+
+    components: Components
+    data: FederatedData
+    repeat: int
+    seed: int
+    ledger_dir: Any = None
 
 
 class FederatedRun:
@@ -262,18 +193,16 @@ class FederatedRun:
     def __init__(
         self,
         spec: ExperimentSpec,
-        components: Components,
-        data: FederatedData,
+        job: RunJob,
         arm: str,
-        repeat: int,
-        seed: int,
         on_round: RoundCallback | None = None,
-        ledger_dir: Any = None,
-        sites: Sequence[Site] | None = None,
+        sites: Sequence[Any] | None = None,
     ) -> None:
-        """:param sites: the run's sites; default: every site of ``data``, in this process
-            (deployment passes proxies of remote sites, ``data`` then holds no rows).
+        """:param sites: the run's sites; default: every site of ``job.data``, each a
+            :class:`~fedcore.engine.site.SiteRuntime` in this process (deployment passes
+            proxies of remote sites and overrides the seams that talk to them).
         """
+        components, data, seed, ledger_dir = job.components, job.data, job.seed, job.ledger_dir
         self.spec = spec
         self.components = components
         self.data = data
@@ -284,10 +213,10 @@ class FederatedRun:
         self.server = Server(
             self.initial, components.aggregator, components.privacy, components.secure_aggregation, derive_seed(seed, 2)
         )
-        self.result = RunResult(arm=arm, repeat=repeat, mode="federated")
+        self.result = RunResult(arm=arm, repeat=job.repeat, mode="federated")
         self.ledger = components.ledger
         # Hiding commitments: each payload's opening stays with the party that made it.
-        self.commits = Committer(ledger_dir if self.ledger is not None else None, spec.execution.reproducible_noise, seed, arm, repeat)
+        self.commits = Committer(ledger_dir if self.ledger is not None else None, spec.execution.reproducible_noise, seed, arm, job.repeat)
         if self.ledger is not None:
             self.ledger.open(ledger_dir, self.ledger_writers())
             opening = self.opening_records()
@@ -384,7 +313,7 @@ class FederatedRun:
 
     def ledger_writers(self) -> list[str]:
         """Whose keys sign ledger entries: the server and every site."""
-        return ["server", *(site_name(s.data.site) for s in self.sites)]
+        return ["server", *(site_name(s.site) for s in self.sites)]
 
     def update_records(self, round_: int, updates: Sequence[ClientUpdate]) -> list[LedgerRecord]:
         """The ledger records of the round's released updates, one per site."""
@@ -401,7 +330,7 @@ class FederatedRun:
 
     def evaluate_sites(self, message: GlobalModel) -> list[SiteEvaluation]:
         """Every site's evaluation of the new global model."""
-        return [site.evaluate(message) for site in self.sites]
+        return [site.evaluate(message.weights) for site in self.sites]
 
     def close(self) -> RunResult:
         """Stop the secure aggregator and close the ledger; the run's result."""
@@ -418,22 +347,14 @@ class FederatedRun:
 
 
 def run_federated(
-    spec: ExperimentSpec,
-    components: Components,
-    data: FederatedData,
-    arm: str,
-    repeat: int,
-    seed: int,
-    on_round: RoundCallback | None = None,
-    ledger_dir: Any = None,
-    stop_after_rounds: int | None = None,
+    spec: ExperimentSpec, job: RunJob, arm: str, on_round: RoundCallback | None = None, stop_after_rounds: int | None = None
 ) -> RunResult:
     """Train one federated run: every round, every site one after another, then evaluate."""
-    run = FederatedRun(spec, components, data, arm, repeat, seed, on_round, ledger_dir)
+    run = FederatedRun(spec, job, arm, on_round)
     rounds = spec.training.rounds if stop_after_rounds is None else min(stop_after_rounds, spec.training.rounds)
     try:
         for round_ in range(1, rounds + 1):
-            if not run.run_round(round_, lambda message, extras: [site.train(message, extras) for site in run.sites]):
+            if not run.run_round(round_, lambda message, extras: [site.fit(message.weights, message.round, extras) for site in run.sites]):
                 break
     finally:
         result = run.close()
@@ -457,44 +378,50 @@ def pooled_site(data: FederatedData) -> SiteData:
     )
 
 
-def run_centralized(
-    spec: ExperimentSpec,
-    components: Components,
-    data: FederatedData,
-    arm: str,
-    repeat: int,
-    seed: int,
-    on_round: RoundCallback | None = None,
-) -> RunResult:
+def record_epoch(
+    result: RunResult,
+    module: torch.nn.Module,
+    site: SiteData,
+    n_classes: int,
+    epoch: int,
+    train_loss: float,
+    seconds: float,
+    on_round: RoundCallback | None,
+) -> None:
+    """Evaluate a centralized baseline after ``epoch`` on the pooled splits and record it."""
+    evaluation = evaluate_split_pair(module, site, n_classes)
+    record = RoundRecord(
+        arm=result.arm,
+        repeat=result.repeat,
+        round=epoch,
+        mode="centralized",
+        epoch=epoch,
+        validation=evaluation.validation,
+        test=evaluation.test,
+        train_loss=train_loss,
+        round_seconds=seconds,
+    )
+    result.records.append(record)
+    if on_round is not None:
+        on_round(record)
+
+
+def run_centralized(spec: ExperimentSpec, job: RunJob, arm: str, on_round: RoundCallback | None = None) -> RunResult:
     """The study's comparison: the same model and optimizer on the pooled training data."""
     start = time.perf_counter()
-    module = initial_module(components, data, seed)
+    data, seed = job.data, job.seed
+    module = initial_module(job.components, data, seed)
     site = pooled_site(data)
     trainer = LocalTrainer(module, spec.training)
     generator = torch.Generator().manual_seed(derive_seed(seed, 3))
     x, y = torch.from_numpy(site.x_train), torch.from_numpy(site.y_train)
     initial = weights_of(module)
-    result = RunResult(arm=arm, repeat=repeat, mode="centralized")
+    result = RunResult(arm=arm, repeat=job.repeat, mode="centralized")
     for epoch in range(1, spec.baseline_epochs + 1):
         epoch_start = time.perf_counter()
         ctx = RoundContext(-1, epoch, initial, generator)
         outcome = trainer.run(ctx, x, y, epochs=1, keep_optimizer=True)
-        seconds = time.perf_counter() - epoch_start
-        evaluation = evaluate_split_pair(module, site, data.n_classes)
-        record = RoundRecord(
-            arm=arm,
-            repeat=repeat,
-            round=epoch,
-            mode="centralized",
-            epoch=epoch,
-            validation=evaluation.validation,
-            test=evaluation.test,
-            train_loss=outcome.mean_loss,
-            round_seconds=seconds,
-        )
-        result.records.append(record)
-        if on_round is not None:
-            on_round(record)
+        record_epoch(result, module, site, data.n_classes, epoch, outcome.mean_loss, time.perf_counter() - epoch_start, on_round)
     result.wall_seconds = time.perf_counter() - start
     result.final_weights = weights_of(module)
     return result

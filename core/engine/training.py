@@ -1,4 +1,4 @@
-"""Local training: the one loop every site and the centralized baseline run.
+"""The sequential executor: the one loop every site and the centralized baseline run.
 
 The default path is what the fastest plain PyTorch loop does (batches sliced from
 tensors reshuffled once per epoch, fused Adam, no per-step host syncs). Stages of
@@ -8,7 +8,7 @@ nothing per step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fedcore.components import BatchSampler, GradientStep, LocalTrainingStage, RoundContext
+from fedcore.engine.stages import StagePlan
 from fedcore.spec import TrainingSpec
 from fedcore.types import Weights
 
@@ -58,10 +59,6 @@ def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generato
     return epoch
 
 
-def _overrides(stage: LocalTrainingStage, method: str) -> bool:
-    return getattr(type(stage), method) is not getattr(LocalTrainingStage, method)
-
-
 @dataclass
 class TrainingOutcome:
     steps: int
@@ -69,11 +66,12 @@ class TrainingOutcome:
 
 
 class LocalTrainer:
-    """Trains one module on one site's tensors with the stages of the local-training contract.
+    """The sequential executor: trains one module on one site's tensors as a :class:`StagePlan` says.
 
     :param module: the site's own module (reused across rounds).
     :param training: optimizer, learning rate, batch size, epochs.
-    :param stages: the site's stages, in spec order.
+    :param stages: the site's stages, in spec order (read into a plan here), or
+    :param plan: the site's plan, already read (:class:`fedcore.engine.site.SiteRuntime` passes it).
     :param class_counts: training-set class counts (for class-weighted losses).
     """
 
@@ -83,18 +81,19 @@ class LocalTrainer:
         training: TrainingSpec,
         stages: Sequence[LocalTrainingStage] = (),
         class_counts: np.ndarray | None = None,
+        *,
+        plan: StagePlan | None = None,
     ) -> None:
         self.module = module
         self.training = training
-        self.stages = list(stages)
-        weight = None
-        for stage in self.stages:
-            w = stage.class_weights(class_counts) if class_counts is not None else None
-            if w is not None:
-                weight = torch.as_tensor(w, dtype=torch.float32)
-                break
-        self._class_weight = weight
+        self.plan = plan if plan is not None else StagePlan.of(stages, class_counts)
+        weight = self.plan.class_weight
+        self._class_weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
         self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def stages(self) -> tuple[LocalTrainingStage, ...]:
+        return self.plan.stages
 
     def loss_fn(self, logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(logits, target, weight=self._class_weight, reduction=reduction)
@@ -107,26 +106,34 @@ class LocalTrainer:
         epochs: int,
         keep_optimizer: bool = False,
     ) -> TrainingOutcome:
-        """Train for ``epochs`` epochs; a fresh optimizer each call unless ``keep_optimizer``."""
-        for stage in self.stages:
-            if _overrides(stage, "transform_training_data"):
-                x, y = stage.transform_training_data(ctx, x, y)
+        """A whole local round by the plan: data seams, :meth:`train`, ``finish``."""
+        x, y = self.plan.training_data(ctx, x, y)
+        sampler, step = self.plan.sampler_and_step(ctx, x, y, self.training.batch_size, self.loss_fn)
+        outcome = self.train(ctx, x, y, epochs, sampler, step, keep_optimizer)
+        self.plan.finish(ctx, self.module, outcome.steps)
+        return outcome
+
+    def train(
+        self,
+        ctx: RoundContext,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        epochs: int,
+        sampler: BatchSampler | None = None,
+        step: GradientStep | None = None,
+        keep_optimizer: bool = False,
+    ) -> TrainingOutcome:
+        """Train for ``epochs`` epochs; a fresh optimizer each call unless ``keep_optimizer``.
+
+        :param sampler: the round's batch sampler (default: reshuffled fixed-size batches).
+        :param step: the round's gradient step (default: mean loss, ``backward``).
+        """
         module = self.module
         if self.optimizer is None or not keep_optimizer:
             self.optimizer = make_optimizer(module.parameters(), self.training)
-        optimizer = self.optimizer
-        for stage in self.stages:
-            if _overrides(stage, "prepare"):
-                module, optimizer = stage.prepare(ctx, module, optimizer)
-        sampler: BatchSampler | None = None
-        step: GradientStep | None = None
-        for stage in self.stages:
-            sampler = sampler or stage.sampler(ctx, x, y, self.training.batch_size)
-            step = step or stage.gradient_step(ctx, self.loss_fn)
+        module, optimizer = self.plan.prepare(ctx, module, self.optimizer)
         sampler = sampler or shuffled_batches(x, y, self.training.batch_size, ctx.generator)
-        transforms: list[Callable[..., None]] = [
-            s.transform_gradients for s in self.stages if _overrides(s, "transform_gradients")
-        ]
+        transforms = self.plan.gradient_transforms()
         params = [p for p in module.parameters() if p.requires_grad]
         module.train()
         steps = 0
@@ -145,9 +152,6 @@ class LocalTrainer:
                 optimizer.step()
                 loss_sum += loss.detach()
                 steps += 1
-        for stage in self.stages:
-            if _overrides(stage, "finish"):
-                stage.finish(ctx, self.module, steps)
         return TrainingOutcome(steps=steps, mean_loss=float(loss_sum) / max(steps, 1))
 
 

@@ -1,7 +1,8 @@
 """The vectorized engine: every site of a round (and every repeat) trained as one computation.
 
-Same contract as :func:`fedcore.engine.simulation.run_federated`: the same
-:class:`~fedcore.engine.simulation.Site` objects (stages, generators, evaluation),
+An executor of the site runtime's plans (:mod:`fedcore.engine.site`): the same
+:class:`~fedcore.engine.site.SiteRuntime` objects (stages, generators, evaluation) as
+:func:`fedcore.engine.simulation.run_federated`,
 the same :class:`~fedcore.engine.simulation.Server`, the same ledger records and
 :class:`~fedcore.types.RoundRecord` s. Only local training differs: the S model
 copies of a round live as rows of one ``(S, P)`` tensor and take their optimizer
@@ -15,14 +16,15 @@ independent optimizers (a fresh one each round, as in :class:`LocalTrainer`).
 Partial last batches are padded with zero-weight rows; a copy with fewer batches
 simply skips the remaining steps of the epoch (its optimizer state untouched).
 
-Record-level DP-SGD (a stage exposing ``dp_parameters``): Poisson sampling drawn
+Record-level DP-SGD (the :class:`~fedcore.components.DPStep` a stage declares): Poisson sampling drawn
 from the site's generator (a Binomial batch size, then a uniform subset of that
 size: the same distribution as Opacus's per-row Bernoulli mask, at O(batch) cost),
 per-sample gradients by ``vmap(grad)``, Opacus's clipping, Gaussian noise
 ``N(0, (sigma * C)^2)`` from a :class:`fedcore.noise.GaussianNoise` stream keyed from
-the site's generator (as the privacy plugin's own DP-SGD step draws it), division by
-the expected batch size; the stage's own ``finish`` steps its accountant by the steps
-taken.
+the site's generator once per round, division by the expected batch size; the stage's
+own ``finish`` steps its accountant by the steps taken. The batches and noise follow the
+declared step's law, not the sequential reference's draw order, so DP runs of the two
+engines agree in distribution, not number for number.
 """
 
 from __future__ import annotations
@@ -36,76 +38,35 @@ import numpy as np
 import torch
 from torch.optim.adam import adam as functional_adam
 
-from fedcore.components import FederatedData, LocalTrainingStage, RoundContext
-from fedcore.noise import DeviceGaussianNoise, GaussianNoise
+from fedcore.components import DPStep, FederatedData
 from fedcore.engine.simulation import (
     FederatedRun,
+    RunJob,
     RunResult,
-    Site,
     derive_seed,
-    evaluate_split_pair,
     initial_module,
     pooled_site,
+    record_epoch,
     site_stages,
 )
+from fedcore.engine.site import SiteRound
+from fedcore.engine.stages import StagePlan
 from fedcore.engine.training import load_weights, weights_of
-from fedcore.errors import PrivacyBudgetError
 from fedcore.engine.vectorized_step import Backend, ParamLayout, shared_step
+from fedcore.errors import PrivacyBudgetError
+from fedcore.noise import DeviceGaussianNoise, GaussianNoise
 from fedcore.spec import Components, ExperimentSpec, TrainingSpec
 from fedcore.types import GlobalModel, RoundRecord, Weights
 
 RoundCallback = Callable[[RoundRecord], None]
 
-#: seams that act inside the step loop; a stage overriding one needs the sequential engine
-#: unless the vectorized engine implements it (record-level DP-SGD below)
-_PER_STEP_SEAMS = ("prepare", "sampler", "gradient_step", "transform_gradients")
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 #: DP batches are padded to a multiple of this, so few graph shapes are compiled
 _DP_PAD = 4
 
 
-def _overrides(stage: LocalTrainingStage, method: str) -> bool:
-    return getattr(type(stage), method) is not getattr(LocalTrainingStage, method)
-
-
 # ------------------------------------------------------------------- capability
-
-
-@dataclass(frozen=True)
-class DPConfig:
-    """The calibrated DP-SGD parameters of one site's stage, as the vectorized step needs them."""
-
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    expected_batch_size: float
-    steps_per_epoch: int
-
-
-def dp_config(stage: LocalTrainingStage) -> DPConfig | None:
-    """The stage's record-level DP-SGD parameters (``stage.dp_parameters``), or None."""
-    params = getattr(stage, "dp_parameters", None)
-    if params is None:
-        return None
-    steps = getattr(params, "steps_per_epoch", None)
-    if steps is None:
-        steps = max(1, int(1 / params.sample_rate))
-    return DPConfig(
-        noise_multiplier=float(params.noise_multiplier),
-        max_grad_norm=float(params.max_grad_norm),
-        sample_rate=float(params.sample_rate),
-        expected_batch_size=float(params.expected_batch_size),
-        steps_per_epoch=int(steps),
-    )
-
-
-def _stage_reason(stage: LocalTrainingStage) -> str | None:
-    is_dp = dp_config(stage) is not None
-    for seam in _PER_STEP_SEAMS:
-        if _overrides(stage, seam) and not is_dp:
-            return f"stage {type(stage).__name__} overrides {seam}(), which runs inside the step loop"
-    return None
 
 
 def _module_reason(module: torch.nn.Module) -> str | None:
@@ -119,30 +80,34 @@ def _module_reason(module: torch.nn.Module) -> str | None:
     return None
 
 
+def refusal(spec: ExperimentSpec, components: Components, data: FederatedData, plans: Sequence[StagePlan]) -> str | None:
+    """Why the stacked executor cannot run this run's sites (``plans``, one per site), or None."""
+    if spec.secure_aggregation is not None:
+        # The server side is shared code, but party processes per round are what costs:
+        # nothing to gain, so leave it to the sequential engine.
+        return f"secure aggregation '{spec.secure_aggregation.use}' runs its own protocol"
+    reason = _module_reason(components.model.build(data.n_features, data.n_classes))
+    if reason:
+        return reason
+    for site, plan in zip(data.sites, plans, strict=True):
+        if plan.stacked_refusal:
+            return f"site {site.site}: {plan.stacked_refusal}"
+    if len({plan.dp is None for plan in plans}) > 1:
+        return "DP-SGD runs at some sites and not at others"
+    return None
+
+
 def unsupported_reason(spec: ExperimentSpec, components: Components, data: FederatedData) -> str | None:
     """Why the vectorized engine cannot run this spec exactly, or None when it can.
 
-    Cheap: builds one module and every site's stages (which the sequential engine
-    would build too), runs nothing.
+    Creates every site's stages (calibrating DP noise, as any run does) and reads them
+    with :class:`~fedcore.engine.stages.StagePlan`; trains nothing.
     """
-    if components.secure_aggregation is not None:
-        # The server side is shared code, but party processes per round are what costs:
-        # nothing to gain, so leave it to the sequential engine.
-        return f"secure aggregation '{spec.secure_aggregation.use}' runs its own protocol"  # type: ignore[union-attr]
-    module = components.model.build(data.n_features, data.n_classes)
-    reason = _module_reason(module)
-    if reason:
-        return reason
-    # A component returns the same kind of stage at every site it acts on, so one site per
-    # component is enough (creating stages calibrates DP noise: not free).
-    attacked = {site for attack in components.attacks for site in attack.attacked_sites()}
-    probe = [s for i, s in enumerate(data.sites) if i == 0 or s.site in attacked]
-    for site in probe:
-        for stage in site_stages(spec, components, data, site, spec.seed):
-            reason = _stage_reason(stage)
-            if reason:
-                return reason
-    return None
+    plans = [
+        StagePlan.of(site_stages(spec, components, data, site, spec.seed), site.class_counts(data.n_classes))
+        for site in data.sites
+    ]
+    return refusal(spec, components, data, plans)
 
 
 # ---------------------------------------------------------------- stacked copies
@@ -156,7 +121,7 @@ class CopyTask:
     y: torch.Tensor
     generator: torch.Generator
     class_weight: torch.Tensor | None = None
-    dp: DPConfig | None = None
+    dp: DPStep | None = None
 
 
 @dataclass
@@ -318,7 +283,7 @@ class StackedTrainer:
         loss_sum = torch.zeros(self.n_copies, dtype=torch.float64, device=self.device)
         steps = np.zeros(self.n_copies, dtype=np.int64)
         # Each copy's noise stream is keyed from its generator once per call (round), before
-        # any batch is drawn, as the privacy plugin's own DP-SGD step keys it.
+        # any batch is drawn.
         noise = None if dp[0] is None else self._noise_streams([t.generator for t in tasks])
         for _ in range(epochs):
             if dp[0] is None:
@@ -370,7 +335,7 @@ class StackedTrainer:
         )
 
     def _poisson_plan(
-        self, tasks: Sequence[CopyTask], sizes: np.ndarray, dp: Sequence[DPConfig]
+        self, tasks: Sequence[CopyTask], sizes: np.ndarray, dp: Sequence[DPStep]
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Poisson-subsampled batches for every step of one epoch, per copy's generator."""
         n_steps = np.array([d.steps_per_epoch for d in dp])
@@ -466,28 +431,30 @@ def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Gen
     """Row indices of ``steps`` Poisson-subsampled batches of ``range(n)``, padded with -1.
 
     Each row is included in each batch independently with probability ``sample_rate``
-    (as Opacus's ``UniformWithReplacementSampler``). Drawn as: batch size ~ Binomial(n, q),
-    then a uniform subset of that size -- the same distribution. Large populations draw
-    the subset by rejection (i.i.d. indices, redrawn while a batch repeats one), small
-    ones by an explicit Bernoulli mask.
+    (as Opacus's ``UniformWithReplacementSampler``), at every site size: nothing is cut.
+    Where a batch of about ``n q`` rows would often repeat an index (``(n q)^2 >= n``),
+    each row's Bernoulli draw is made directly (O(n) a step; n is small there); otherwise
+    the batch size is drawn ~ Binomial(n, q), then a uniform subset of that size by
+    rejection (i.i.d. indices, redrawn while a batch repeats one) -- the same law.
     """
+    if steps == 0:
+        return torch.full((0, 0), -1, dtype=torch.long)
+    if n * sample_rate * sample_rate >= 1:
+        chosen = torch.rand(steps, n, generator=generator, dtype=torch.float64) < sample_rate
+        counts = chosen.sum(dim=1)
+        width = int(counts.max())
+        order = torch.sort((~chosen).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        return torch.where(torch.arange(width).unsqueeze(0) < counts.unsqueeze(1), order, torch.full_like(order, -1))
     counts = torch.binomial(
         torch.full((steps,), float(n), dtype=torch.float64),
         torch.full((steps,), float(sample_rate), dtype=torch.float64),
         generator=generator,
     ).long()
-    width = int(counts.max()) if steps else 0
+    width = int(counts.max())
     if width == 0:
         return torch.full((steps, 0), -1, dtype=torch.long)
     columns = torch.arange(width).unsqueeze(0)
     keep = columns < counts.unsqueeze(1)
-    if width * width > n:
-        # Duplicates would be common: draw the mask itself (O(n) per step, n is small here).
-        chosen = torch.rand(steps, n, generator=generator, dtype=torch.float64) < sample_rate
-        order = torch.sort((~chosen).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        counts_direct = chosen.sum(dim=1)
-        keep = columns < counts_direct.unsqueeze(1)
-        return torch.where(keep, order, torch.full_like(order, -1))
     draws = torch.randint(n, (steps, width), generator=generator)
     while True:
         marked = torch.where(keep, draws, -1 - columns)  # padding values are unique and negative
@@ -502,96 +469,60 @@ def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Gen
 # -------------------------------------------------------------- federated runs
 
 
-def _class_weight(site: Site, n_classes: int) -> torch.Tensor | None:
-    counts = site.data.class_counts(n_classes)
-    for stage in site.stages:
-        weights = stage.class_weights(counts)
-        if weights is not None:
-            return torch.as_tensor(weights, dtype=torch.float32)
-    return None
-
-
-def _site_dp(site: Site) -> DPConfig | None:
-    configs = [c for c in (dp_config(stage) for stage in site.stages) if c is not None]
-    if len(configs) > 1:
-        raise ValueError("more than one DP-SGD stage at one site")
-    return configs[0] if configs else None
-
-
 class _FederatedRun(FederatedRun):
     """A federated run whose sites train as copies inside a stacked computation.
 
     Everything but local training (server, ledger, evaluation, records) is the
-    sequential engine's :class:`~fedcore.engine.simulation.FederatedRun`.
+    sequential engine's :class:`~fedcore.engine.simulation.FederatedRun`, and every
+    site's round is its :class:`~fedcore.engine.site.SiteRuntime`'s.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.class_weights = [_class_weight(site, self.data.n_classes) for site in self.sites]
-        self.dp = [_site_dp(site) for site in self.sites]
-        self.contexts: list[RoundContext] = []
+        reason = refusal(self.spec, self.components, self.data, [site.plan for site in self.sites])
+        if reason is not None:
+            self.close()
+            raise ValueError(f"the vectorized engine cannot run this spec: {reason}")
+        self.class_weights = [
+            None if site.plan.class_weight is None else torch.as_tensor(site.plan.class_weight, dtype=torch.float32)
+            for site in self.sites
+        ]
+        self.works: list[SiteRound] = []
         self.message: GlobalModel | None = None
         self._own_seconds = 0.0
 
     def copy_tasks(self, round_: int) -> list[CopyTask] | None:
-        """Broadcast and let stages transform the training data; None when the run stopped."""
+        """Broadcast and begin every site's round; None when the run stopped."""
         began = time.perf_counter()
         broadcast = self.begin_round(round_)
         if broadcast is None:
             return None
         self.message, extras = broadcast
-        tasks = []
-        self.contexts = []
         try:
-            for site, class_weight, dp in zip(self.sites, self.class_weights, self.dp, strict=True):
-                ctx = RoundContext(site.data.site, round_, self.message.weights, site.generator, dict(extras or {}))
-                x, y = site.x_train, site.y_train
-                for stage in site.stages:
-                    if _overrides(stage, "transform_training_data"):
-                        x, y = stage.transform_training_data(ctx, x, y)
-                if dp is not None:
-                    # The DP stage's sampler is created for its per-round checks (the budget)
-                    # and not iterated: the engine draws the same Poisson law for all copies.
-                    for stage in site.stages:
-                        stage.sampler(ctx, x, y, self.spec.training.batch_size)
-                self.contexts.append(ctx)
-                tasks.append(CopyTask(x, y, site.generator, class_weight, dp))
+            self.works = [site.begin_round(self.message.weights, round_, extras) for site in self.sites]
         except PrivacyBudgetError as exc:
             self.stop(f"stopped in round {round_}: {exc}")
             return None
         self._own_seconds = time.perf_counter() - began
-        return tasks
+        return [
+            CopyTask(work.x, work.y, site.generator, class_weight, site.plan.dp)
+            for site, work, class_weight in zip(self.sites, self.works, self.class_weights, strict=True)
+        ]
 
     def release_round(
         self, round_: int, trained: Sequence[Weights], outcomes: Sequence[CopyOutcome], train_seconds: float
     ) -> None:
         """Each site's update from its trained copy, then the shared end of the round."""
-        assert self.message is not None
         began = time.perf_counter()
         updates = []
         share = train_seconds / max(len(self.sites), 1)
-        for site, ctx, weights, outcome in zip(self.sites, self.contexts, trained, outcomes, strict=True):
+        for site, work, weights, outcome in zip(self.sites, self.works, trained, outcomes, strict=True):
             started = time.perf_counter()
-            load_weights(site.trainer.module, weights)
-            for stage in site.stages:
-                if _overrides(stage, "finish"):
-                    stage.finish(ctx, site.trainer.module, outcome.steps)
-            seconds = share + time.perf_counter() - started
-            updates.append(site.release(ctx, self.message, outcome.steps, outcome.mean_loss, seconds))
+            load_weights(site.module, weights)
+            updates.append(site.end_round(work, outcome.steps, outcome.mean_loss, share, since=started))
         # Copies trained together share the training time: each run is charged its share,
         # plus what it spent alone (broadcast, updates, aggregation, ledger).
         self.finish_round(round_, updates, self._own_seconds + train_seconds + time.perf_counter() - began)
-
-
-@dataclass
-class RunJob:
-    """One federated training of a repeat group: its own components, data, seed and ledger."""
-
-    components: Components
-    data: FederatedData
-    repeat: int
-    seed: int
-    ledger_dir: Any = None
 
 
 @dataclass
@@ -621,7 +552,7 @@ def run_repeats_vectorized(
     try:
         for job in jobs:
             runs.append(
-                _FederatedRun(spec, job.components, job.data, arm, job.repeat, job.seed, on_round, job.ledger_dir)
+                _FederatedRun(spec, job, arm, on_round)
             )
         template = jobs[0].components.model.build(jobs[0].data.n_features, jobs[0].data.n_classes)
         trainer: StackedTrainer | None = None
@@ -672,18 +603,9 @@ def run_repeats_vectorized(
 
 
 def run_federated_vectorized(
-    spec: ExperimentSpec,
-    components: Components,
-    data: FederatedData,
-    arm: str,
-    repeat: int,
-    seed: int,
-    on_round: RoundCallback | None = None,
-    ledger_dir: Any = None,
-    options: EngineOptions | None = None,
+    spec: ExperimentSpec, job: RunJob, arm: str, on_round: RoundCallback | None = None, options: EngineOptions | None = None
 ) -> RunResult:
     """Drop-in for :func:`fedcore.engine.simulation.run_federated`: all sites of a round at once."""
-    job = RunJob(components, data, repeat, seed, ledger_dir)
     return run_repeats_vectorized(spec, [job], arm, on_round, options)[0]
 
 
@@ -724,21 +646,7 @@ def run_centralized_vectorized(
         seconds = (time.perf_counter() - epoch_start) / len(jobs)
         for i, (job, site, module) in enumerate(zip(jobs, sites, modules, strict=True)):
             load_weights(module, trainer.copy_weights(i, initial[i]))
-            evaluation = evaluate_split_pair(module, site, job.data.n_classes)
-            record = RoundRecord(
-                arm=arm,
-                repeat=job.repeat,
-                round=epoch,
-                mode="centralized",
-                epoch=epoch,
-                validation=evaluation.validation,
-                test=evaluation.test,
-                train_loss=outcomes[i].mean_loss,
-                round_seconds=seconds,
-            )
-            results[i].records.append(record)
-            if on_round is not None:
-                on_round(record)
+            record_epoch(results[i], module, site, job.data.n_classes, epoch, outcomes[i].mean_loss, seconds, on_round)
     wall = (time.perf_counter() - start) / len(jobs)
     for i, result in enumerate(results):
         result.wall_seconds = wall

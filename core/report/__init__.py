@@ -11,155 +11,18 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from pydantic import ValidationError
 
 from fedcore.errors import FedcoreUserError
-from fedcore.metrics import convergence_epoch, mean_sd
+from fedcore.metrics import mean_sd
 from fedcore.releases import SECTIONS_WITHOUT_COUNTS, outside_text, protections
 from fedcore.report.audits import audits_section, leakage_figure
-from fedcore.types import RoundRecord, json_digest
+from fedcore.report.summary import METRICS, Summary, baseline_key, write_summary
+from fedcore.types import RoundRecord
 
-if TYPE_CHECKING:
-    from fedcore.components import FederatedData
-    from fedcore.engine.simulation import RunResult
-    from fedcore.spec import Experiment
-
-METRICS = ("accuracy", "precision", "recall", "f1")
-
-
-def _run_summary(result: RunResult) -> dict[str, Any]:
-    records = result.records
-    if not records:  # refused before its first round
-        nan = float("nan")
-        empty = {m: nan for m in ("loss", "accuracy", "precision", "recall", "f1")} | {"n": 0}
-        return {
-            "repeat": result.repeat, "rounds": 0, "epochs": 0, "test": empty, "validation": empty,
-            "convergence_epoch": None, "wall_seconds": result.wall_seconds, "seconds_per_round": nan,
-            "privacy": [], "ledger": result.ledger, "stopped_reason": result.stopped_reason,
-        }
-    last = records[-1]
-    conv = convergence_epoch([r.epoch for r in records], [r.validation.accuracy for r in records])
-    out: dict[str, Any] = {
-        "repeat": result.repeat,
-        "rounds": len(records),
-        "epochs": last.epoch,
-        "test": last.test.model_dump(),
-        "validation": last.validation.model_dump(),
-        "convergence_epoch": conv,
-        "wall_seconds": result.wall_seconds,
-        "seconds_per_round": sum(r.round_seconds for r in records) / len(records),
-    }
-    if result.mode == "federated":
-        sizes = [b for r in records for b in r.update_bytes]
-        secs = [s for r in records for s in r.update_seconds]
-        out["bytes_per_update"] = sum(sizes) / len(sizes) if sizes else 0
-        out["seconds_per_update"] = sum(secs) / len(secs) if secs else 0
-        out["updates"] = len(sizes)
-        out["privacy"] = [p.model_dump() for p in last.privacy]
-        out["ledger"] = result.ledger
-        out["stopped_reason"] = result.stopped_reason
-        out["audits"] = result.audits
-    return out
-
-
-def _aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    agg: dict[str, Any] = {}
-    for metric in METRICS:
-        mean, sd = mean_sd([r["test"][metric] for r in runs])
-        agg[metric] = {"mean": mean, "sd": sd}
-    conv = [r["convergence_epoch"] for r in runs if r["convergence_epoch"] is not None]
-    mean, sd = mean_sd(conv)
-    agg["convergence_epoch"] = {"mean": mean, "sd": sd}
-    mean, sd = mean_sd([r["wall_seconds"] for r in runs])
-    agg["wall_seconds"] = {"mean": mean, "sd": sd}
-    if runs and "bytes_per_update" in runs[0]:
-        agg["bytes_per_update"] = {"mean": mean_sd([r["bytes_per_update"] for r in runs])[0], "sd": 0.0}
-        eps = [p["epsilon"] for r in runs for p in r.get("privacy", [])]
-        agg["epsilon_max"] = max(eps) if eps else None
-    return agg
-
-
-def write_summary(
-    run_dir: Path,
-    experiment: Experiment,
-    results: Sequence[RunResult],
-    total_seconds: float,
-    data: FederatedData,
-    vectorized: dict[str, bool] | None = None,
-) -> dict[str, Any]:
-    """Write ``summary.json`` from the finished trainings and return it.
-
-    :param vectorized: per arm label, whether the vectorized engine trained it.
-    """
-    from fedcore.engine.runner import baseline_key
-
-    by_arm: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
-    for result in results:
-        by_arm[(result.mode, result.arm)].append(result)
-    first_label_by_key: dict[str, str] = {}
-    arms = []
-    for arm in experiment.arms:
-        key = baseline_key(arm.spec)
-        first_label_by_key.setdefault(key, arm.label)
-        fed_runs = [_run_summary(r) for r in sorted(by_arm[("federated", arm.label)], key=lambda r: r.repeat)]
-        cen = by_arm.get(("centralized", first_label_by_key[key]), [])
-        cen_runs = [_run_summary(r) for r in sorted(cen, key=lambda r: r.repeat)]
-        arms.append(
-            {
-                "label": arm.label,
-                "assignments": [[p, v] for p, v in arm.assignments],
-                "privacy_specs": [p.model_dump() for p in arm.spec.privacy],
-                "aggregator": arm.spec.aggregator.model_dump(),
-                "setup": {
-                    "model": arm.spec.model.use,
-                    "aggregator": arm.spec.aggregator.use,
-                    "privacy": [p.use for p in arm.spec.privacy] or ["none"],
-                    "secure_aggregation": arm.spec.secure_aggregation.use if arm.spec.secure_aggregation else "none",
-                    "ledger": arm.spec.ledger.use if arm.spec.ledger else "none",
-                    "attacks": [a.use for a in arm.spec.attacks] or ["none"],
-                    "audits": [a.use for a in arm.spec.audits],
-                    "engine": "vectorized" if (vectorized or {}).get(arm.label) else "sequential",
-                },
-                "federated": {"runs": fed_runs, "aggregate": _aggregate(fed_runs)},
-                "centralized": {"runs": cen_runs, "aggregate": _aggregate(cen_runs), "of_arm": first_label_by_key[key]}
-                if cen_runs
-                else None,
-            }
-        )
-    spec = experiment.spec
-    # Under DP no file of the run keeps the data sections with exact per-site counts.
-    private = _protection({"arms": arms}) != {"none"}
-    withheld = [t for t in data.report_sections if private and t not in SECTIONS_WITHOUT_COUNTS]
-    summary = {
-        "name": spec.name,
-        "spec_sha256": json_digest(spec.model_dump(mode="json")),
-        "seed": spec.seed,
-        "reproducible_noise": spec.execution.reproducible_noise,
-        "repeats": spec.repeats,
-        "rounds": spec.training.rounds,
-        "local_epochs": spec.training.local_epochs,
-        "total_seconds": total_seconds,
-        "data": {
-            "sites": [
-                {"site": s.site, "name": s.name, "train": s.n_train, "validation": len(s.y_val), "test": len(s.y_test)}
-                for s in data.sites
-            ],
-            "features": data.n_features,
-            "classes": data.class_names,
-            "sections": {t: b for t, b in data.report_sections.items() if t not in withheld},
-            "withheld_sections": withheld,
-            "released_statistics": sorted(data.released_statistics),
-        },
-        "arms": arms,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default))
-    return summary
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
+__all__ = ["Summary", "baseline_key", "build_report", "write_summary"]
 
 
 # -------------------------------------------------------------------- rendering
@@ -448,9 +311,14 @@ def build_report(run_dir: Path | str) -> Path:
             f"no summary.json in {run_dir}", hint="pass the directory a finished `fedcore run` wrote"
         )
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = Summary.read(summary_path).model_dump()
     except json.JSONDecodeError as exc:
         raise FedcoreUserError(f"{summary_path} is not valid JSON ({exc.msg})", hint="re-run the experiment") from None
+    except ValidationError as exc:
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        raise FedcoreUserError(
+            f"{summary_path}: {where}: {exc.errors()[0]['msg']}", hint="re-run the experiment (or `fedcore report` with this version)"
+        ) from None
     records = _load_records(run_dir)
     figures = _figure(run_dir, summary, records)
     figures += _privacy_figure(run_dir, summary)
@@ -493,7 +361,9 @@ def build_report(run_dir: Path | str) -> Path:
                 f"{prefix}model `{setup['model']}`, aggregator `{setup['aggregator']}`, privacy "
                 f"{', '.join(f'`{p}`' for p in setup['privacy'])}, secure aggregation `{setup['secure_aggregation']}`, "
                 f"ledger `{setup['ledger']}`, attacks {', '.join(f'`{a}`' for a in setup['attacks'])}; "
-                f"{setup['engine']} engine (every setting: `spec.resolved.yaml`)"
+                f"{setup['engine']} engine"
+                + (f" ({setup['engine_reason']})" if setup.get("engine_reason") else "")
+                + " (every setting: `spec.resolved.yaml`)"
             )
     for arm in summary["arms"]:
         title = "Table I: centralized vs federated" if len(summary["arms"]) == 1 else f"Table I — {arm['label']}"

@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.components import Aggregator
-from fedcore.plugins.aggregators.base import apply_step, arrays_from_state, arrays_to_state, is_float
+from fedcore.plugins.aggregators.base import apply_step, arrays_from_state, arrays_to_state, is_float, mean_deltas
 from fedcore.types import SecureSum, Weights
 
 
@@ -55,8 +55,9 @@ class ServerAdaptiveOptimizer(Aggregator):
         step: dict[str, np.ndarray] = {}
         m: dict[str, np.ndarray] = {}
         v: dict[str, np.ndarray] = {}
+        means = mean_deltas(summed)
         for name, current in global_weights.arrays.items():
-            delta = np.asarray(summed.weighted_delta_sum[name], dtype=np.float64) / summed.total_samples
+            delta = means[name]
             if not is_float(current):
                 step[name] = delta
                 continue

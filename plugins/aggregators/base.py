@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fedcore.types import ClientUpdate, Weights
+from fedcore.types import ClientUpdate, SecureSum, Weights
 
 if TYPE_CHECKING:
     from fedcore.spec import Components
@@ -33,6 +33,14 @@ def apply_step(global_weights: Weights, step: Mapping[str, np.ndarray]) -> Weigh
         total = current.astype(np.float64) + np.asarray(step[name], dtype=np.float64)
         out[name] = (total if is_float(current) else np.rint(total)).astype(current.dtype)
     return Weights(arrays=out)
+
+
+def mean_deltas(summed: SecureSum) -> dict[str, np.ndarray]:
+    """``sum_i n_i delta_i / sum_i n_i`` per array, in float64: the server's mean update."""
+    return {
+        name: np.asarray(total, dtype=np.float64) / summed.total_samples
+        for name, total in summed.weighted_delta_sum.arrays.items()
+    }
 
 
 def stacked_deltas(updates: Sequence[ClientUpdate]) -> dict[str, np.ndarray]:

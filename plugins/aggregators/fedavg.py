@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.components import Aggregator
+from fedcore.plugins.aggregators.base import mean_deltas
 from fedcore.types import SecureSum, Weights
 
 
@@ -27,7 +28,7 @@ class FedAvg(Aggregator):
     def aggregate_sum(self, round: int, global_weights: Weights, summed: SecureSum) -> Weights:
         eta = self.settings.server_learning_rate  # type: ignore[attr-defined]
         out = {}
+        means = mean_deltas(summed)
         for name, current in global_weights.arrays.items():
-            mean = np.asarray(summed.weighted_delta_sum[name], dtype=np.float64) / summed.total_samples
-            out[name] = (current.astype(np.float64) + eta * mean).astype(current.dtype)
+            out[name] = (current.astype(np.float64) + eta * means[name]).astype(current.dtype)
         return Weights(arrays=out)

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.components import Aggregator
-from fedcore.plugins.aggregators.base import apply_step, arrays_from_state, arrays_to_state, is_float
+from fedcore.plugins.aggregators.base import apply_step, arrays_from_state, arrays_to_state, is_float, mean_deltas
 from fedcore.types import SecureSum, Weights
 
 
@@ -19,7 +19,7 @@ class FedAvgMSettings(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="beta: server momentum (0 is FedAvg)")
 
 
-class FedAvgM(Aggregator):
+class FedAvgM(Aggregator[FedAvgMSettings]):
     """``v <- beta * v + mean_delta``; new global = global + eta * v (mean weighted by samples).
 
     Hsu et al. write it with the pseudo-gradient ``-mean_delta``; the sign is folded in.
@@ -36,11 +36,12 @@ class FedAvgM(Aggregator):
         self._velocity: dict[str, np.ndarray] = {}
 
     def aggregate_sum(self, round: int, global_weights: Weights, summed: SecureSum) -> Weights:
-        s: FedAvgMSettings = self.settings  # type: ignore[assignment]
+        s = self.settings
         step: dict[str, np.ndarray] = {}
         velocity: dict[str, np.ndarray] = {}
+        means = mean_deltas(summed)
         for name, current in global_weights.arrays.items():
-            mean = np.asarray(summed.weighted_delta_sum[name], dtype=np.float64) / summed.total_samples
+            mean = means[name]
             if not is_float(current):
                 step[name] = mean
                 continue

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.components import Aggregator, LocalTrainingStage, RoundContext, SiteInfo
 from fedcore.errors import SpecError
-from fedcore.plugins.aggregators.base import apply_step, arrays_from_state, arrays_to_state, is_float
+from fedcore.plugins.aggregators.base import apply_step, arrays_from_state, arrays_to_state, is_float, mean_deltas
 from fedcore.types import ClientUpdate, SecureSum, Weights
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class ScaffoldSiteStage(LocalTrainingStage):
         self.control = arrays_from_state("control", state)
 
 
-class Scaffold(Aggregator):
+class Scaffold(Aggregator[ScaffoldSettings]):
     """SCAFFOLD: server and site control variates against client drift (Karimireddy et al. 2020)."""
 
     name: ClassVar[str] = "scaffold"
@@ -134,14 +134,12 @@ class Scaffold(Aggregator):
         return {CONTROL: Weights(arrays=self._control)} if self._control else {}
 
     def aggregate_sum(self, round: int, global_weights: Weights, summed: SecureSum) -> Weights:
-        eta = self.settings.server_learning_rate  # type: ignore[attr-defined]
+        eta = self.settings.server_learning_rate
         control_sum = summed.extras_sum.get(CONTROL_DELTA)
         if control_sum is None:
             raise RuntimeError(f"round {round}: the sites' updates carry no '{CONTROL_DELTA}'")
-        step = {}
-        for name, current in global_weights.arrays.items():
-            mean = np.asarray(summed.weighted_delta_sum[name], dtype=np.float64) / summed.total_samples
-            step[name] = eta * mean if is_float(current) else mean
+        means = mean_deltas(summed)
+        step = {name: eta * means[name] if is_float(current) else means[name] for name, current in global_weights.arrays.items()}
         self._n_sites = max(self._n_sites, summed.n_sites)
         self._control = {
             name: self._control.get(name, 0.0) + np.asarray(total, dtype=np.float64) / self._n_sites

@@ -35,7 +35,8 @@ from fedcore.plugins.deploy.checkpoint import CoordinatorCheckpoint
 from fedcore.plugins.deploy.wire import MalformedMessage, pack, parse_model, parse_update, unpack
 from fedcore.plugins.deploy.site import statement
 from fedcore.plugins.deploy.study import preprocessing_timeout
-from fedcore.engine.simulation import FederatedRun, RunResult
+from fedcore.engine.runner import EngineChoice
+from fedcore.engine.simulation import FederatedRun, RunJob, RunResult
 from fedcore.errors import DataError, FedcoreUserError, PrivacyBudgetError, RunFailure, SpecError
 from fedcore.plugins.datasets.pipeline import released_summaries
 from fedcore.plugins.datasets.preprocessing import SiteSummary, check_columns_observed, combine_summaries, fitted_transformer
@@ -571,10 +572,8 @@ def coordinate(
             rounds_file.flush()
             plugins.hook.fedcore_round_end(record=record)
 
-        run = DeployedRun(
-            federation, f"{study}-r{repeat}", shape, spec, components, data, "main", repeat, seed, on_round,
-            ledger_dir=run_dir / "ledger" / f"main-r{repeat}", resumed=state is not None,
-        )
+        job = RunJob(components, data, repeat, seed, ledger_dir=run_dir / "ledger" / f"main-r{repeat}")
+        run = DeployedRun(federation, f"{study}-r{repeat}", shape, spec, job, "main", on_round, resumed=state is not None)
         if state is not None:
             restore(run, state)
             log(f"repeat {repeat}: resumed after round {done_rounds} (ledger head {state['ledger_head']})")
@@ -590,7 +589,8 @@ def coordinate(
         result.records = [*earlier, *result.records]
         results.append(result)
     assert data is not None
-    write_summary(run_dir, experiment, results, time.perf_counter() - started, data, {"main": False})
+    engines = {"main": EngineChoice("sequential", "a deployment trains at each site's SuperNode")}
+    write_summary(run_dir, experiment, results, time.perf_counter() - started, data, engines)
     build_report(run_dir)
 
 

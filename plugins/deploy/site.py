@@ -5,11 +5,9 @@ SuperNode). The site's file (``site.yaml``) names its table and columns; those
 never leave the site. What the site sends is listed in :mod:`fedcore.plugins.deploy.wire`.
 
 Local training goes through one adapter, :func:`train_site_round`, which calls
-the simulation's own :class:`~fedcore.engine.simulation.Site` (built by the
+the engine's site runtime, :class:`~fedcore.engine.site.SiteRuntime` (built with the
 simulation's :func:`~fedcore.engine.simulation.site_stages`): the code that
-trains at a SuperNode is the code the simulation runs. When the engine gains its
-single site runtime object, only :func:`build_site` and :func:`train_site_round`
-need re-pointing.
+trains at a SuperNode is the code the simulation runs.
 """
 
 from __future__ import annotations
@@ -28,7 +26,8 @@ from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedcore.components import FederatedData, SiteData
-from fedcore.engine.simulation import Site, derive_seed, site_stages
+from fedcore.engine.site import SiteRuntime
+from fedcore.engine.simulation import derive_seed, site_stages
 from fedcore.errors import DataError
 from fedcore.plugins.datasets.ehr_csv import EHRCSV, EHRCSVSettings
 from fedcore.plugins.datasets.pipeline import (
@@ -239,8 +238,8 @@ class StudyShape:
     seed: int
 
 
-def build_site(spec: ExperimentSpec, components: Components, data: SiteData, shape: StudyShape) -> Site:
-    """The simulation's :class:`Site` for this hospital, with the simulation's stages and seeds.
+def build_site(spec: ExperimentSpec, components: Components, data: SiteData, shape: StudyShape) -> SiteRuntime:
+    """The simulation's :class:`SiteRuntime` for this hospital, with the simulation's stages and seeds.
 
     ``site_stages`` reads the federation's size, features, classes and patient
     bound from a :class:`FederatedData`; here that holds this site's own data
@@ -254,23 +253,11 @@ def build_site(spec: ExperimentSpec, components: Components, data: SiteData, sha
     )
     stages = site_stages(spec, components, federated, data, shape.seed)
     module = components.model.build(shape.n_features, shape.n_classes)
-    return Site(data, module, spec, stages, shape.n_classes, derive_seed(shape.seed, 1, data.site))
-
-
-def _restore(site: Site, state: dict[str, Any] | None) -> None:
-    if state is None:
-        return
-    site.generator.set_state(state["generator"])
-    for stage, stage_state in zip(site.stages, state["stages"], strict=True):
-        stage.load_state_dict(stage_state)
-
-
-def _snapshot(site: Site, rounds: list[int]) -> dict[str, Any]:
-    return {"generator": site.generator.get_state(), "stages": [s.state_dict() for s in site.stages], "rounds": rounds}
+    return SiteRuntime(data, module, spec.training, stages, shape.n_classes, derive_seed(shape.seed, 1, data.site))
 
 
 def train_site_round(
-    site: Site,
+    site: SiteRuntime,
     state: dict[str, Any] | None,
     message: GlobalModel,
     extras: dict[str, Weights],
@@ -278,11 +265,10 @@ def train_site_round(
     """THE adapter: one site's local round, exactly as the simulation trains it.
 
     Restores the site's state from its own disk (generator, every stage's state:
-    accountant, control variates), calls the simulation's ``Site.train`` (the
+    accountant, control variates), calls :meth:`SiteRuntime.fit` (the
     local-training contract: stages, sampler, DP step, ``transform_update``) and
     returns the released update, the site's privacy reports and the new state to
-    keep on the site's disk. Re-point this one function at the engine's site
-    runtime when it exists.
+    keep on the site's disk.
     """
     asked = _request_digest(message, extras)
     last = (state or {}).get("released")
@@ -292,11 +278,12 @@ def train_site_round(
         # (post-processing of what already left the site); training anew would spend the
         # budget twice for one round and could end the run early.
         return last["update"], last["privacy"], state  # type: ignore[return-value]
-    _restore(site, state)
-    update = site.train(message, extras)
+    if state is not None:
+        site.load_state_dict(state)
+    update = site.fit(message.weights, message.round, extras)
     privacy = site.privacy_spent()
     rounds = [*(state or {}).get("rounds", []), message.round]
-    snapshot = _snapshot(site, rounds)
+    snapshot = {**site.state_dict(), "rounds": rounds}
     snapshot["released"] = {"round": message.round, "request_sha256": asked, "update": update, "privacy": privacy}
     return update, privacy, snapshot
 
@@ -309,9 +296,9 @@ def _request_digest(message: GlobalModel, extras: dict[str, Weights]) -> str:
     return digest.hexdigest()
 
 
-def evaluate_site(site: Site, message: GlobalModel) -> SiteEvaluation:
+def evaluate_site(site: SiteRuntime, message: GlobalModel) -> SiteEvaluation:
     """The simulation's evaluation of the global model on the site's validation and test splits."""
-    return site.evaluate(message)
+    return site.evaluate(message.weights)
 
 
 def statement(study: str, arm: str, repeat: int, round_: int, site: str, update: ClientUpdate) -> bytes:

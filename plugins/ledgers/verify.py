@@ -404,18 +404,14 @@ def ledger_files(target: Path) -> list[Path]:
 
 def _spec_anchor(target: Path) -> TrustAnchor | None:
     """Fingerprints from ``ledger.settings.trusted_fingerprints`` of the run's resolved spec."""
-    import yaml
+    from fedcore.report.summary import run_spec
 
-    for candidate in (target, *target.parents):
-        spec_file = candidate / "spec.resolved.yaml"
-        if spec_file.is_file():
-            try:
-                spec = yaml.safe_load(spec_file.read_text()) or {}
-                fingerprints = ((spec.get("ledger") or {}).get("settings") or {}).get("trusted_fingerprints") or {}
-            except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
-                raise DataError("unreadable spec.resolved.yaml", where=str(spec_file), hint="pass --keys public-keys.json") from None
-            return TrustAnchor.from_fingerprints(fingerprints, f"{spec_file}: ledger.settings.trusted_fingerprints") if fingerprints else None
-    return None
+    found = run_spec(target)
+    if found is None:
+        return None
+    spec_file, spec = found
+    fingerprints = ((spec.get("ledger") or {}).get("settings") or {}).get("trusted_fingerprints") or {}
+    return TrustAnchor.from_fingerprints(fingerprints, f"{spec_file}: ledger.settings.trusted_fingerprints") if fingerprints else None
 
 
 def _default_anchor(ledger: Path) -> TrustAnchor:

@@ -37,6 +37,7 @@ from fedcore.plugins.privacy.gaussian import (
     check_delta,
     clip_weights,
     mechanism_index,
+    refuse_extras,
     refuse_several_mechanisms,
 )
 from fedcore.types import ClientUpdate, PrivacySpent, SecureSum, Weights
@@ -85,13 +86,7 @@ class CentralClipStage(LocalTrainingStage):
         self.adaptive = adaptive
 
     def transform_update(self, ctx: RoundContext, update: ClientUpdate) -> ClientUpdate:
-        foreign = sorted(update.extras)
-        if foreign:
-            raise PrivacyBudgetError(
-                f"the update carries extra tensors {foreign} that central DP does not clip or noise",
-                where="privacy",
-                hint="use an aggregator that sends only the model update (fedavg, fedprox, fedadam...)",
-            )
+        refuse_extras(update, "central DP")
         broadcast = ctx.broadcast_extras.get(CLIP_NORM)
         bound = float(broadcast["value"][0]) if broadcast is not None else self.clip.value
         clipped, norm = clip_weights(update.delta, bound)
@@ -101,7 +96,7 @@ class CentralClipStage(LocalTrainingStage):
         return update.model_copy(update={"delta": clipped, "n_samples": 1, "extras": extras})
 
 
-class CentralDP(PrivacyMechanism):
+class CentralDP(PrivacyMechanism[CentralDPSettings]):
     """Server-side Gaussian noise on the sum of site-clipped updates, fixed or adaptive clipping."""
 
     name: ClassVar[str] = "central-dp"
@@ -121,7 +116,7 @@ class CentralDP(PrivacyMechanism):
 
     @property
     def s(self) -> CentralDPSettings:
-        return self.settings  # type: ignore[return-value]
+        return self.settings
 
     # -- checks and calibration
 

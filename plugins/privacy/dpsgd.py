@@ -1,54 +1,32 @@
-"""DP-SGD building blocks: Poisson batches, per-sample gradients, clipping and noise.
+"""DP-SGD of one site, as the sequential trainer runs it: Poisson batches, per-sample
+gradients, clipping and noise.
 
-Small pure functions so that any engine (the sequential loop here, the vectorized
-engine that trains many sites at once) does exactly the same arithmetic as Opacus's
-``DPOptimizer``: clip every per-sample gradient to ``max_grad_norm`` (over all
-parameters together), sum, add ``N(0, (noise_multiplier * max_grad_norm)^2)`` per
+The step itself is the :class:`fedcore.components.DPStep` a record-level stage
+declares; these functions are its sequential implementation (the vectorized engine
+runs the same step with its stacked kernels, :mod:`fedcore.engine.vectorized_step`).
+Each does the arithmetic of Opacus's ``DPOptimizer``: clip every per-sample gradient
+to ``max_grad_norm`` (over all parameters together), sum, add ``N(0, (noise_multiplier * max_grad_norm)^2)`` per
 coordinate, divide by the *expected* batch size ``sample_rate * n``. The noise comes
 from a :class:`fedcore.noise.GaussianNoise` stream (AES-128-CTR bits) keyed from the
-site's generator once per round; the vectorized engine draws it the same way.
+site's generator once per round.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedcore.components import DPStep
 from fedcore.noise import GaussianNoise
 
 LossFn = Callable[..., torch.Tensor]
 
 
-@dataclass(frozen=True)
-class DPSGDParameters:
-    """Everything DP-SGD needs at a site, fixed before the run by calibration.
-
-    :ivar noise_multiplier: sigma; the noise std is ``sigma * max_grad_norm``.
-    :ivar max_grad_norm: the per-sample clipping norm C.
-    :ivar sample_rate: Poisson sampling probability q of each training row per step.
-    :ivar expected_batch_size: ``q * n_train``, the divisor of the noisy gradient sum.
-    :ivar steps_per_epoch: Poisson batches drawn per local epoch.
-    :ivar local_epochs: local epochs per round.
-    """
-
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    expected_batch_size: float
-    steps_per_epoch: int
-    local_epochs: int
-
-    @property
-    def noise_std(self) -> float:
-        return self.noise_multiplier * self.max_grad_norm
-
-    @property
-    def steps_per_round(self) -> int:
-        return self.steps_per_epoch * self.local_epochs
+#: the calibrated step a record-level stage declares (:meth:`LocalTrainingStage.dp_step`)
+DPSGDParameters = DPStep
 
 
 def poisson_schedule(n_train: int, batch_size: int) -> tuple[float, int]:

@@ -143,7 +143,7 @@ class _AccountedStage(LocalTrainingStage):
 class RecordLevelStage(_AccountedStage):
     """DP-SGD at one site: Poisson batches, per-sample clip and noise, the site's accountant.
 
-    :ivar dp_parameters: the calibrated :class:`DPSGDParameters` (read by the vectorized engine).
+    :ivar dp_parameters: the calibrated :class:`DPSGDParameters`, declared by :meth:`dp_step`.
     """
 
     def __init__(self, mechanism: str, settings: GaussianSettings, info: SiteInfo) -> None:
@@ -228,6 +228,9 @@ class RecordLevelStage(_AccountedStage):
 
     # -- local training seams
 
+    def dp_step(self) -> DPSGDParameters:
+        return self.dp_parameters
+
     def class_weights(self, class_counts: np.ndarray) -> np.ndarray | None:
         if self._noisy_class_counts is None:
             return None
@@ -274,6 +277,17 @@ class RecordLevelStage(_AccountedStage):
         )
 
 
+def refuse_extras(update: ClientUpdate, mechanism: str) -> None:
+    """Refuse an update carrying tensors besides the model delta, which ``mechanism`` would release unprotected."""
+    foreign = sorted(update.extras)
+    if foreign:
+        raise PrivacyBudgetError(
+            f"the update carries extra tensors {foreign} that {mechanism} does not clip or noise",
+            where="privacy",
+            hint="use an aggregator that sends only the model update (fedavg, fedprox, fedadam...)",
+        )
+
+
 def clip_weights(weights: Weights, max_norm: float) -> tuple[Weights, float]:
     """``weights`` scaled to L2 norm at most ``max_norm`` (over all arrays), and the original norm."""
     norm = weights.l2_norm()
@@ -317,13 +331,7 @@ class SiteLevelStage(_AccountedStage):
 
     def transform_update(self, ctx: RoundContext, update: ClientUpdate) -> ClientUpdate:
         self.check_budget()
-        foreign = sorted(update.extras)
-        if foreign:
-            raise PrivacyBudgetError(
-                f"the update carries extra tensors {foreign} that site-level DP does not clip or noise",
-                where="privacy",
-                hint="use an aggregator that sends only the model update (fedavg, fedprox, fedadam...)",
-            )
+        refuse_extras(update, "site-level DP")
         clipped, self.last_norm = clip_weights(update.delta, self.settings.max_update_norm)
         key = self.info.secrets.bytes(KEY_BYTES, "site-noise", self.info.site, ctx.round)
         released = Weights(arrays=add_noise(clipped.arrays, self.noise_std, key))
@@ -349,7 +357,7 @@ class SiteLevelStage(_AccountedStage):
         )
 
 
-class Gaussian(PrivacyMechanism):
+class Gaussian(PrivacyMechanism[GaussianSettings]):
     """The Gaussian mechanism with an accountant: DP-SGD per record, or clip-and-noise per hospital."""
 
     name: ClassVar[str] = "gaussian"
@@ -363,7 +371,7 @@ class Gaussian(PrivacyMechanism):
 
     @property
     def s(self) -> GaussianSettings:
-        return self.settings  # type: ignore[return-value]
+        return self.settings
 
     def check_spec(self, spec: Any, components: Any) -> None:
         refuse_several_mechanisms(spec)
