@@ -36,6 +36,7 @@ before the aggregator applies it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcore.randomness import Secrets
+from fedcore.randomness import Secrets, derived_key
 from fedcore.types import ClientUpdate, Frozen, LedgerHead, LedgerRecord, PrivacySpent, SecureSum, Weights
 
 if TYPE_CHECKING:
@@ -212,6 +213,11 @@ class RoundContext:
     broadcast_extras: dict[str, Weights] = field(default_factory=dict)
 
 
+#: Bytes of a site's DP secret (:attr:`DPStep.secret`).
+DP_SECRET_BYTES = 32
+#: Bytes of one AES-128 noise key (as :data:`fedcore.noise.KEY_BYTES`).
+NOISE_KEY_BYTES = 16
+
 #: A batch source: yields ``(x, y)`` batches for one epoch.
 BatchSampler = Callable[[int], Iterator[tuple["torch.Tensor", "torch.Tensor"]]]
 #: Computes gradients into ``p.grad`` for a batch and returns the (detached) mean loss.
@@ -241,10 +247,28 @@ class DPStep:
     expected_batch_size: float
     steps_per_epoch: int
     local_epochs: int = 1
+    secret: bytes = field(default_factory=lambda: os.urandom(DP_SECRET_BYTES), repr=False, compare=False)
+    """The site's DP secret: every round's Poisson sampling and noise key derive from it
+    (:meth:`sampling_generator`, :meth:`noise_key`). Fresh from the OS unless the stage
+    passes one from ``SiteInfo.secrets`` (which follows ``execution.reproducible_noise``);
+    never written to disk or released."""
 
     @property
     def noise_std(self) -> float:
         return self.noise_multiplier * self.max_grad_norm
+
+    def sampling_generator(self, round: int) -> torch.Generator:
+        """A new generator for round ``round``'s Poisson batches (every epoch draws from it in turn).
+
+        Seeded with 64 bits derived from :attr:`secret`; the batches are never released.
+        """
+        import torch
+
+        return torch.Generator().manual_seed(int.from_bytes(derived_key(self.secret, 8, "dp-sampling", round), "little"))
+
+    def noise_key(self, round: int) -> bytes:
+        """The AES key of round ``round``'s Gaussian noise stream (:class:`fedcore.noise.GaussianNoise`)."""
+        return derived_key(self.secret, NOISE_KEY_BYTES, "dp-noise", round)
 
     @property
     def steps_per_round(self) -> int:

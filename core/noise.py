@@ -14,9 +14,9 @@ Each stream is ``AES-128-CTR(key)`` over a zero counter: 2 ``ceil(P/2)`` 32-bit 
 per draw, the first half ``k1`` and the second ``k2``; the values are
 ``sqrt(-2 ln((k1 + 1) / 2^32)) * std * (cos, sin)(2 pi k2 / 2^32)`` (cosines first, the
 last sine dropped when ``P`` is odd). Radii reach 6.66 standard deviations (torch's
-24-bit uniforms stop at 5.77). Keys come from the caller's seeded ``torch.Generator``,
-so a run is reproducible from its seed; a deployment that wants unpredictable noise
-seeds from the operating system instead.
+24-bit uniforms stop at 5.77). DP-SGD's keys derive from the site's secret
+(:meth:`fedcore.components.DPStep.noise_key`): OS randomness by default, the seed only in
+the reproducible research mode.
 """
 
 from __future__ import annotations
@@ -28,16 +28,13 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-KEY_BYTES = 16
+from fedcore.components import NOISE_KEY_BYTES
+
+KEY_BYTES = NOISE_KEY_BYTES
 _WORD = 4
 _TWO_POW_32 = 2.0**-32
 _ANGLE = 2.0 * math.pi * _TWO_POW_32
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def key_from(generator: torch.Generator) -> bytes:
-    """A 16-byte stream key drawn from ``generator`` (advancing it)."""
-    return bytes(torch.randint(0, 256, (KEY_BYTES,), generator=generator, dtype=torch.int64).tolist())
 
 
 class GaussianNoise:
@@ -65,13 +62,6 @@ class GaussianNoise:
         # The angles of every row; the radii are computed in the output itself. Few
         # scratch bytes matter: the training step that reads the noise wants the cache.
         self._angle = np.empty((len(keys), self.half), dtype=_NUMPY_DTYPE[dtype])
-
-    @classmethod
-    def from_generators(
-        cls, generators: Sequence[torch.Generator], width: int, dtype: torch.dtype = torch.float32
-    ) -> GaussianNoise:
-        """One stream per generator, keyed by :func:`key_from` (each generator advances)."""
-        return cls([key_from(g) for g in generators], width, dtype)
 
     def draw(self, out: torch.Tensor, std: Sequence[float], rows: Sequence[bool] | np.ndarray | None = None) -> torch.Tensor:
         """Fill ``out`` (S, P), contiguous on the CPU, with row ``i`` ~ ``N(0, std[i]^2)``.
@@ -140,13 +130,6 @@ class DeviceGaussianNoise:
         self._generators = [
             torch.Generator(device=self.device).manual_seed(int.from_bytes(key[:8], "little")) for key in keys
         ]
-
-    @classmethod
-    def from_generators(
-        cls, generators: Sequence[torch.Generator], width: int, dtype: torch.dtype, device: torch.device | str
-    ) -> DeviceGaussianNoise:
-        """One stream per generator, keyed by :func:`key_from` (each generator advances)."""
-        return cls([key_from(g) for g in generators], width, dtype, device)
 
     def draw(self, out: torch.Tensor, std: Sequence[float], rows: Sequence[bool] | np.ndarray | None = None) -> torch.Tensor:
         """Fill ``out`` (S, P) on the device with row ``i`` ~ ``N(0, std[i]^2)``.

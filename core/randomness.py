@@ -52,3 +52,15 @@ class Secrets:
         """:func:`secret_bytes` for this training; ``label`` names the use and its owner,
         e.g. ``("site-noise", site, round)``."""
         return secret_bytes(size, self.reproducible, self.seed, self.arm, *label)
+
+
+def derived_key(secret: bytes, size: int, *label: str | int) -> bytes:
+    """``size`` bytes derived from ``secret`` for the use ``label`` names (SHAKE-256).
+
+    One secret held by a party gives independent keys for each of its uses and rounds,
+    so nothing but the secret itself has to be kept (or checkpointed) between rounds.
+    """
+    if size <= 0:
+        raise ValueError("derived_key needs a positive size")
+    material = json.dumps(["fedcore-key", *label], separators=(",", ":")).encode()
+    return hashlib.shake_256(secret + material).digest(size)

@@ -10,7 +10,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
-from fedcore.noise import DeviceGaussianNoise, GaussianNoise, key_from
+from fedcore.noise import DeviceGaussianNoise, GaussianNoise
 
 KEYS = [bytes(range(16)), bytes(range(16, 32)), bytes(range(32, 48))]
 
@@ -71,12 +71,6 @@ def test_same_key_same_values_and_rows_that_skip_a_draw_do_not_advance() -> None
     expected.sample(1.0)
     torch.testing.assert_close(again[1], expected.sample(1.0), rtol=0, atol=0)
     torch.testing.assert_close(skipped[0], b.draw(out_b, [1.0] * 3)[0], rtol=0, atol=0)
-
-
-def test_keys_come_from_the_seeded_generator() -> None:
-    assert key_from(torch.Generator().manual_seed(3)) == key_from(torch.Generator().manual_seed(3))
-    assert key_from(torch.Generator().manual_seed(3)) != key_from(torch.Generator().manual_seed(4))
-    assert len(key_from(torch.Generator())) == 16
 
 
 def test_wrong_buffers_and_keys_are_refused() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedcore.engine.vectorized import poisson_batches
+from fedcore.sampling import poisson_batches
 
 
 def _inclusions(n: int, q: float, steps: int, seed: int, per_call: int) -> tuple[np.ndarray, np.ndarray]:

@@ -151,6 +151,10 @@ class SiteRuntime:
         for stage, own in zip(self.stages, state["stages"], strict=True):
             stage.load_state_dict(own)
         self.generator.set_state(state["generator"])
+        # A restored stage may answer the plan's questions differently (the class counts
+        # it released before the checkpoint): read the plan again.
+        self.plan = StagePlan.of(self.plan.stages, self.data.class_counts(self.n_classes))
+        self.trainer.use_plan(self.plan)
 
 
 def evaluate_split_pair(module: torch.nn.Module, data: SiteData, n_classes: int) -> SiteEvaluation:

@@ -86,10 +86,14 @@ class LocalTrainer:
     ) -> None:
         self.module = module
         self.training = training
-        self.plan = plan if plan is not None else StagePlan.of(stages, class_counts)
-        weight = self.plan.class_weight
-        self._class_weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+        self.use_plan(plan if plan is not None else StagePlan.of(stages, class_counts))
         self.optimizer: torch.optim.Optimizer | None = None
+
+    def use_plan(self, plan: StagePlan) -> None:
+        """Train by ``plan`` from now on (its class weights weigh the loss)."""
+        self.plan = plan
+        weight = plan.class_weight
+        self._class_weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
 
     @property
     def stages(self) -> tuple[LocalTrainingStage, ...]:

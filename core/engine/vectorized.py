@@ -16,15 +16,15 @@ independent optimizers (a fresh one each round, as in :class:`LocalTrainer`).
 Partial last batches are padded with zero-weight rows; a copy with fewer batches
 simply skips the remaining steps of the epoch (its optimizer state untouched).
 
-Record-level DP-SGD (the :class:`~fedcore.components.DPStep` a stage declares): Poisson sampling drawn
-from the site's generator (a Binomial batch size, then a uniform subset of that
-size: the same distribution as Opacus's per-row Bernoulli mask, at O(batch) cost),
+Record-level DP-SGD (the :class:`~fedcore.components.DPStep` a stage declares): Poisson
+batches from :func:`fedcore.sampling.poisson_batches` and the round's sampling generator,
 per-sample gradients by ``vmap(grad)``, Opacus's clipping, Gaussian noise
-``N(0, (sigma * C)^2)`` from a :class:`fedcore.noise.GaussianNoise` stream keyed from
-the site's generator once per round, division by the expected batch size; the stage's
-own ``finish`` steps its accountant by the steps taken. The batches and noise follow the
-declared step's law, not the sequential reference's draw order, so DP runs of the two
-engines agree in distribution, not number for number.
+``N(0, (sigma * C)^2)`` from a :class:`fedcore.noise.GaussianNoise` stream under the
+round's noise key, division by the expected batch size; the stage's own ``finish``
+steps its accountant by the steps taken. The generator and the key derive from the
+step's secret (OS randomness unless ``execution.reproducible_noise``) exactly as the
+sequential trainer derives them, so in reproducible mode DP runs of the two engines
+agree to float rounding.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ from fedcore.engine.training import load_weights, weights_of
 from fedcore.engine.vectorized_step import Backend, ParamLayout, shared_step
 from fedcore.errors import PrivacyBudgetError
 from fedcore.noise import DeviceGaussianNoise, GaussianNoise
+from fedcore.sampling import poisson_batches
 from fedcore.spec import Components, ExperimentSpec, TrainingSpec
 from fedcore.types import GlobalModel, RoundRecord, Weights
 
@@ -115,13 +116,19 @@ def unsupported_reason(spec: ExperimentSpec, components: Components, data: Feder
 
 @dataclass
 class CopyTask:
-    """One model copy's local training for this call: its data, generator, loss weights."""
+    """One model copy's local training for this call: its data, generator, loss weights.
+
+    :ivar generator: shuffles non-private batches (the site's seeded generator).
+    :ivar dp: the copy's DP-SGD step; its Poisson batches and noise key derive from the
+        step's secret and ``round`` (:meth:`DPStep.sampling_generator`, :meth:`DPStep.noise_key`).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     generator: torch.Generator
     class_weight: torch.Tensor | None = None
     dp: DPStep | None = None
+    round: int = 0
 
 
 @dataclass
@@ -282,14 +289,17 @@ class StackedTrainer:
         row_weight = self._row_weights(tasks, y_all)
         loss_sum = torch.zeros(self.n_copies, dtype=torch.float64, device=self.device)
         steps = np.zeros(self.n_copies, dtype=np.int64)
-        # Each copy's noise stream is keyed from its generator once per call (round), before
-        # any batch is drawn.
-        noise = None if dp[0] is None else self._noise_streams([t.generator for t in tasks])
+        # A DP copy's noise stream and sampling generator are its round's, from its step's
+        # secret (the sequential trainer derives the same two).
+        noise, sampling = None, []
+        if dp[0] is not None:
+            noise = self._noise_streams([t.dp.noise_key(t.round) for t in tasks])  # type: ignore[union-attr]
+            sampling = [t.dp.sampling_generator(t.round) for t in tasks]  # type: ignore[union-attr]
         for _ in range(epochs):
             if dp[0] is None:
                 plan = self._shuffled_plan(tasks, sizes)
             else:
-                plan = self._poisson_plan(tasks, sizes, dp)  # type: ignore[arg-type]
+                plan = self._poisson_plan(sampling, sizes, dp)  # type: ignore[arg-type]
             index, weight_mask, active = plan
             gidx = index + offsets.view(-1, 1, 1)
             if dp[0] is None:
@@ -335,14 +345,14 @@ class StackedTrainer:
         )
 
     def _poisson_plan(
-        self, tasks: Sequence[CopyTask], sizes: np.ndarray, dp: Sequence[DPStep]
+        self, sampling: Sequence[torch.Generator], sizes: np.ndarray, dp: Sequence[DPStep]
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """Poisson-subsampled batches for every step of one epoch, per copy's generator."""
+        """Poisson-subsampled batches for every step of one epoch, from each copy's round generator."""
         n_steps = np.array([d.steps_per_epoch for d in dp])
         most = int(n_steps.max())
         draws = [
-            poisson_batches(int(sizes[i]), dp[i].sample_rate, int(n_steps[i]), task.generator)
-            for i, task in enumerate(tasks)
+            poisson_batches(int(sizes[i]), dp[i].sample_rate, int(n_steps[i]), generator)
+            for i, generator in enumerate(sampling)
         ]
         widest = max(1, max(int(d.shape[1]) for d in draws))
         width = -(-widest // _DP_PAD) * _DP_PAD
@@ -367,12 +377,12 @@ class StackedTrainer:
             self._optimizer_step(grad, on)
             loss_sum += losses if all_active else losses * active_t[:, t]
 
-    def _noise_streams(self, generators: Sequence[torch.Generator]) -> GaussianNoise | DeviceGaussianNoise:
-        """One noise stream per copy, keyed from its generator: AES-CTR on the CPU, the
-        device's own generator elsewhere (drawing on the CPU would bound a GPU step)."""
+    def _noise_streams(self, keys: Sequence[bytes]) -> GaussianNoise | DeviceGaussianNoise:
+        """One noise stream per copy, from its key: AES-CTR on the CPU, the device's own
+        generator elsewhere (drawing on the CPU would bound a GPU step)."""
         if self.device.type == "cpu":
-            return GaussianNoise.from_generators(generators, self.layout.size, self.dtype)
-        return DeviceGaussianNoise.from_generators(generators, self.layout.size, self.dtype, self.device)
+            return GaussianNoise(keys, self.layout.size, self.dtype)
+        return DeviceGaussianNoise(keys, self.layout.size, self.dtype, self.device)
 
     def _run_dp_epoch(
         self,
@@ -427,45 +437,6 @@ class StackedTrainer:
         if step_losses:
             loss_sum += (torch.stack(step_losses, dim=1) * loss_weight[:, : len(step_losses)]).sum(dim=1)
 
-def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator) -> torch.Tensor:
-    """Row indices of ``steps`` Poisson-subsampled batches of ``range(n)``, padded with -1.
-
-    Each row is included in each batch independently with probability ``sample_rate``
-    (as Opacus's ``UniformWithReplacementSampler``), at every site size: nothing is cut.
-    Where a batch of about ``n q`` rows would often repeat an index (``(n q)^2 >= n``),
-    each row's Bernoulli draw is made directly (O(n) a step; n is small there); otherwise
-    the batch size is drawn ~ Binomial(n, q), then a uniform subset of that size by
-    rejection (i.i.d. indices, redrawn while a batch repeats one) -- the same law.
-    """
-    if steps == 0:
-        return torch.full((0, 0), -1, dtype=torch.long)
-    if n * sample_rate * sample_rate >= 1:
-        chosen = torch.rand(steps, n, generator=generator, dtype=torch.float64) < sample_rate
-        counts = chosen.sum(dim=1)
-        width = int(counts.max())
-        order = torch.sort((~chosen).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        return torch.where(torch.arange(width).unsqueeze(0) < counts.unsqueeze(1), order, torch.full_like(order, -1))
-    counts = torch.binomial(
-        torch.full((steps,), float(n), dtype=torch.float64),
-        torch.full((steps,), float(sample_rate), dtype=torch.float64),
-        generator=generator,
-    ).long()
-    width = int(counts.max())
-    if width == 0:
-        return torch.full((steps, 0), -1, dtype=torch.long)
-    columns = torch.arange(width).unsqueeze(0)
-    keep = columns < counts.unsqueeze(1)
-    draws = torch.randint(n, (steps, width), generator=generator)
-    while True:
-        marked = torch.where(keep, draws, -1 - columns)  # padding values are unique and negative
-        ordered = marked.sort(dim=1).values
-        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-        if not bool(repeated.any()):
-            return torch.where(keep, draws, torch.full_like(draws, -1))
-        redo = repeated.nonzero().squeeze(1)
-        draws[redo] = torch.randint(n, (len(redo), width), generator=generator)
-
-
 # -------------------------------------------------------------- federated runs
 
 
@@ -505,7 +476,7 @@ class _FederatedRun(FederatedRun):
             return None
         self._own_seconds = time.perf_counter() - began
         return [
-            CopyTask(work.x, work.y, site.generator, class_weight, site.plan.dp)
+            CopyTask(work.x, work.y, site.generator, class_weight, site.plan.dp, round_)
             for site, work, class_weight in zip(self.sites, self.works, self.class_weights, strict=True)
         ]
 

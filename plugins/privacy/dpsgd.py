@@ -7,8 +7,10 @@ runs the same step with its stacked kernels, :mod:`fedcore.engine.vectorized_ste
 Each does the arithmetic of Opacus's ``DPOptimizer``: clip every per-sample gradient
 to ``max_grad_norm`` (over all parameters together), sum, add ``N(0, (noise_multiplier * max_grad_norm)^2)`` per
 coordinate, divide by the *expected* batch size ``sample_rate * n``. The noise comes
-from a :class:`fedcore.noise.GaussianNoise` stream (AES-128-CTR bits) keyed from the
-site's generator once per round.
+from a :class:`fedcore.noise.GaussianNoise` stream (AES-128-CTR bits) under the round's
+key, and the batches from the round's sampling generator, both derived from the step's
+secret (:meth:`DPStep.noise_key`, :meth:`DPStep.sampling_generator`) as the vectorized
+engine derives them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedcore.components import DPStep
 from fedcore.noise import GaussianNoise
+from fedcore.sampling import poisson_batches as draw_poisson_batches
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -45,26 +48,13 @@ def poisson_batches(
     """A sampler whose every batch holds each row independently with probability ``sample_rate``.
 
     This is the sampling the accountant's subsampled-Gaussian analysis assumes; batch sizes
-    vary (and may be 0). Draws come from ``generator``, so a seeded run repeats exactly.
+    vary (and may be 0). Each epoch draws its ``steps`` batches at once from ``generator``
+    with :func:`fedcore.sampling.poisson_batches`, as the vectorized engine does.
     """
-    n = len(y)
-    count_n = torch.tensor([float(n)], dtype=torch.float64)
-    count_q = torch.tensor([float(sample_rate)], dtype=torch.float64)
-
-    def draw() -> torch.Tensor:
-        # Batch size ~ Binomial(n, q), then a uniform subset of that size: the same law as
-        # one Bernoulli(q) per row, at O(batch) instead of O(n) cost per step.
-        k = int(torch.binomial(count_n, count_q, generator=generator))
-        if k * k > n:  # repeats would be common: take a random permutation's first k rows
-            return torch.randperm(n, generator=generator)[:k]
-        while True:  # i.i.d. indices conditioned on being distinct are a uniform k-subset
-            chosen = torch.randint(n, (k,), generator=generator)
-            if len(torch.unique(chosen)) == k:
-                return chosen
 
     def epoch(_: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for _step in range(steps):
-            chosen = draw()
+        for batch in draw_poisson_batches(len(y), sample_rate, steps, generator):
+            chosen = batch[batch >= 0]
             yield x[chosen], y[chosen]
 
     return epoch
@@ -194,14 +184,14 @@ def clipped_sum(per_sample_grads: Sequence[torch.Tensor], max_grad_norm: float) 
 
 
 def dp_gradient_step(
-    params: DPSGDParameters, loss_fn: LossFn, generator: torch.Generator
+    params: DPSGDParameters, loss_fn: LossFn, noise_key: bytes
 ) -> Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A ``GradientStep`` for the local-training loop: writes the DP-SGD gradient into ``p.grad``.
 
     Linear chains (the paper's MLP) take the one-backward clipped sum of
     :func:`linear_chain_clipped_sum`; any other module takes torch.func's per-sample
     gradients. Both add noise from one :class:`~fedcore.noise.GaussianNoise` stream
-    keyed from ``generator`` at the first step; an empty Poisson batch releases the
+    under ``noise_key`` (the round's, :meth:`DPStep.noise_key`); an empty Poisson batch releases the
     noise alone (Opacus steps on it too).
     """
     stream: GaussianNoise | None = None
@@ -210,7 +200,7 @@ def dp_gradient_step(
         nonlocal stream
         if stream is None:
             dtype = trainable[0].dtype if trainable[0].dtype == torch.float64 else torch.float32
-            stream = GaussianNoise.from_generators([generator], sum(p.numel() for p in trainable), dtype)
+            stream = GaussianNoise([noise_key], sum(p.numel() for p in trainable), dtype)
         return stream.sample(params.noise_std)
 
     def step(module: torch.nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:

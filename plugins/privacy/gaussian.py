@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedcore.components import LocalTrainingStage, PrivacyMechanism, RoundContext, SiteInfo
+from fedcore.components import DP_SECRET_BYTES, LocalTrainingStage, PrivacyMechanism, RoundContext, SiteInfo
 from fedcore.errors import PrivacyBudgetError, SpecError
 from fedcore.noise import KEY_BYTES, add_noise
 from fedcore.plugins.privacy.accounting import (
@@ -194,6 +194,7 @@ class RecordLevelStage(_AccountedStage):
             expected_batch_size=sample_rate * info.n_train,
             steps_per_epoch=steps_per_epoch,
             local_epochs=info.local_epochs,
+            secret=info.secrets.bytes(DP_SECRET_BYTES, "dp-sgd", info.site),
         )
         self.notes += self._unit_notes()
         self.notes.append(
@@ -220,6 +221,16 @@ class RecordLevelStage(_AccountedStage):
             return [f"up to {k} rows per patient: per-row budget set so the group-privacy bound covers a patient"]
         return [f"up to {k} rows per patient: the guarantee is per row; see the patient-level group bound"]
 
+    def state_dict(self) -> dict[str, Any]:
+        # The noisy class counts were released once and accounted once: a stage rebuilt from
+        # this state (a resumed run, a deployed node) must reuse them, never draw new ones.
+        return {**super().state_dict(), "noisy_class_counts": self._noisy_class_counts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if state.get("noisy_class_counts") is not None:
+            self._noisy_class_counts = np.asarray(state["noisy_class_counts"], dtype=np.float64)
+
     def reported_unit(self) -> Literal["record", "patient"]:
         k = self.info.max_rows_per_patient
         if self.settings.unit == "patient" or k == 1:
@@ -240,10 +251,11 @@ class RecordLevelStage(_AccountedStage):
 
     def sampler(self, ctx: RoundContext, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Any:
         self.check_budget()
-        return poisson_batches(x, y, self.dp_parameters.sample_rate, self.dp_parameters.steps_per_epoch, ctx.generator)
+        params = self.dp_parameters
+        return poisson_batches(x, y, params.sample_rate, params.steps_per_epoch, params.sampling_generator(ctx.round))
 
     def gradient_step(self, ctx: RoundContext, loss_fn: Any) -> Any:
-        return dp_gradient_step(self.dp_parameters, loss_fn, ctx.generator)
+        return dp_gradient_step(self.dp_parameters, loss_fn, self.dp_parameters.noise_key(ctx.round))
 
     def finish(self, ctx: RoundContext, module: torch.nn.Module, steps: int) -> None:
         self.accountant.step(self.dp_parameters.noise_multiplier, self.dp_parameters.sample_rate, steps)
