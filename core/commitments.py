@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedcore.randomness import secret_bytes
+from fedcore.rundir import atomic_write_bytes
 from fedcore.types import ClientUpdate
 
 #: bytes of salt per commitment (128 bits)
@@ -79,31 +79,45 @@ class Committer:
     :param seed: the spec's seed.
     :param arm: the sweep arm's label.
     :param repeat: the repeat index.
+    :param holder_root: the one party's own folder that keeps every opening this committer
+        makes (a deployed site's folder on its own disk); default: each writer's folder in
+        the run directory (:func:`holder_dir`).
     """
 
-    def __init__(self, ledger_dir: Path | str | None, reproducible: bool, seed: int, arm: str, repeat: int) -> None:
+    def __init__(
+        self,
+        ledger_dir: Path | str | None,
+        reproducible: bool,
+        seed: int,
+        arm: str,
+        repeat: int,
+        holder_root: Path | None = None,
+    ) -> None:
         self.ledger_dir = Path(ledger_dir) if ledger_dir is not None else None
         self.reproducible = reproducible
         self.seed = seed
         self.arm = arm
         self.repeat = repeat
+        self.holder_root = holder_root
 
     def commit(self, writer: str, kind: str, round: int, payload: bytes, name: str = "") -> str:
         """The commitment to ``payload``; its opening goes to ``writer``'s folder."""
+        return self.open_commit(writer, kind, round, payload, name)[0]
+
+    def open_commit(self, writer: str, kind: str, round: int, payload: bytes, name: str = "") -> tuple[str, bytes]:
+        """The commitment to ``payload`` and its salt; the opening is kept as :meth:`commit` keeps it."""
         label = ("ledger-salt", self.arm, self.repeat, writer, kind, round, name)
         salt = secret_bytes(SALT_BYTES, self.reproducible, self.seed, *label)
         digest = commitment(salt, payload)
         if self.ledger_dir is not None:
-            folder = holder_dir(self.ledger_dir.parent.parent, writer) / OPENINGS_DIR / self.ledger_dir.name
-            folder.mkdir(parents=True, exist_ok=True)
+            root = self.holder_root if self.holder_root is not None else holder_dir(self.ledger_dir.parent.parent, writer)
+            folder = root / OPENINGS_DIR / self.ledger_dir.name
             payload_file = f"{kind}-r{round}{'-' + _slug(name) if name else ''}.bin"
-            tmp = folder / (payload_file + ".tmp")
-            tmp.write_bytes(payload)
-            os.replace(tmp, folder / payload_file)
+            atomic_write_bytes(folder / payload_file, payload)
             opening = Opening(kind, round, writer, name, digest, salt.hex(), payload_file)
             with open(folder / OPENINGS_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(asdict(opening), sort_keys=True) + "\n")
-        return digest
+        return digest, salt
 
     def update(self, writer: str, update: ClientUpdate) -> str:
         """The commitment to a site's released update (its opening kept by the site)."""

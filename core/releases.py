@@ -122,6 +122,14 @@ RELEASES: tuple[Release, ...] = (
     Release("SiteSummary", "categorical.*.counts.*", "preprocessing: exact category counts per column", OUTSIDE),
     Release("SiteSummary", "categorical.*.missing", "preprocessing: missing values per categorical column", OUTSIDE),
     Release("SiteDescription", "name", "the site's name", PUBLIC),
+    # Deployed only (fedcore run --federation): what a site's train reply carries beside its
+    # ClientUpdate. The commitment hides the update (128-bit salt); the salt goes to the
+    # coordinator only, which holds the update anyway, and is withheld under secagg-plus.
+    Release("DeployedTrainReply", "site_name", "the site's name", PUBLIC),
+    Release("DeployedTrainReply", "commitment", "SHA-256(salt || update): hides the update", PUBLIC),
+    Release("DeployedTrainReply", "salt", "random bytes opening the commitment (coordinator only)", PUBLIC),
+    Release("DeployedTrainReply", "signature", "the site's signature over round ids and the commitment", PUBLIC),
+    Release("DeployedTrainReply", "privacy", "the site's accountant's report (computed from public settings)", PUBLIC),
     # A membership audit's release from each site (fedcore.components.SiteAttackStats):
     # aggregates of the attack on the site's own rows, never a per-row score.
     *(

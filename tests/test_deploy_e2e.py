@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -221,45 +222,34 @@ def _check_same_as_simulation(tmp_path: Path, sites: Path, certs: FederationCert
         assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-9)
         assert d["privacy"][0]["epsilon"] == pytest.approx(s["privacy"][0]["epsilon"], rel=1e-12)
         assert d["sites"] == SITES and d["absent_sites"] == []
-    ours = [(r[1], r[3]) for r in ledger_rows(tmp_path / "deployed") if r[2] == "site-update"]
-    theirs = _simulated_update_payloads(tmp_path / "simulated")
+    # Both ledgers hold hiding commitments; each site's openings give the payloads under them.
+    ours = _update_payloads(tmp_path / "deployed", sites.rglob("openings.jsonl"))
+    theirs = _update_payloads(tmp_path / "simulated", (tmp_path / "simulated" / "sites").glob("*/openings/*/openings.jsonl"))
     assert ours == theirs and len(ours) == 6
-    # Every site-update entry carries its site's signature, which verifies with the site's registered key.
+    # Every site-update entry carries its site's signature over the commitment, which verifies with
+    # the site's registered key.
     study = json.loads((tmp_path / "deployed" / "deployment.json").read_text())["study"]
     registry = certs.registry()
-    for _, round_, _, digest, metadata in (r for r in ledger_rows(tmp_path / "deployed") if r[2] == "site-update"):
+    for _, round_, _, committed, metadata in (r for r in ledger_rows(tmp_path / "deployed") if r[2] == "site-update"):
         meta = json.loads(metadata)
         site = meta["site"]
-        probe = _DigestUpdate(digest, meta["n_samples"])
-        message = statement(f"{study}-r0", "main", 0, round_, site, probe)  # type: ignore[arg-type]
-        import base64
-
+        message = statement(f"{study}-r0", "main", 0, round_, site, committed, meta["n_samples"])
         assert verify_signature(load_public_pem(registry[site]["signing_public_key"]), base64.b64decode(meta["site_signature"]), message)
 
 
-def _simulated_update_payloads(run_dir: Path) -> list[tuple[int, str]]:
-    """(round, SHA-256 of the update's canonical bytes) of each site-update entry of a simulated run.
+def _update_payloads(run_dir: Path, opening_files: Iterable[Path]) -> list[tuple[int, str]]:
+    """(round, SHA-256 of the update's canonical bytes) of each site-update entry of a run's ledger.
 
-    The simulation's ledger holds hiding commitments, SHA-256(salt || bytes); each site keeps
-    the opening (salt and bytes) in its own folder, from which the plain digest is recomputed.
+    The ledger holds hiding commitments, SHA-256(salt || bytes); each site keeps the opening
+    (salt and bytes) in its own folder, from which the plain digest is recomputed.
     """
     payloads: dict[str, str] = {}
-    for path in (run_dir / "sites").glob("*/openings/*/openings.jsonl"):
+    for path in opening_files:
         for line in path.read_text().splitlines():
             opening = json.loads(line)
             if opening["kind"] == "site-update":
                 payloads[opening["commitment"]] = hashlib.sha256((path.parent / opening["payload_file"]).read_bytes()).hexdigest()
     return [(r[1], payloads[r[3]]) for r in ledger_rows(run_dir) if r[2] == "site-update"]
-
-
-class _DigestUpdate:
-    """What :func:`statement` reads of an update: its digest and sample count (from the ledger entry)."""
-
-    def __init__(self, digest: str, n_samples: int) -> None:
-        self._digest, self.n_samples = digest, n_samples
-
-    def digest(self) -> str:
-        return self._digest
 
 
 def _check_no_canary(audit: Path) -> None:
@@ -403,7 +393,8 @@ def test_secagg_plus_hides_every_update_that_the_control_run_shows(tmp_path: Pat
         c, s = control[0][0], secure[0][0]
         assert s["sites"] == SITES
         assert abs(c["validation"]["loss"] - s["validation"]["loss"]) < 1e-3
-        # The ledger still records every site's (signed) digest, in site order, as without secure aggregation.
+        # The ledger still records every site's signed commitment to its update, in site order, as without
+        # secure aggregation (reproducible mode: the same salts, so the same commitments).
         digests = lambda run: [r[3] for r in ledger_rows(tmp_path / run) if r[2] == "site-update"]  # noqa: E731
         assert digests("control") == digests("secure")
     finally:

@@ -10,7 +10,9 @@ SuperLink and SuperNodes.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +29,9 @@ from fedcore.plugins.deploy.client import app as client_app  # noqa: E402
 from fedcore.plugins.deploy.demo import write_demo_sites  # noqa: E402
 from fedcore.plugins.deploy.server import Log, coordinate  # noqa: E402
 from fedcore.plugins.deploy.wire import pack, unpack  # noqa: E402
+from fedcore import releases  # noqa: E402
 from fedcore.errors import RunFailure  # noqa: E402
+from fedcore.types import ClientUpdate  # noqa: E402
 from fedcore.spec import load_experiment, resolved_yaml  # noqa: E402
 
 SITES = ["hospital-0", "hospital-1", "hospital-2"]
@@ -209,3 +213,44 @@ def test_a_round_lost_by_the_coordinator_is_replayed_by_the_sites_not_trained_tw
     assert all(len(v) == 2 and v[0] == v[1] for v in released.values())  # the same release, sent twice
     text = (run_dir / "summary.json").read_text()
     assert "stopped in round" not in text and "budget" not in text.lower()
+
+
+def test_the_ledger_holds_hiding_commitments_that_each_site_alone_can_open(
+    world: tuple[FederationCerts, Path], tmp_path: Path
+) -> None:
+    """A deployed site-update entry is SHA-256(salt || update), the salt kept in the site's own folder:
+    the site's openings open every one of its entries; the plain digest of the update is on no entry."""
+    from fedcore.plugins.ledgers.verify import verify_openings
+
+    certs, sites = world
+    run_dir = _run_dir(tmp_path, "rounds: 2")
+    plain: list[str] = []
+
+    def keep(name: str, message: Message, reply: Message) -> Message:
+        if message.metadata.message_type == "train.fedcore":
+            tensors = unpack(reply.content, "c")[1]
+            meta = unpack(reply.content, "c")[0]
+            assert len(bytes.fromhex(meta["salt"])) == 16 and meta["commitment"] != meta["salt"]
+            # every field beside the update itself is declared (fedcore.releases)
+            rest = {k: v for k, v in meta.items() if k not in ClientUpdate.model_fields}
+            assert rest and releases.undeclared("DeployedTrainReply", rest) == []
+            plain.append(hashlib.sha256(tensors["delta"].to_bytes()).hexdigest())  # the update's plain digest
+        return reply
+
+    coordinate(FakeGrid(sites, tamper=keep), run_dir, certs, 10, Log(run_dir))  # type: ignore[arg-type]
+    study = json.loads((run_dir / "deployment.json").read_text())["study"]
+    entries = [r for r in _ledger(run_dir) if r[2] == "site-update"]
+    assert len(entries) == 6
+    for name in SITES:
+        opened, problem = verify_openings(run_dir, sites / "state" / name / f"{study}-r0")
+        assert problem is None and opened == 2, problem
+    with sqlite3.connect(run_dir / "ledger" / "main-r0" / "ledger.sqlite") as conn:
+        committed = {row[0] for row in conn.execute("SELECT payload_sha256 FROM entries WHERE kind = 'site-update'")}
+    assert len(committed) == 6 and len(plain) == 6 and not committed & set(plain)
+    # an opening claimed for another site is refused: the entry names whose update it is
+    forged = tmp_path / "forged"
+    shutil.copytree(sites / "state" / SITES[0] / f"{study}-r0" / "openings", forged / "openings")
+    lines = (forged / "openings" / "main-r0" / "openings.jsonl").read_text().replace(SITES[0], SITES[1])
+    (forged / "openings" / "main-r0" / "openings.jsonl").write_text(lines)
+    _, problem = verify_openings(run_dir, forged)
+    assert problem is not None and "no entry of the ledger holds this commitment" in problem

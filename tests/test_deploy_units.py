@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import socket
 import stat
 import sys
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from fedcore.plugins.deploy.certs import make_certs  # noqa: E402
 from fedcore.plugins.deploy.processes import check_superlink, free_port  # noqa: E402
 from fedcore.plugins.deploy.server import RemoteSite, refusal_reason  # noqa: E402
+from fedcore.commitments import commitment  # noqa: E402
 from fedcore.plugins.deploy.site import load_site_config, sign_statement, statement  # noqa: E402
 from fedcore.plugins.deploy.study import check_deployable  # noqa: E402
 from fedcore.plugins.deploy.wire import MalformedMessage, pack, parse_update, unpack, update_message  # noqa: E402
@@ -83,23 +83,37 @@ def test_malformed_messages_are_refused_naming_the_site() -> None:
         unpack(update_message(update, {}), "hospital-1", max_bytes=100)
 
 
-def test_a_bad_site_signature_is_refused(certs) -> None:
+def test_a_bad_site_signature_or_a_commitment_that_does_not_open_is_refused(certs) -> None:
     update = _update(site=1)
     key = serialization.load_pem_private_key((certs.site("hospital-1") / "signing.key").read_bytes(), None)
     wrong = serialization.load_pem_private_key((certs.site("hospital-0") / "signing.key").read_bytes(), None)
     pem = certs.registry()["hospital-1"]["signing_public_key"]
     site = RemoteSite("hospital-1", 1, 7)
-    good = sign_statement(key, statement("s1", "main", 0, 1, "hospital-1", update))
-    assert refusal_reason(pem, "s1", "main", 0, 1, site, update, good) is None
-    forged = sign_statement(wrong, statement("s1", "main", 0, 1, "hospital-1", update))
-    assert "does not verify" in str(refusal_reason(pem, "s1", "main", 0, 1, site, update, forged))
+    salt = bytes(range(16))
+    committed = commitment(salt, update.canonical_bytes())
+
+    def reply(signer, study: str = "s1", **changes: str) -> dict[str, str]:
+        signature = sign_statement(signer, statement(study, "main", 0, 1, "hospital-1", committed, update.n_samples))
+        return {"signature": signature, "commitment": committed, "salt": salt.hex(), **changes}
+
+    def reason(meta: dict[str, str], which: ClientUpdate = update, to: RemoteSite = site, sealed: bool = False) -> str:
+        return str(refusal_reason(pem, "s1", "main", 0, 1, to, which, meta, sealed))
+
+    assert refusal_reason(pem, "s1", "main", 0, 1, site, update, reply(key)) is None
+    assert "does not verify" in reason(reply(wrong))
     # a valid signature over another round or study is no signature for this one
-    assert "does not verify" in str(refusal_reason(pem, "s2", "main", 0, 1, site, update, good))
-    assert "not base64" in str(refusal_reason(pem, "s1", "main", 0, 1, site, update, "%%%"))
-    assert "claims site" in str(refusal_reason(pem, "s1", "main", 0, 1, RemoteSite("hospital-1", 0, 7), update, good))
+    assert "does not verify" in reason(reply(key, study="s2"))
+    assert "not base64" in reason(reply(key, signature="%%%"))
+    assert "claims site" in reason(reply(key), to=RemoteSite("hospital-1", 0, 7))
+    # the update the coordinator received is not the one the site committed to and signed
     tampered = ClientUpdate(site=1, round=1, delta=update.delta.scale(2.0), n_samples=40)
-    assert "does not verify" in str(refusal_reason(pem, "s1", "main", 0, 1, site, tampered, good))
-    assert base64.b64decode(good)
+    assert "does not open" in reason(reply(key), which=tampered)
+    assert "does not open" in reason(reply(key, salt=bytes(16).hex()))
+    assert "not hex" in reason(reply(key, salt="zz"))
+    # under secure aggregation the coordinator has no update and no salt: the signature alone is checked
+    sealed = {k: v for k, v in reply(key).items() if k != "salt"}
+    assert refusal_reason(pem, "s1", "main", 0, 1, site, update, sealed, sealed=True) is None
+    assert "does not verify" in reason({**sealed, "signature": reply(wrong)["signature"]}, sealed=True)
 
 
 def test_site_file_errors_are_one_line_naming_the_file(tmp_path: Path) -> None:

@@ -144,11 +144,16 @@ def initial_module(components: Components, data: FederatedData, seed: int) -> to
     return components.model.build(data.n_features, data.n_classes)
 
 
-def site_stages(spec: ExperimentSpec, components: Components, data: FederatedData, site: SiteData, seed: int) -> list[LocalTrainingStage]:
-    """The stages of one site of this run (:func:`fedcore.engine.stages.stages_for`)."""
-    # The arm's resolved spec tells arms apart (``execution`` left out: the engine, workers
-    # and device never change the numbers); seed = spec seed + repeat tells repeats apart.
-    arm = json_digest(spec.model_dump(mode="json", exclude={"execution"}))
+def site_stages(
+    spec: ExperimentSpec, components: Components, data: FederatedData, site: SiteData, seed: int, arm: str = "main"
+) -> list[LocalTrainingStage]:
+    """The stages of one site of this run (:func:`fedcore.engine.stages.stages_for`).
+
+    :param arm: the sweep arm's label (unique within a run; ``main`` without a sweep), which
+        with ``seed`` (the spec's seed plus the repeat) keys the site's secret randomness in
+        reproducible mode, so arms and repeats never share noise. A deployed site gets the
+        label from the coordinator, so a deployment and its simulation draw the same values.
+    """
     secrets = Secrets(spec.execution.reproducible_noise, seed, arm)
     info = site_info(
         site, len(data.sites), data.n_features, data.n_classes, spec.training, seed, data.max_rows_per_patient, secrets
@@ -156,14 +161,16 @@ def site_stages(spec: ExperimentSpec, components: Components, data: FederatedDat
     return stages_for(components, info)
 
 
-def make_sites(spec: ExperimentSpec, components: Components, data: FederatedData, seed: int) -> list[SiteRuntime]:
-    """Every hospital of the run, each with its own module, stages and generator."""
+def make_sites(
+    spec: ExperimentSpec, components: Components, data: FederatedData, seed: int, arm: str = "main"
+) -> list[SiteRuntime]:
+    """Every hospital of the run, each with its own module, stages and generator (``arm``: :func:`site_stages`)."""
     return [
         SiteRuntime(
             site_data,
             components.model.build(data.n_features, data.n_classes),
             spec.training,
-            site_stages(spec, components, data, site_data, seed),
+            site_stages(spec, components, data, site_data, seed, arm),
             data.n_classes,
             derive_seed(seed, 1, site_data.site),
         )
@@ -209,7 +216,7 @@ class FederatedRun:
         self.on_round = on_round
         self.start = time.perf_counter()
         self.initial = weights_of(initial_module(components, data, seed))
-        self.sites = list(sites) if sites is not None else make_sites(spec, components, data, seed)
+        self.sites = list(sites) if sites is not None else make_sites(spec, components, data, seed, arm)
         self.server = Server(
             self.initial, components.aggregator, components.privacy, components.secure_aggregation, derive_seed(seed, 2)
         )

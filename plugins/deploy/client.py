@@ -113,7 +113,7 @@ def _study_site(site: site_mod.LoadedSite, meta: dict[str, Any]) -> tuple[site_m
     shape = site_mod.StudyShape(**meta["shape"])
     torch.set_num_threads(spec.execution.threads_per_worker)
     components = build_components(spec, PluginManager())
-    return store, spec, site_mod.build_site(spec, components, data, shape)
+    return store, spec, site_mod.build_site(spec, components, data, shape, str(meta.get("arm", "main")))
 
 
 def _train(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -122,12 +122,22 @@ def _train(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, A
     extras = {k[len("extra:") :]: v for k, v in tensors.items() if k.startswith("extra:")}
     message = GlobalModel(round=round_, weights=tensors["global"])
     update, privacy, state = site_mod.train_site_round(runtime, store.load_state(arm, repeat), message, extras)
+    released = state["released"]
+    if "commitment" not in released:  # a replayed release keeps the commitment it was sent with
+        committer = store.committer(spec, arm, repeat, int(meta["shape"]["seed"]))
+        released["commitment"], released["salt"] = committer.open_commit(
+            site.name, "site-update", round_, update.canonical_bytes()
+        )
     store.save_state(arm, repeat, state)
-    statement = site_mod.statement(str(meta["study"]), arm, repeat, round_, site.name, update)
+    statement = site_mod.statement(str(meta["study"]), arm, repeat, round_, site.name, released["commitment"], update.n_samples)
     return {
         "privacy": [p.model_dump(mode="json") for p in privacy],
         "signature": site_mod.sign_statement(site.signing_key(), statement),
         "site_name": site.name,
+        "commitment": released["commitment"],
+        # The coordinator holds this update anyway; with the salt it checks that the signed
+        # commitment opens to it. Under secure aggregation the salt is withheld (secure_train).
+        "salt": released["salt"].hex(),
     }, {"update": update}
 
 
@@ -164,6 +174,8 @@ def secure_train(message: Message, context: Context) -> Message:
 
     def run(meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         reply_meta, reply_tensors = _train(site, meta, tensors)
+        # The coordinator never sees this update: the salt would let it confirm a guess of it.
+        reply_meta.pop("salt")
         update = reply_tensors["update"]
         if update.extras:
             raise FedcoreUserError(

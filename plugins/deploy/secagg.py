@@ -7,7 +7,7 @@ weighted mean; the site half (:func:`secure_train_reply`) is the ClientApp's
 ``train`` under Flower's ``secaggplus_mod``: it trains exactly as without
 secure aggregation and returns its released update as ``FitRes`` parameters,
 which the mod masks (and strips) before anything leaves the site. What the
-coordinator still gets from each site in the clear: the update's digest, its
+coordinator still gets from each site in the clear: the hiding commitment to the update, its
 signature, sample count, loss, timing and privacy report (as without secure
 aggregation), never the update.
 """
@@ -39,7 +39,7 @@ META_KEY = "fedcore"
 
 
 class SealedUpdate(ClientUpdate):
-    """An update the coordinator never saw: the site's own digest and size of it (secure aggregation)."""
+    """An update the coordinator never saw: the site's own commitment to it and its size (secure aggregation)."""
 
     claimed_digest: str
     claimed_bytes: int
@@ -145,7 +145,6 @@ def secure_train_reply(message: Message, train: Callable[[dict[str, Any], dict[s
         "local_steps": update.local_steps,
         "train_loss": update.train_loss,
         "train_seconds": update.train_seconds,
-        "digest": update.digest(),
         "bytes": update.nbytes(),
     }
     fitres = FitRes(

@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from fedcore.commitments import SALT_BYTES, commitment
 from fedcore.components import FederatedData
 from fedcore.plugins.deploy.certs import FederationCerts
 from fedcore.plugins.deploy.checkpoint import CoordinatorCheckpoint
@@ -247,12 +248,27 @@ def server_calibrated_privacy(spec: ExperimentSpec) -> str | None:
 
 
 def refusal_reason(
-    public_pem: str, study: str, arm: str, repeat: int, round_: int, site: RemoteSite, update: ClientUpdate, signature_b64: str
+    public_pem: str, study: str, arm: str, repeat: int, round_: int, site: RemoteSite, update: ClientUpdate,
+    meta: Mapping[str, Any], sealed: bool = False,
 ) -> str | None:
-    """Why the coordinator must refuse ``update`` from ``site`` (wrong claims, a bad site signature), or None."""
+    """Why the coordinator must refuse ``update`` from ``site`` (wrong claims, a bad site signature,
+    a commitment that does not open to the update), or None.
+
+    :param meta: the reply's metadata: ``signature`` (base64) over the site's statement,
+        ``commitment`` (hex) and, unless ``sealed``, the ``salt`` (hex) that opens it.
+    :param sealed: the update arrived masked (secure aggregation): only the signature is checked.
+    """
     if update.site != site.index or update.round != round_:
         return f"it claims site {update.site}, round {update.round}"
-    message = statement(study, arm, repeat, round_, site.name, update)
+    signature_b64, committed = str(meta.get("signature", "")), str(meta.get("commitment", ""))
+    if not sealed:
+        try:
+            salt = bytes.fromhex(str(meta.get("salt", "")))
+        except ValueError:
+            return "its commitment salt is not hex"
+        if len(salt) < SALT_BYTES or commitment(salt, update.canonical_bytes()) != committed:
+            return "its ledger commitment does not open to the update it sent"
+    message = statement(study, arm, repeat, round_, site.name, committed, update.n_samples)
     try:
         signature = base64.b64decode(signature_b64, validate=True)
     except ValueError:
@@ -297,12 +313,12 @@ class DeployedRun(FederatedRun):
                     kind="site-update",
                     round=round_,
                     writer="server",
-                    payload_sha256=u.digest(),
+                    payload_sha256=self.signatures[site.name]["commitment"],
                     metadata={
                         "n_samples": u.n_samples,
                         "bytes": u.nbytes(),
                         "site": site.name,
-                        "site_signature": self.signatures.get(site.name, {}).get("signature", ""),
+                        "site_signature": self.signatures[site.name]["signature"],
                         "site_key": self.federation.registry[site.name]["signing_fingerprint"],
                     },
                 )
@@ -336,10 +352,10 @@ class DeployedRun(FederatedRun):
             "shape": self.shape,
         }
 
-    def _verify(self, site: RemoteSite, round_: int, update: ClientUpdate, meta: dict[str, Any]) -> str | None:
+    def _verify(self, site: RemoteSite, round_: int, update: ClientUpdate, meta: dict[str, Any], sealed: bool = False) -> str | None:
         return refusal_reason(
             self.federation.registry[site.name]["signing_public_key"], self.study, self.result.arm, self.result.repeat,
-            round_, site, update, str(meta.get("signature", "")),
+            round_, site, update, meta, sealed,
         )
 
     def _secure_attempt(
@@ -372,17 +388,17 @@ class DeployedRun(FederatedRun):
             update = parse_model(
                 SealedUpdate,
                 {**{k: meta[k] for k in ("site", "round", "n_samples", "local_steps", "train_loss", "train_seconds")},
-                 "delta": Weights(arrays={}), "claimed_digest": meta["digest"], "claimed_bytes": meta["bytes"]},
+                 "delta": Weights(arrays={}), "claimed_digest": meta["commitment"], "claimed_bytes": meta["bytes"]},
                 site.name, "sealed update",
             )
             log(f"round {round_}: site '{site.name}' sent its update masked (0 individual tensor bytes)")
-            reason = self._verify(site, round_, update, meta)
+            reason = self._verify(site, round_, update, meta, sealed=True)
             if reason is not None:
                 # Its masked contribution is already inside the sum: the whole round is refused.
                 raise RunFailure(f"round {round_}: the update of site '{site.name}' is refused ({reason}); under secure "
                                  "aggregation it cannot be removed from the sum, so the round is not released")
             site.reports = [parse_model(PrivacySpent, r, site.name, "privacy report") for r in meta.get("privacy", [])]
-            self.signatures[site.name] = {"signature": str(meta["signature"])}
+            self.signatures[site.name] = {"signature": str(meta["signature"]), "commitment": str(meta["commitment"])}
             arrived[site.name] = update
         secure.provide(summed)  # type: ignore[attr-defined]
 
@@ -421,7 +437,7 @@ class DeployedRun(FederatedRun):
                     log(f"round {round_}: refused the update of site '{site.name}': {reason}")
                     continue
                 site.reports = [parse_model(PrivacySpent, r, site.name, "privacy report") for r in rest.get("privacy", [])]
-                self.signatures[site.name] = {"signature": str(rest["signature"])}
+                self.signatures[site.name] = {"signature": str(rest["signature"]), "commitment": str(rest["commitment"])}
                 arrived[site.name] = update
             if len(arrived) >= quorum:
                 break

@@ -13,8 +13,8 @@ trains at a SuperNode is the code the simulation runs.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,12 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedcore.commitments import Committer
 from fedcore.components import FederatedData, SiteData
 from fedcore.engine.site import SiteRuntime
 from fedcore.engine.simulation import derive_seed, site_stages
 from fedcore.errors import DataError
+from fedcore.rundir import atomic_write_bytes
 from fedcore.plugins.datasets.ehr_csv import EHRCSV, EHRCSVSettings
 from fedcore.plugins.datasets.pipeline import (
     ColumnRoles,
@@ -173,22 +175,15 @@ class SiteStore:
         self.root = site.state_dir / study
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def _atomic(self, path: Path, write: Any) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        write(tmp)
-        os.replace(tmp, path)
-
     def save_data(self, data: SiteData, meta: dict[str, Any]) -> None:
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez(
-                    handle,
-                    x_train=data.x_train, y_train=data.y_train, x_val=data.x_val, y_val=data.y_val,
-                    x_test=data.x_test, y_test=data.y_test,
-                )
-
-        self._atomic(self.root / "data.npz", write)
-        self._atomic(self.root / "data.json", lambda tmp: tmp.write_text(json.dumps({**meta, "site": data.site, "name": data.name})))
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            x_train=data.x_train, y_train=data.y_train, x_val=data.x_val, y_val=data.y_val,
+            x_test=data.x_test, y_test=data.y_test,
+        )
+        atomic_write_bytes(self.root / "data.npz", buffer.getvalue())
+        atomic_write_bytes(self.root / "data.json", json.dumps({**meta, "site": data.site, "name": data.name}).encode())
 
     def load_data(self) -> tuple[SiteData, dict[str, Any]]:
         try:
@@ -204,7 +199,7 @@ class SiteStore:
         return data, meta
 
     def save_spec(self, spec_json: str) -> None:
-        self._atomic(self.root / "spec.json", lambda tmp: tmp.write_text(spec_json))
+        atomic_write_bytes(self.root / "spec.json", spec_json.encode())
 
     def load_spec(self, digest: str) -> ExperimentSpec:
         text = (self.root / "spec.json").read_text()
@@ -212,6 +207,12 @@ class SiteStore:
         if json_digest(spec.model_dump(mode="json")) != digest:
             raise DataError("the study's spec changed since preprocessing", where=str(self.root), hint="restart the study")
         return spec
+
+    def committer(self, spec: ExperimentSpec, arm: str, repeat: int, seed: int) -> Committer:
+        """Commits this site's updates of one training; the openings stay in this site's folder
+        (``openings/<arm>-r<repeat>/``, the simulation's layout, for ``fedcore ledger verify --openings``)."""
+        ledger = Path(f"{arm}-r{repeat}")
+        return Committer(ledger, spec.execution.reproducible_noise, seed, arm, repeat, holder_root=self.root)
 
     def state_path(self, arm: str, repeat: int) -> Path:
         return self.root / f"site-state-{hashlib.sha256(arm.encode()).hexdigest()[:12]}-r{repeat}.pt"
@@ -221,7 +222,9 @@ class SiteStore:
         return torch.load(path, weights_only=False) if path.exists() else None
 
     def save_state(self, arm: str, repeat: int, state: dict[str, Any]) -> None:
-        self._atomic(self.state_path(arm, repeat), lambda tmp: torch.save(state, tmp))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(self.state_path(arm, repeat), buffer.getvalue())
 
 
 # ------------------------------------------------------------------ training
@@ -238,7 +241,7 @@ class StudyShape:
     seed: int
 
 
-def build_site(spec: ExperimentSpec, components: Components, data: SiteData, shape: StudyShape) -> SiteRuntime:
+def build_site(spec: ExperimentSpec, components: Components, data: SiteData, shape: StudyShape, arm: str = "main") -> SiteRuntime:
     """The simulation's :class:`SiteRuntime` for this hospital, with the simulation's stages and seeds.
 
     ``site_stages`` reads the federation's size, features, classes and patient
@@ -251,7 +254,7 @@ def build_site(spec: ExperimentSpec, components: Components, data: SiteData, sha
         class_names=[f"c{i}" for i in range(shape.n_classes)],
         max_rows_per_patient=shape.max_rows_per_patient,
     )
-    stages = site_stages(spec, components, federated, data, shape.seed)
+    stages = site_stages(spec, components, federated, data, shape.seed, arm)
     module = components.model.build(shape.n_features, shape.n_classes)
     return SiteRuntime(data, module, spec.training, stages, shape.n_classes, derive_seed(shape.seed, 1, data.site))
 
@@ -301,18 +304,22 @@ def evaluate_site(site: SiteRuntime, message: GlobalModel) -> SiteEvaluation:
     return site.evaluate(message.weights)
 
 
-def statement(study: str, arm: str, repeat: int, round_: int, site: str, update: ClientUpdate) -> bytes:
-    """The canonical bytes a site signs for its update (what the coordinator verifies before appending)."""
+def statement(study: str, arm: str, repeat: int, round_: int, site: str, commitment: str, n_samples: int) -> bytes:
+    """The canonical bytes a site signs for its update (what the coordinator verifies before appending).
+
+    ``commitment`` is the hiding commitment to the update's canonical bytes
+    (:func:`fedcore.commitments.commitment`), whose opening the site keeps.
+    """
     return json.dumps(
         {
-            "format": "fedcore-site-update-v1",
+            "format": "fedcore-site-update-v2",
             "study": study,
             "arm": arm,
             "repeat": repeat,
             "round": round_,
             "site": site,
-            "payload_sha256": update.digest(),
-            "n_samples": update.n_samples,
+            "payload_commitment": commitment,
+            "n_samples": n_samples,
         },
         sort_keys=True,
         separators=(",", ":"),

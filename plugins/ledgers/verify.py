@@ -449,6 +449,19 @@ def verify_target(target: Path, keys: Path | None, head: str | None, workers: in
     return LedgerVerification(True, total, None, message + "; " + "; ".join(heads))
 
 
+def _author(entry: Entry) -> str:
+    """Whose payload an entry commits to: its writer, or for a deployed site's update (which the
+    coordinator appends with the site's signature in its metadata) the site named there."""
+    if entry.kind == "site-update" and entry.writer == "server":
+        try:
+            site = json.loads(entry.metadata_json).get("site")
+        except (ValueError, AttributeError):
+            site = None
+        if isinstance(site, str):
+            return site
+    return entry.writer
+
+
 def verify_openings(target: Path, folder: Path) -> tuple[int, str | None]:
     """Check every opening under ``folder`` against the ledgers of ``target`` (verify those first).
 
@@ -473,7 +486,7 @@ def verify_openings(target: Path, folder: Path) -> tuple[int, str | None]:
         entries, problem = read_entries(path)
         if problem is not None:
             return count, f"{path}: {problem.message}"
-        committed = {(e.kind, e.round, e.writer, e.payload_sha256) for e in entries}
+        committed = {(e.kind, e.round, _author(e), e.payload_sha256) for e in entries}
         for opening in openings:
             reason = opening.check(where)
             if reason is None and (opening.kind, opening.round, opening.writer, opening.commitment) not in committed:
