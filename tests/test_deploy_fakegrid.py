@@ -254,3 +254,30 @@ def test_the_ledger_holds_hiding_commitments_that_each_site_alone_can_open(
     (forged / "openings" / "main-r0" / "openings.jsonl").write_text(lines)
     _, problem = verify_openings(run_dir, forged)
     assert problem is not None and "no entry of the ledger holds this commitment" in problem
+
+
+def test_a_train_message_names_the_model_a_site_stored_when_it_evaluated_it(
+    world: tuple[FederationCerts, Path], tmp_path: Path
+) -> None:
+    """Round 1 sends the initial model; after that each site trains from the model it evaluated, which
+    the train message names by digest instead of sending again (one model each way per round)."""
+    certs, sites = world
+    run_dir = _run_dir(tmp_path, "rounds: 3")
+    carried: list[tuple[int, str, bool]] = []
+
+    def watch(name: str, message: Message, reply: Message) -> Message:
+        if message.metadata.message_type == "train.fedcore":
+            meta, tensors = unpack(message.content, "c")
+            carried.append((meta["round"], name, "global" in tensors))
+        return reply
+
+    coordinate(FakeGrid(sites, tamper=watch), run_dir, certs, 10, Log(run_dir))  # type: ignore[arg-type]
+    assert sorted(carried) == sorted((r, n, r == 1) for r in (1, 2, 3) for n in SITES)
+    assert [r["round"] for r in _rounds(run_dir)] == [1, 2, 3]
+    # a site that lost the model it stored is refused by name, never trains on something else
+    study = json.loads((run_dir / "deployment.json").read_text())["study"]
+    from fedcore.plugins.deploy.site import SiteStore, load_site_config
+
+    store = SiteStore(load_site_config(sites / "hospital-0.yaml"), f"{study}-r0")
+    with pytest.raises(Exception, match="does not hold"):
+        store.global_model(None, "0" * 64)

@@ -120,7 +120,7 @@ def _train(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, A
     store, spec, runtime = _study_site(site, meta)
     arm, repeat, round_ = str(meta["arm"]), int(meta["repeat"]), int(meta["round"])
     extras = {k[len("extra:") :]: v for k, v in tensors.items() if k.startswith("extra:")}
-    message = GlobalModel(round=round_, weights=tensors["global"])
+    message = GlobalModel(round=round_, weights=store.global_model(tensors.get("global"), str(meta["global_sha256"])))
     update, privacy, state = site_mod.train_site_round(runtime, store.load_state(arm, repeat), message, extras)
     released = state["released"]
     if "commitment" not in released:  # a replayed release keeps the commitment it was sent with
@@ -142,9 +142,12 @@ def _train(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, A
 
 
 def _evaluate(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    _, _, runtime = _study_site(site, meta)
-    evaluation = site_mod.evaluate_site(runtime, GlobalModel(round=int(meta["round"]), weights=tensors["global"]))
-    return {"evaluation": evaluation.model_dump(mode="json")}, {}
+    store, _, runtime = _study_site(site, meta)
+    weights = store.global_model(tensors["global"], str(meta["global_sha256"]))
+    evaluation = site_mod.evaluate_site(runtime, GlobalModel(round=int(meta["round"]), weights=weights))
+    # Kept: the next round trains from this model, and its message then only names it.
+    store.keep_global(weights)
+    return {"evaluation": evaluation.model_dump(mode="json"), "stored_global": meta["global_sha256"]}, {}
 
 
 @app.query("hello")

@@ -20,7 +20,7 @@ import base64
 import json
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from fedcore.components import FederatedData
 from fedcore.plugins.deploy.certs import FederationCerts
 from fedcore.plugins.deploy.checkpoint import CoordinatorCheckpoint
 from fedcore.plugins.deploy.wire import MalformedMessage, pack, parse_model, parse_update, unpack
-from fedcore.plugins.deploy.site import statement
+from fedcore.plugins.deploy.site import global_digest, statement
 from fedcore.plugins.deploy.study import preprocessing_timeout
 from fedcore.engine.runner import EngineChoice
 from fedcore.engine.simulation import FederatedRun, RunJob, RunResult
@@ -142,11 +142,26 @@ class Federation:
         self.sites = [RemoteSite(name, index, known[name]) for index, name in enumerate(names)]
 
     def ask(
-        self, kind: str, sites: Sequence[RemoteSite], meta: Mapping[str, Any], tensors: Mapping[str, Weights], timeout_s: float
+        self,
+        kind: str,
+        sites: Sequence[RemoteSite],
+        meta: Mapping[str, Any],
+        tensors: Mapping[str, Weights],
+        timeout_s: float,
+        omit: Mapping[str, Collection[str]] | None = None,
     ) -> dict[str, Message]:
-        """Send one message per site (same content) and return the replies that came in time, by site name."""
+        """Send one message per site (same content) and return the replies that came in time, by site name.
+
+        :param omit: per site name, tensor groups left out of its message (it holds them already).
+        """
         by_node = {s.node_id: s for s in sites}
-        messages = [self.grid.create_message(pack({**meta, "site_index": s.index}, tensors), kind, s.node_id, "") for s in sites]
+        messages = [
+            self.grid.create_message(
+                pack({**meta, "site_index": s.index}, {k: v for k, v in tensors.items() if k not in (omit or {}).get(s.name, ())}),
+                kind, s.node_id, "",
+            )
+            for s in sites
+        ]
         replies: dict[str, Message] = {}
         for reply in self.grid.send_and_receive(messages, timeout=timeout_s):
             site = by_node.get(reply.metadata.src_node_id)
@@ -290,6 +305,9 @@ class DeployedRun(FederatedRun):
         self.study = study
         self.shape = shape
         self.signatures: dict[str, dict[str, str]] = {}
+        # The global model each site stored when it evaluated it (by SHA-256): the next round's
+        # train message names it instead of sending it again.
+        self.held: dict[str, str] = {}
         self.present: list[RemoteSite] = list(federation.sites)
         super().__init__(*args, sites=federation.sites, **kwargs)
 
@@ -327,7 +345,9 @@ class DeployedRun(FederatedRun):
 
     def evaluate_sites(self, message: GlobalModel) -> list[SiteEvaluation]:
         timeout = self.spec.training.round_timeout_s
-        replies = self.federation.ask("evaluate", self.present, self._meta(message.round), {"global": message.weights}, timeout)
+        digest = global_digest(message.weights)
+        meta_out = {**self._meta(message.round), "global_sha256": digest}
+        replies = self.federation.ask("evaluate", self.present, meta_out, {"global": message.weights}, timeout)
         evaluations = []
         for site in self.present:
             if site.name not in replies:
@@ -336,6 +356,8 @@ class DeployedRun(FederatedRun):
             if "error" in meta:
                 raise DataError(str(meta["error"]))
             evaluations.append(parse_model(SiteEvaluation, meta["evaluation"], site.name, "evaluation"))
+            if meta.get("stored_global") == digest:
+                self.held[site.name] = digest
         if not evaluations:
             raise RunFailure(f"round {message.round}: no site evaluated the global model within {timeout:g}s")
         return evaluations
@@ -375,7 +397,7 @@ class DeployedRun(FederatedRun):
             settings = settings.model_copy(update={"max_weight": float(max(self.federation.site_rows.values(), default=1))})
         summed, metas = secure_round(
             self.federation.grid, self.federation.context, [s.node_id for s in self.federation.sites], round_,
-            self._meta(round_), message.weights, extras, settings,
+            {**self._meta(round_), "global_sha256": global_digest(message.weights)}, message.weights, extras, settings,
         )
         if summed is None:
             log(f"round {round_}: SecAgg+ halted (too few sites answered every stage)")
@@ -419,7 +441,11 @@ class DeployedRun(FederatedRun):
             waiting = [s for s in self.federation.sites if s.name not in arrived and s.name not in refused]
             if not waiting:
                 break
-            replies = self.federation.ask(TRAIN, waiting, self._meta(round_), tensors, training.round_timeout_s)
+            digest = global_digest(message.weights)
+            omit = {s.name: ("global",) for s in waiting if self.held.get(s.name) == digest}
+            replies = self.federation.ask(
+                TRAIN, waiting, {**self._meta(round_), "global_sha256": digest}, tensors, training.round_timeout_s, omit
+            )
             for site in waiting:
                 reply = replies.get(site.name)
                 if reply is None:

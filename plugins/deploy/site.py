@@ -208,6 +208,28 @@ class SiteStore:
             raise DataError("the study's spec changed since preprocessing", where=str(self.root), hint="restart the study")
         return spec
 
+    def keep_global(self, weights: Weights) -> None:
+        """Keep the global model this site evaluated (the next train message names it by digest)."""
+        atomic_write_bytes(self.root / "global.bin", weights.to_bytes())
+
+    def global_model(self, sent: Weights | None, digest: str) -> Weights:
+        """The global model a message means: the one it carries, else the one kept here.
+
+        Either must have SHA-256 ``digest``; anything else is refused, never trained on.
+        """
+        if sent is None:
+            try:
+                sent = Weights.from_bytes((self.root / "global.bin").read_bytes())
+            except (OSError, ValueError):
+                sent = None
+        if sent is None or global_digest(sent) != digest:
+            raise DataError(
+                "the coordinator named a global model this site does not hold",
+                where=str(self.root),
+                hint="restart the study from the coordinator (it sends the model again)",
+            )
+        return sent
+
     def committer(self, spec: ExperimentSpec, arm: str, repeat: int, seed: int) -> Committer:
         """Commits this site's updates of one training; the openings stay in this site's folder
         (``openings/<arm>-r<repeat>/``, the simulation's layout, for ``fedcore ledger verify --openings``)."""
@@ -302,6 +324,11 @@ def _request_digest(message: GlobalModel, extras: dict[str, Weights]) -> str:
 def evaluate_site(site: SiteRuntime, message: GlobalModel) -> SiteEvaluation:
     """The simulation's evaluation of the global model on the site's validation and test splits."""
     return site.evaluate(message.weights)
+
+
+def global_digest(weights: Weights) -> str:
+    """SHA-256 of a global model's canonical bytes: how a message names a model the site holds."""
+    return hashlib.sha256(weights.to_bytes()).hexdigest()
 
 
 def statement(study: str, arm: str, repeat: int, round_: int, site: str, commitment: str, n_samples: int) -> bytes:
