@@ -48,8 +48,8 @@ class Release:
     :ivar field: the field's dotted path; ``*`` stands for any one name (a column, an extra).
     :ivar what: what it tells a reader, for the report.
     :ivar inside: the protections under which it is inside the DP guarantee.
-    :ivar sent_with: the component (its ``use`` name) whose presence makes sites send it,
-        or None when every run sends it.
+    :ivar sent_with: the component (its ``use`` name) whose presence makes sites send it
+        (:data:`EVALUATION`: a spec's ``evaluation.metrics``), or None when every run sends it.
     """
 
     message: str
@@ -63,6 +63,8 @@ class Release:
 
 
 _METRICS = ("n", "loss", "accuracy", "precision", "recall", "f1")
+#: the ``sent_with`` of releases that only a spec with ``evaluation.metrics`` makes sites send
+EVALUATION = "evaluation.metrics"
 
 RELEASES: tuple[Release, ...] = (
     Release("ClientUpdate", "site", "the site's index", PUBLIC),
@@ -101,6 +103,27 @@ RELEASES: tuple[Release, ...] = (
         Release("SiteEvaluation", f"{split}.{metric}", "the global model's exact metrics on the site's splits", OUTSIDE)
         for split in ("validation", "test")
         for metric in _METRICS
+    ),
+    *(
+        Release(
+            "SiteEvaluation",
+            f"{split}.scores.*",
+            "the global model's exact metrics of `evaluation.metrics` on the site's splits (AUROC, per-class recall, ...)",
+            OUTSIDE,
+            EVALUATION,
+        )
+        for split in ("validation", "test")
+    ),
+    *(
+        Release(
+            "SiteEvaluation",
+            f"{split}_histogram",
+            "with AUROC in `evaluation.metrics`: per class, the counts of its predicted probability in 1000 bins "
+            "on the site's splits (for the pooled AUROC)",
+            OUTSIDE,
+            EVALUATION,
+        )
+        for split in ("validation", "test")
     ),
     *(
         Release(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedcore.components import (
     Aggregator,
@@ -78,6 +78,33 @@ class BaselineSpec(_Strict):
     epochs: int | None = Field(None, ge=1, le=1_000_000, description="default: rounds x local_epochs")
 
 
+#: the metrics ``evaluation.metrics`` may name (scikit-learn's implementations, :mod:`fedcore.metrics`)
+METRIC_NAMES = ("accuracy", "balanced_accuracy", "auroc", "f1", "precision", "recall", "per_class_recall")
+MetricName = Literal["accuracy", "balanced_accuracy", "auroc", "f1", "precision", "recall", "per_class_recall"]
+
+
+class EvaluationSpec(_Strict):
+    """Which metrics every site and the pooled evaluation report, and which one leads.
+
+    Without ``metrics`` the run reports accuracy and macro precision, recall and F1 (as
+    always). ``primary`` is the metric of convergence, the headline tables and the figure.
+    """
+
+    metrics: list[MetricName] = Field(default_factory=list, description="default: accuracy, precision, recall, f1")
+    primary: MetricName = Field("accuracy", description="the metric of convergence and of the headline tables")
+
+    @model_validator(mode="after")
+    def _primary_is_reported(self) -> EvaluationSpec:
+        if self.primary == "per_class_recall":
+            raise ValueError("primary must be one number: per_class_recall is one per class (use recall or balanced_accuracy)")
+        reported = self.metrics or ["accuracy", "precision", "recall", "f1"]
+        if self.primary not in reported:
+            raise ValueError(f"primary '{self.primary}' is not among evaluation.metrics; add it to metrics")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("evaluation.metrics names a metric twice; list each once")
+        return self
+
+
 class ExecutionSpec(_Strict):
     """How the simulation runs; never changes the numbers it produces."""
 
@@ -115,6 +142,8 @@ class ExperimentSpec(_Strict):
     attacks: list[PluginRef] = Field(default_factory=list)
     audits: list[PluginRef] = Field(default_factory=list)
     baseline: BaselineSpec = BaselineSpec()
+    # Left out of the dump when default: a spec without it keeps its digest (spec_sha256, the ledger).
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, exclude_if=lambda value: value == EvaluationSpec())
     sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     execution: ExecutionSpec = ExecutionSpec()
 
@@ -127,7 +156,7 @@ class ExperimentSpec(_Strict):
 SLOTS: dict[str, str] = {kind.slot: kind.name for kind in KINDS if not kind.many}
 LIST_SLOTS: dict[str, str] = {kind.slot: kind.name for kind in KINDS if kind.many}
 #: top-level keys a sweep may not vary (they hold for the whole run)
-UNSWEPT = ("sweep", "name", "seed", "repeats", "execution")
+UNSWEPT = ("sweep", "name", "seed", "repeats", "execution", "evaluation")
 #: the largest spec file read, and the most YAML nodes it may expand to (aliases included)
 MAX_SPEC_BYTES = 1 << 20
 MAX_SPEC_NODES = 100_000

@@ -196,6 +196,9 @@ class ClassificationMetrics(Frozen):
     precision: float
     recall: float
     f1: float
+    # Left out of JSON when empty: a run without evaluation.metrics writes what it always wrote.
+    scores: dict[str, float | None] = Field(default_factory=dict, exclude_if=lambda value: not value)
+    """The spec's ``evaluation.metrics`` (scikit-learn, :func:`fedcore.metrics.scores`); None: undefined on this split."""
 
 
 class SiteEvaluation(Frozen):
@@ -207,6 +210,16 @@ class SiteEvaluation(Frozen):
     # Confusion counts let the server pool metrics exactly without seeing predictions.
     validation_confusion: list[list[int]]
     test_confusion: list[list[int]]
+    # Only with ``auroc`` in evaluation.metrics: per class, histograms of its predicted
+    # probability (fedcore.metrics.score_histogram), for the pooled AUROC. Not kept in rounds.jsonl.
+    validation_histogram: list[list[list[int]]] | None = Field(None, exclude_if=lambda value: value is None)
+    test_histogram: list[list[list[int]]] | None = Field(None, exclude_if=lambda value: value is None)
+
+    def without_histograms(self) -> SiteEvaluation:
+        """The evaluation as ``rounds.jsonl`` keeps it (the histograms served pooling only)."""
+        if self.validation_histogram is None and self.test_histogram is None:
+            return self
+        return self.model_copy(update={"validation_histogram": None, "test_histogram": None})
 
 
 class PrivacySpent(Frozen):

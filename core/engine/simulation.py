@@ -60,12 +60,15 @@ def site_name(site: int) -> str:
     return f"site-{site}"
 
 
-def pooled(evaluations: Sequence[SiteEvaluation], split: str) -> ClassificationMetrics:
+def pooled(evaluations: Sequence[SiteEvaluation], split: str, names: Sequence[str] = ()) -> ClassificationMetrics:
+    """The sites' metrics of ``split`` pooled (``names``: ``evaluation.metrics``, :func:`fedcore.metrics.pool`)."""
     metrics = [getattr(e, split) for e in evaluations]
     return pool(
         [np.asarray(getattr(e, f"{split}_confusion")) for e in evaluations],
         [m.loss for m in metrics],
         [m.n for m in metrics],
+        names,
+        [getattr(e, f"{split}_histogram") for e in evaluations],
     )
 
 
@@ -173,6 +176,7 @@ def make_sites(
             site_stages(spec, components, data, site_data, seed, arm),
             data.n_classes,
             derive_seed(seed, 1, site_data.site),
+            spec.evaluation.metrics,
         )
         for site_data in data.sites
     ]
@@ -292,9 +296,9 @@ class FederatedRun:
             round=round_,
             mode="federated",
             epoch=round_ * self.spec.training.local_epochs,
-            validation=pooled(evaluations, "validation"),
-            test=pooled(evaluations, "test"),
-            per_site=evaluations,
+            validation=pooled(evaluations, "validation", self.spec.evaluation.metrics),
+            test=pooled(evaluations, "test", self.spec.evaluation.metrics),
+            per_site=[e.without_histograms() for e in evaluations],
             train_loss=float(np.mean([u.train_loss for u in updates])),
             round_seconds=round_seconds,
             update_bytes=[u.nbytes() for u in updates],
@@ -394,9 +398,11 @@ def record_epoch(
     train_loss: float,
     seconds: float,
     on_round: RoundCallback | None,
+    metrics: Sequence[str] = (),
 ) -> None:
-    """Evaluate a centralized baseline after ``epoch`` on the pooled splits and record it."""
-    evaluation = evaluate_split_pair(module, site, n_classes)
+    """Evaluate a centralized baseline after ``epoch`` on the pooled splits and record it
+    (``metrics``: ``evaluation.metrics``)."""
+    evaluation = evaluate_split_pair(module, site, n_classes, metrics)
     record = RoundRecord(
         arm=result.arm,
         repeat=result.repeat,
@@ -428,7 +434,10 @@ def run_centralized(spec: ExperimentSpec, job: RunJob, arm: str, on_round: Round
         epoch_start = time.perf_counter()
         ctx = RoundContext(-1, epoch, initial, generator)
         outcome = trainer.run(ctx, x, y, epochs=1, keep_optimizer=True)
-        record_epoch(result, module, site, data.n_classes, epoch, outcome.mean_loss, time.perf_counter() - epoch_start, on_round)
+        record_epoch(
+            result, module, site, data.n_classes, epoch, outcome.mean_loss, time.perf_counter() - epoch_start, on_round,
+            spec.evaluation.metrics,
+        )
     result.wall_seconds = time.perf_counter() - start
     result.final_weights = weights_of(module)
     return result

@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedcore.components import BatchSampler, GradientStep, LocalTrainingStage, RoundContext, SiteData
 from fedcore.engine.stages import StagePlan
-from fedcore.engine.training import LocalTrainer, load_weights, predict, weights_of
-from fedcore.metrics import classification_metrics
+from fedcore.engine.training import LocalTrainer, load_weights, predict_probabilities, weights_of
+from fedcore.metrics import classification_metrics, score_histogram
 from fedcore.spec import TrainingSpec
 from fedcore.types import ClientUpdate, GlobalModel, PrivacySpent, SiteEvaluation, Weights
 
@@ -54,6 +55,7 @@ class SiteRuntime:
     :param n_classes: number of classes (class counts, metrics).
     :param seed: seeds the site's generator (batches, sampling; DP noise keys in
         the reproducible research mode).
+    :param metrics: ``evaluation.metrics`` beyond the default ones, for :meth:`evaluate`.
 
     A round: ``fit(global_weights, round, broadcast) -> ClientUpdate`` trains with the
     sequential trainer and releases the update through every stage. A stacked executor
@@ -70,8 +72,10 @@ class SiteRuntime:
         stages: Sequence[LocalTrainingStage],
         n_classes: int,
         seed: int,
+        metrics: Sequence[str] = (),
     ) -> None:
         self.data = data
+        self.metrics = tuple(metrics)
         self.training = training
         self.n_classes = n_classes
         self.generator = torch.Generator().manual_seed(seed)
@@ -135,7 +139,7 @@ class SiteRuntime:
     def evaluate(self, global_weights: Weights) -> SiteEvaluation:
         """The global model's metrics on this site's validation and test splits (only metrics leave)."""
         load_weights(self.module, global_weights)
-        return evaluate_split_pair(self.module, self.data, self.n_classes)
+        return evaluate_split_pair(self.module, self.data, self.n_classes, self.metrics)
 
     def privacy_spent(self) -> list[PrivacySpent]:
         return self.plan.privacy_spent()
@@ -157,12 +161,18 @@ class SiteRuntime:
         self.trainer.use_plan(self.plan)
 
 
-def evaluate_split_pair(module: torch.nn.Module, data: SiteData, n_classes: int) -> SiteEvaluation:
-    """Metrics and confusion counts of ``module`` on ``data``'s validation and test splits."""
+def evaluate_split_pair(module: torch.nn.Module, data: SiteData, n_classes: int, metrics: Sequence[str] = ()) -> SiteEvaluation:
+    """Metrics and confusion counts of ``module`` on ``data``'s validation and test splits.
+
+    :param metrics: ``evaluation.metrics`` (each split's ``scores``); with ``auroc``, also
+        each split's score histograms for the pooled AUROC.
+    """
     out: dict[str, Any] = {}
     for split, x, y in (("validation", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
-        preds, loss = predict(module, x, y)
-        metrics, conf = classification_metrics(y, preds, n_classes, loss)
-        out[split] = metrics
+        preds, probabilities, loss = predict_probabilities(module, x, y, probabilities="auroc" in metrics)
+        split_metrics, conf = classification_metrics(y, preds, n_classes, loss, metrics, probabilities)
+        out[split] = split_metrics
         out[f"{split}_confusion"] = conf.tolist()
+        if "auroc" in metrics:
+            out[f"{split}_histogram"] = score_histogram(y, np.zeros((0, n_classes)) if probabilities is None else probabilities, n_classes)
     return SiteEvaluation(site=data.site, **out)

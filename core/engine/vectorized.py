@@ -617,7 +617,7 @@ def run_centralized_vectorized(
         seconds = (time.perf_counter() - epoch_start) / len(jobs)
         for i, (job, site, module) in enumerate(zip(jobs, sites, modules, strict=True)):
             load_weights(module, trainer.copy_weights(i, initial[i]))
-            record_epoch(results[i], module, site, job.data.n_classes, epoch, outcomes[i].mean_loss, seconds, on_round)
+            record_epoch(results[i], module, site, job.data.n_classes, epoch, outcomes[i].mean_loss, seconds, on_round, spec.evaluation.metrics)
     wall = (time.perf_counter() - start) / len(jobs)
     for i, result in enumerate(results):
         result.wall_seconds = wall

@@ -9,15 +9,15 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from fedcore.errors import FedcoreUserError
-from fedcore.metrics import mean_sd
-from fedcore.releases import SECTIONS_WITHOUT_COUNTS, outside_text, protections
+from fedcore.metrics import mean_sd, metric_value
+from fedcore.releases import EVALUATION, SECTIONS_WITHOUT_COUNTS, outside_text, protections
 from fedcore.report.audits import audits_section, leakage_figure
 from fedcore.report.summary import METRICS, Summary, baseline_key, write_summary
 from fedcore.types import RoundRecord
@@ -40,6 +40,63 @@ def _num(stat: dict[str, float] | None, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(stat['mean'])} ± {fmt.format(stat['sd'])}"
 
 
+#: column titles of the metrics ``evaluation.metrics`` may name
+METRIC_TITLES = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "auroc": "AUROC",
+    "f1": "Macro F1",
+    "precision": "Macro precision",
+    "recall": "Macro recall",
+}
+
+
+def _metric_keys(summary: dict[str, Any], aggregates: Sequence[dict[str, Any]] = ()) -> list[str]:
+    """The metrics the tables show: the primary first, then ``evaluation.metrics`` in order
+    (``per_class_recall`` as one ``recall_class_<i>`` per class); the default four without them."""
+    names = summary.get("metrics") or []
+    if not names:
+        return list(METRICS)
+    keys: list[str] = []
+    for name in [summary.get("primary", "accuracy"), *names]:
+        if name == "per_class_recall":
+            found = {k.removeprefix("scores.") for agg in aggregates for k in agg if k.startswith("scores.recall_class_")}
+            keys += sorted(found, key=lambda k: int(k.rsplit("_", 1)[1]))
+        elif name not in keys:
+            keys.append(name)
+    return keys
+
+
+def _metric_title(key: str) -> str:
+    if key.startswith("recall_class_"):
+        return f"Recall of class {key.rsplit('_', 1)[1]}"
+    return METRIC_TITLES.get(key, key)
+
+
+def _metric_unit(key: str) -> str:
+    """AUROC as a number in [0, 1]; every other metric in percent."""
+    return "" if key == "auroc" else " (%)"
+
+
+def _metric_stat(summary: dict[str, Any], aggregate: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """Mean ± sd of ``key`` over repeats; None when no repeat has it defined."""
+    stat = aggregate.get(f"scores.{key}") if summary.get("metrics") else aggregate.get(key)
+    if stat is None or stat["mean"] is None or math.isnan(stat["mean"]):
+        return None
+    return stat
+
+
+def _metric_cell(summary: dict[str, Any], aggregate: dict[str, Any], key: str) -> str:
+    """One metric's cell: percent (AUROC: three decimals) ± sd; ``undefined`` where no repeat defines it."""
+    if not summary.get("metrics"):
+        return _pct(aggregate.get(key))
+    stat = _metric_stat(summary, aggregate, key)
+    if stat is None:
+        return "undefined"
+    scale, fmt = (1, "{:.3f}") if key == "auroc" else (100, "{:.2f}")
+    return f"{fmt.format(scale * stat['mean'])} ± {fmt.format(scale * stat['sd'])}"
+
+
 def _privacy_text(arm: dict[str, Any]) -> str:
     runs = arm["federated"]["runs"]
     reports = [p for r in runs for p in r.get("privacy", [])]
@@ -49,19 +106,26 @@ def _privacy_text(arm: dict[str, Any]) -> str:
     return f"ε = {worst['epsilon']:.3f}, δ = {worst['delta']:.0e} ({worst['unit']}, {worst['accountant']})"
 
 
-def _table_one(arm: dict[str, Any]) -> str:
+def _table_one(summary: dict[str, Any], arm: dict[str, Any]) -> str:
     fed = arm["federated"]["aggregate"]
     cen = arm["centralized"]["aggregate"] if arm["centralized"] else None
     lines = [
         "| Metric | Centralized | Federated | Deviation (points) |",
         "|---|---|---|---|",
     ]
-    for metric in METRICS:
-        if cen:
-            dev = 100 * (fed[metric]["mean"] - cen[metric]["mean"])
-            lines.append(f"| {metric.capitalize()} (%) | {_pct(cen[metric])} | {_pct(fed[metric])} | {dev:+.2f} |")
-        else:
-            lines.append(f"| {metric.capitalize()} (%) | – | {_pct(fed[metric])} | – |")
+    if not summary.get("metrics"):
+        for metric in METRICS:
+            if cen:
+                dev = 100 * (fed[metric]["mean"] - cen[metric]["mean"])
+                lines.append(f"| {metric.capitalize()} (%) | {_pct(cen[metric])} | {_pct(fed[metric])} | {dev:+.2f} |")
+            else:
+                lines.append(f"| {metric.capitalize()} (%) | – | {_pct(fed[metric])} | – |")
+    for key in _metric_keys(summary, [fed, cen or {}]) if summary.get("metrics") else ():
+        title = _metric_title(key) + _metric_unit(key) + (" — primary" if key == summary.get("primary") else "")
+        f_stat, c_stat = _metric_stat(summary, fed, key), _metric_stat(summary, cen, key) if cen else None
+        dev = f"{(1 if key == 'auroc' else 100) * (f_stat['mean'] - c_stat['mean']):+.{3 if key == 'auroc' else 2}f}" if f_stat and c_stat else "–"
+        cen_cell = _metric_cell(summary, cen, key) if cen else "–"
+        lines.append(f"| {title} | {cen_cell} | {_metric_cell(summary, fed, key)} | {dev} |")
     conv_c = _num(cen["convergence_epoch"]) if cen else "–"
     lines.append(f"| Convergence (epochs) | {conv_c} | {_num(fed['convergence_epoch'])} | |")
     lines.append(f"| Privacy loss | none | {_privacy_text(arm)} | |")
@@ -79,11 +143,12 @@ def _load_records(run_dir: Path) -> list[RoundRecord]:
     return [RoundRecord.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _curves(records: Sequence[RoundRecord], mode: str, arm: str) -> tuple[list[int], list[float], list[float]]:
+def _curves(records: Sequence[RoundRecord], mode: str, arm: str, primary: str = "accuracy") -> tuple[list[int], list[float], list[float]]:
     by_epoch: dict[int, list[float]] = defaultdict(list)
     for r in records:
         if r.mode == mode and r.arm == arm:
-            by_epoch[r.epoch].append(r.validation.accuracy)
+            value = metric_value(r.validation, primary)
+            by_epoch[r.epoch].append(float("nan") if value is None else value)
     epochs = sorted(by_epoch)
     means = [mean_sd(by_epoch[e])[0] for e in epochs]
     sds = [mean_sd(by_epoch[e])[1] for e in epochs]
@@ -99,45 +164,51 @@ def _figure(run_dir: Path, summary: dict[str, Any], records: Sequence[RoundRecor
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
     written: list[str] = []
+    primary = summary.get("primary", "accuracy")
+    scale = 1 if primary == "auroc" else 100
     many = len(summary["arms"]) > 6
     fig, ax = plt.subplots(figsize=(11, 4.8) if many else (7, 4.2))
     drawn_baselines: set[str] = set()
     for arm in summary["arms"]:
-        epochs, means, sds = _curves(records, "federated", arm["label"])
+        epochs, means, sds = _curves(records, "federated", arm["label"], primary)
         if epochs:
             label = "federated" if len(summary["arms"]) == 1 else arm["label"]
-            ax.plot(epochs, [100 * m for m in means], marker="o", label=label)
+            ax.plot(epochs, [scale * m for m in means], marker="o", label=label)
             ax.fill_between(
-                epochs, [100 * (m - s) for m, s in zip(means, sds)], [100 * (m + s) for m, s in zip(means, sds)], alpha=0.2
+                epochs, [scale * (m - s) for m, s in zip(means, sds)], [scale * (m + s) for m, s in zip(means, sds)], alpha=0.2
             )
         if arm["centralized"] and arm["centralized"]["of_arm"] not in drawn_baselines:
             drawn_baselines.add(arm["centralized"]["of_arm"])
-            epochs, means, _ = _curves(records, "centralized", arm["centralized"]["of_arm"])
+            epochs, means, _ = _curves(records, "centralized", arm["centralized"]["of_arm"], primary)
             if epochs:
-                ax.plot(epochs, [100 * m for m in means], linestyle="--", color="black", label="centralized")
+                ax.plot(epochs, [scale * m for m in means], linestyle="--", color="black", label="centralized")
+    name = "accuracy" if primary == "accuracy" else _metric_title(primary)
     ax.set_xlabel("epochs of local training (federated: round × local epochs)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"{summary['name']}: validation accuracy")
+    ax.set_ylabel(f"validation {name}" + _metric_unit(primary))
+    ax.set_title(f"{summary['name']}: validation {name}")
     ax.grid(alpha=0.3)
     if many:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     else:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(figures / "accuracy.png", dpi=120, bbox_inches="tight")
+    fig.savefig(figures / f"{primary}.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    written.append("figures/accuracy.png")
+    written.append(f"figures/{primary}.png")
     return written
 
 
-def _per_site_table(records: Sequence[RoundRecord], arm: str, site_names: dict[int, str]) -> str:
-    """The final global model on each site's test split, mean ± sd over repeats."""
+def _per_site_table(records: Sequence[RoundRecord], arm: str, site_names: dict[int, str], summary: dict[str, Any] | None = None) -> str:
+    """The final global model on each site's test split, mean ± sd over repeats
+    (``evaluation.metrics``: each of them, ``undefined`` where no repeat defines it)."""
     last: dict[int, RoundRecord] = {}
     for r in records:
         if r.mode == "federated" and r.arm == arm and (r.repeat not in last or r.round > last[r.repeat].round):
             last[r.repeat] = r
     if not last:
         return ""
+    if summary is not None and summary.get("metrics"):
+        return _per_site_scores(last.values(), site_names, summary)
     by_site: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for record in last.values():
         for evaluation in record.per_site:
@@ -147,6 +218,27 @@ def _per_site_table(records: Sequence[RoundRecord], arm: str, site_names: dict[i
         acc = dict(zip(("mean", "sd"), mean_sd([v[0] for v in values])))
         f1 = dict(zip(("mean", "sd"), mean_sd([v[1] for v in values])))
         lines.append(f"| {site_names.get(site, site)} | {_pct(acc)} | {_pct(f1)} |")
+    return "\n".join(lines)
+
+
+def _per_site_scores(last: Iterable[RoundRecord], site_names: dict[int, str], summary: dict[str, Any]) -> str:
+    """Per site, every metric of ``evaluation.metrics`` on its test split, mean ± sd over repeats."""
+    by_site: dict[int, dict[str, list[float | None]]] = defaultdict(lambda: defaultdict(list))
+    for record in last:
+        for evaluation in record.per_site:
+            for key, value in evaluation.test.scores.items():
+                by_site[evaluation.site][key].append(value)
+    keys = _metric_keys(summary, [{f"scores.{k}": None for site in by_site.values() for k in site}])
+    lines = [
+        "| Site | " + " | ".join(f"Test {_metric_title(k)}{_metric_unit(k)}" for k in keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for site, values in sorted(by_site.items()):
+        cells = []
+        for key in keys:
+            mean, sd = mean_sd(values.get(key, []))
+            cells.append(_metric_cell(summary, {f"scores.{key}": {"mean": mean, "sd": sd}}, key))
+        lines.append(f"| {site_names.get(site, site)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -200,6 +292,8 @@ def _releases_section(summary: dict[str, Any]) -> str:
             by_release[("no DP mechanism: everything sites send is outside any guarantee",)].append(arm["label"])
             continue
         uses = {p.get("use") for p in privacy} | {(arm.get("aggregator") or {}).get("use")}
+        if summary.get("metrics"):
+            uses.add(EVALUATION)
         by_release[tuple(outside_text(protection, uses))].append(arm["label"])
     lines.append("Released outside the guarantee (every field sites send is declared in `fedcore.releases`):")
     for fields, labels in by_release.items():
@@ -218,9 +312,12 @@ def _releases_section(summary: dict[str, Any]) -> str:
 def _privacy_figure(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     """Test accuracy against the accounted ε, when several arms spend privacy (an ε sweep)."""
     points, references = [], []
+    primary = summary.get("primary", "accuracy")
     for arm in summary["arms"]:
         eps = arm["federated"]["aggregate"].get("epsilon_max")
-        acc = arm["federated"]["aggregate"]["accuracy"]
+        acc = _metric_stat(summary, arm["federated"]["aggregate"], primary)
+        if acc is None:
+            continue
         (points if eps is not None else references).append((eps, acc, arm["label"]))
     if len(points) < 2:
         return []
@@ -250,6 +347,20 @@ def _privacy_figure(run_dir: Path, summary: dict[str, Any]) -> list[str]:
 
 
 def _comparison_table(summary: dict[str, Any]) -> str:
+    if summary.get("metrics"):
+        keys = _metric_keys(summary, [arm["federated"]["aggregate"] for arm in summary["arms"]])
+        lines = [
+            "| Arm | " + " | ".join(f"{_metric_title(k)}{_metric_unit(k)}" for k in keys)
+            + " | Convergence (epochs) | Time (s per run) | Privacy loss |",
+            "|---|" + "---|" * (len(keys) + 3),
+        ]
+        for arm in summary["arms"]:
+            fed = arm["federated"]["aggregate"]
+            cells = " | ".join(_metric_cell(summary, fed, k) for k in keys)
+            lines.append(
+                f"| {arm['label']} | {cells} | {_num(fed['convergence_epoch'])} | {_num(fed['wall_seconds'])} | {_privacy_text(arm)} |"
+            )
+        return "\n".join(lines)
     lines = [
         "| Arm | Accuracy (%) | Macro F1 (%) | Convergence (epochs) | Time (s per run) | Privacy loss |",
         "|---|---|---|---|---|---|",
@@ -293,6 +404,11 @@ def _ledger_table(summary: dict[str, Any]) -> str:
         cells = [str(ledger.get(key, "n/a")) for key, _ in LEDGER_COLUMNS]
         lines.append(f"| {label} | {run['repeat']} | " + " | ".join(cells) + f" | `{ledger.get('head', 'n/a')}` |")
     return "\n".join(lines)
+
+
+def _convergence_metric(summary: dict[str, Any]) -> str:
+    primary = summary.get("primary", "accuracy")
+    return "accuracy" if primary == "accuracy" else f"{_metric_title(primary)} (the primary metric)"
 
 
 def build_report(run_dir: Path | str) -> Path:
@@ -367,9 +483,9 @@ def build_report(run_dir: Path | str) -> Path:
             )
     for arm in summary["arms"]:
         title = "Table I: centralized vs federated" if len(summary["arms"]) == 1 else f"Table I — {arm['label']}"
-        out += ["", f"## {title}", "", "Test split, pooled over sites; mean ± sd over repeats.", "", _table_one(arm)]
+        out += ["", f"## {title}", "", "Test split, pooled over sites; mean ± sd over repeats.", "", _table_one(summary, arm)]
         site_names = {s["site"]: s["name"] for s in data["sites"]}
-        per_site = _per_site_table(records, arm["label"], site_names)
+        per_site = _per_site_table(records, arm["label"], site_names, summary)
         if per_site:
             out += ["", "Federated model per site (final round):", "", per_site]
     if len(summary["arms"]) > 1:
@@ -388,7 +504,7 @@ def build_report(run_dir: Path | str) -> Path:
     out += [f"![{Path(f).stem}]({f})" for f in figures]
     out += [
         "",
-        "Convergence epoch: the first epoch at which validation accuracy comes within 0.5 points of its "
+        f"Convergence epoch: the first epoch at which validation {_convergence_metric(summary)} comes within 0.5 points of its "
         "final value and stays there (federated: round × local epochs). Processing time: wall time of a "
         "training; trainings the vectorized engine runs together are each charged an equal share.",
         "",

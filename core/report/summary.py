@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore.errors import DataError
-from fedcore.metrics import convergence_epoch, mean_sd
+from fedcore.metrics import convergence_epoch, mean_sd, metric_value
 from fedcore.releases import SECTIONS_WITHOUT_COUNTS, protections
 from fedcore.types import ClassificationMetrics, PrivacySpent, json_digest
 
@@ -126,6 +126,10 @@ class Summary(_Model):
     total_seconds: float
     data: DataSummary
     arms: list[ArmSummary]
+    metrics: list[str] = Field(default_factory=list, exclude_if=lambda value: not value)
+    """``evaluation.metrics`` (empty: the default accuracy, precision, recall, F1)"""
+    primary: str = Field("accuracy", exclude_if=lambda value: value == "accuracy")
+    """``evaluation.primary``: the metric of convergence, the headline tables and the figure"""
 
     def write(self, run_dir: Path) -> None:
         # json.dumps keeps NaN (a run refused before its first round) as NaN, which reads back.
@@ -159,7 +163,7 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _run_summary(result: RunResult) -> dict[str, Any]:
+def _run_summary(result: RunResult, primary: str = "accuracy") -> dict[str, Any]:
     records = result.records
     if not records:  # refused before its first round
         nan = float("nan")
@@ -170,7 +174,7 @@ def _run_summary(result: RunResult) -> dict[str, Any]:
             "privacy": [], "ledger": result.ledger, "stopped_reason": result.stopped_reason,
         }
     last = records[-1]
-    conv = convergence_epoch([r.epoch for r in records], [r.validation.accuracy for r in records])
+    conv = convergence_epoch([r.epoch for r in records], [metric_value(r.validation, primary) for r in records])
     out: dict[str, Any] = {
         "repeat": result.repeat,
         "rounds": len(records),
@@ -199,6 +203,10 @@ def _aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for metric in METRICS:
         mean, sd = mean_sd([r["test"][metric] for r in runs])
         agg[metric] = {"mean": mean, "sd": sd}
+    # evaluation.metrics: undefined values (None) are left out; none defined -> NaN ("undefined")
+    for metric in dict.fromkeys(k for r in runs for k in r["test"].get("scores", {})):
+        mean, sd = mean_sd([r["test"]["scores"].get(metric) for r in runs])
+        agg[f"scores.{metric}"] = {"mean": mean, "sd": sd, "n": sum(r["test"]["scores"].get(metric) is not None for r in runs)}
     conv = [r["convergence_epoch"] for r in runs if r["convergence_epoch"] is not None]
     mean, sd = mean_sd(conv)
     agg["convergence_epoch"] = {"mean": mean, "sd": sd}
@@ -223,6 +231,7 @@ def write_summary(
 
     :param engines: per arm label, the engine that trained it and why.
     """
+    primary = experiment.spec.evaluation.primary
     by_arm: dict[tuple[str, str], list[RunResult]] = defaultdict(list)
     for result in results:
         by_arm[(result.mode, result.arm)].append(result)
@@ -231,9 +240,9 @@ def write_summary(
     for arm in experiment.arms:
         key = baseline_key(arm.spec)
         first_label_by_key.setdefault(key, arm.label)
-        fed_runs = [_run_summary(r) for r in sorted(by_arm[("federated", arm.label)], key=lambda r: r.repeat)]
+        fed_runs = [_run_summary(r, primary) for r in sorted(by_arm[("federated", arm.label)], key=lambda r: r.repeat)]
         cen = by_arm.get(("centralized", first_label_by_key[key]), [])
-        cen_runs = [_run_summary(r) for r in sorted(cen, key=lambda r: r.repeat)]
+        cen_runs = [_run_summary(r, primary) for r in sorted(cen, key=lambda r: r.repeat)]
         arms.append(
             {
                 "label": arm.label,
@@ -282,6 +291,8 @@ def write_summary(
             "released_statistics": sorted(data.released_statistics),
         },
         "arms": arms,
+        "metrics": list(spec.evaluation.metrics),
+        "primary": primary,
     }
     typed = Summary.model_validate(summary)
     typed.write(run_dir)
