@@ -72,10 +72,25 @@ class TrainingSpec(_Strict):
 
 
 class BaselineSpec(_Strict):
-    """The centralized comparison: the same model trained on the pooled training data."""
+    """The comparisons of an FL table, with the same splits, model and seeds as the federated arms.
+
+    ``centralized``: one model on the pooled training data; ``local``: each centre trains
+    alone and is scored on its own splits; ``cyclic``: one model trained centre after
+    centre, every round. ``training`` replaces the spec's ``training`` for all three.
+    Fields left at their defaults are left out of the spec's dump (its digest stays).
+    """
 
     centralized: bool = False
     epochs: int | None = Field(None, ge=1, le=1_000_000, description="default: rounds x local_epochs")
+    local: bool = Field(False, exclude_if=lambda value: not value, description="each centre alone, scored on its own splits")
+    cyclic: bool = Field(False, exclude_if=lambda value: not value, description="one model, centre after centre, every round")
+    training: TrainingSpec | None = Field(
+        None, exclude_if=lambda value: value is None, description="the baselines' training (default: the spec's training)"
+    )
+
+    def modes(self) -> list[str]:
+        """The baselines this spec asks for, in table order."""
+        return [mode for mode in ("centralized", "local", "cyclic") if getattr(self, mode)]
 
 
 #: the metrics ``evaluation.metrics`` may name (scikit-learn's implementations, :mod:`fedcore.metrics`)
@@ -147,9 +162,22 @@ class ExperimentSpec(_Strict):
     sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     execution: ExecutionSpec = ExecutionSpec()
 
+    def as_baseline(self) -> ExperimentSpec:
+        """The spec a baseline trains by: ``training`` replaced by ``baseline.training`` where set."""
+        if self.baseline.training is None:
+            return self
+        return self.model_copy(update={"training": self.baseline.training})
+
+    @property
+    def baseline_training(self) -> TrainingSpec:
+        """The baselines' training: ``baseline.training``, else ``training``."""
+        return self.baseline.training or self.training
+
     @property
     def baseline_epochs(self) -> int:
-        return self.baseline.epochs or self.training.rounds * self.training.local_epochs
+        """Epochs of the centralized and local baselines (default: rounds x local epochs of their training)."""
+        training = self.baseline_training
+        return self.baseline.epochs or training.rounds * training.local_epochs
 
 
 #: spec path of each plugin slot -> component kind (views of :data:`fedcore.components.KINDS`)

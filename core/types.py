@@ -264,9 +264,10 @@ class RoundRecord(Frozen):
     arm: str
     repeat: int
     round: int
-    mode: Literal["federated", "centralized"]
+    mode: Literal["federated", "centralized", "local", "cyclic"]
     epoch: int
-    """Local epochs completed per site (federated) or epochs on pooled data (centralized)."""
+    """Local epochs completed per site (federated, cyclic), epochs on pooled data (centralized)
+    or on each centre's own data (local)."""
     validation: ClassificationMetrics
     test: ClassificationMetrics
     per_site: list[SiteEvaluation] = Field(default_factory=list)

@@ -68,8 +68,12 @@ class Job:
         return f"{self.mode}:{self.arm}:{self.repeat}"
 
 
+#: the local-only and cyclic baselines' engine (fedcore.engine.baselines)
+SEQUENTIAL_BASELINE = EngineChoice("sequential", "the local-only and cyclic baselines run on the sequential engine")
+
+
 def plan_jobs(experiment: Experiment, engines: dict[str, EngineChoice]) -> list[Job]:
-    """Federated jobs for every arm and repeat; one baseline per distinct (data, model, training)."""
+    """Federated jobs for every arm and repeat; each baseline once per distinct (data, model, training, baseline)."""
     jobs: list[Job] = []
     spec = experiment.spec
     for repeat in range(spec.repeats):
@@ -77,11 +81,13 @@ def plan_jobs(experiment: Experiment, engines: dict[str, EngineChoice]) -> list[
         seen: set[str] = set()
         for arm in experiment.arms:
             engine = engines[arm.label]
-            if arm.spec.baseline.centralized:
-                key = baseline_key(arm.spec)
-                if key not in seen:
-                    seen.add(key)
-                    jobs.append(Job(arm.label, repeat, "centralized", arm.spec, seed, engine))
+            key = baseline_key(arm.spec)
+            if key not in seen:
+                seen.add(key)
+                jobs += [
+                    Job(arm.label, repeat, mode, arm.spec.as_baseline(), seed, engine if mode == "centralized" else SEQUENTIAL_BASELINE)
+                    for mode in arm.spec.baseline.modes()
+                ]
             jobs.append(Job(arm.label, repeat, "federated", arm.spec, seed, engine))
     return jobs
 
@@ -226,14 +232,20 @@ def train_runs(
     The vectorized engine trains them as one stacked computation; the sequential one, one after another.
     """
     if not engine.vectorized:
-        train = run_centralized if mode == "centralized" else run_federated
-        return [train(spec, run, arm, on_round) for run in runs]
+        return [trainer(mode)(spec, run, arm, on_round) for run in runs]
     from fedcore.engine import vectorized as vec
 
     options = vec.EngineOptions(device=spec.execution.device)
     if mode == "centralized":
         return vec.run_centralized_vectorized(spec, runs, arm, on_round, options)
     return vec.run_repeats_vectorized(spec, runs, arm, on_round, options)
+
+
+def trainer(mode: str) -> Callable[..., RunResult]:
+    """The sequential engine's training of ``mode`` (federated, centralized, local, cyclic)."""
+    from fedcore.engine.baselines import run_cyclic, run_local
+
+    return {"federated": run_federated, "centralized": run_centralized, "local": run_local, "cyclic": run_cyclic}[mode]
 
 
 def run_job(job: Job, run_dir: Path, plugins: PluginManager) -> RunJob:
@@ -251,10 +263,7 @@ def execute_job(
     """Run one job in this process."""
     plugins = plugins or PluginManager()
     run = run_job(job, run_dir, plugins)
-    if job.mode == "centralized":
-        result = run_centralized(job.spec, run, job.arm, on_round)
-    else:
-        result = run_federated(job.spec, run, job.arm, on_round)
+    result = trainer(job.mode)(job.spec, run, job.arm, on_round)
     _audit(job, result, plugins)
     _save_checkpoint(job, result, run_dir)
     return result
@@ -317,7 +326,7 @@ class Progress:
         )
         self._jobs = self._bar.add_task("trainings", total=len(jobs))
         total_rounds = sum(
-            (j.spec.training.rounds if j.mode == "federated" else j.spec.baseline_epochs) for j in jobs
+            (j.spec.training.rounds if j.mode in ("federated", "cyclic") else j.spec.baseline_epochs) for j in jobs
         )
         self._rounds = self._bar.add_task("rounds/epochs", total=total_rounds)
 
@@ -475,12 +484,12 @@ def _job_info(unit: list[Job]) -> dict[str, Any]:
 def _job_work(job: Job, rows: int) -> float:
     """Training rows × epochs of a job (× 2 under DP: per-sample gradients)."""
     spec = job.spec
-    epochs = spec.baseline_epochs if job.mode == "centralized" else spec.training.rounds * spec.training.local_epochs
+    epochs = spec.baseline_epochs if job.mode in ("centralized", "local") else spec.training.rounds * spec.training.local_epochs
     return float(rows * epochs * (2 if spec.privacy else 1))
 
 
 def _job_cost(job: Job) -> int:
     spec = job.spec
-    if job.mode == "centralized":
+    if job.mode in ("centralized", "local"):
         return spec.baseline_epochs
     return spec.training.rounds * spec.training.local_epochs * (2 if spec.privacy else 1)

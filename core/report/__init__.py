@@ -106,33 +106,45 @@ def _privacy_text(arm: dict[str, Any]) -> str:
     return f"ε = {worst['epsilon']:.3f}, δ = {worst['delta']:.0e} ({worst['unit']}, {worst['accountant']})"
 
 
+#: the local-only and cyclic baselines' column titles, in table order
+BASELINE_TITLES = {"local": "Local only", "cyclic": "Cyclic"}
+
+
 def _table_one(summary: dict[str, Any], arm: dict[str, Any]) -> str:
+    """Table I: the centralized (and local-only, cyclic) baselines beside the federated arm."""
     fed = arm["federated"]["aggregate"]
     cen = arm["centralized"]["aggregate"] if arm["centralized"] else None
+    others = [arm[mode]["aggregate"] for mode in BASELINE_TITLES if arm.get(mode)]
+    titles = [title for mode, title in BASELINE_TITLES.items() if arm.get(mode)]
+
+    def row(title: str, cen_cell: str, other_cells: Sequence[str], fed_cell: str, dev: str) -> str:
+        return f"| {title} | {cen_cell} | " + "".join(f"{c} | " for c in other_cells) + f"{fed_cell} | {dev} |".replace("|  |", "| |")
+
     lines = [
-        "| Metric | Centralized | Federated | Deviation (points) |",
-        "|---|---|---|---|",
+        row("Metric", "Centralized", titles, "Federated", "Deviation (points)"),
+        "|---|---|" + "---|" * len(others) + "---|---|",
     ]
-    if not summary.get("metrics"):
-        for metric in METRICS:
-            if cen:
-                dev = 100 * (fed[metric]["mean"] - cen[metric]["mean"])
-                lines.append(f"| {metric.capitalize()} (%) | {_pct(cen[metric])} | {_pct(fed[metric])} | {dev:+.2f} |")
-            else:
-                lines.append(f"| {metric.capitalize()} (%) | – | {_pct(fed[metric])} | – |")
-    for key in _metric_keys(summary, [fed, cen or {}]) if summary.get("metrics") else ():
-        title = _metric_title(key) + _metric_unit(key) + (" — primary" if key == summary.get("primary") else "")
-        f_stat, c_stat = _metric_stat(summary, fed, key), _metric_stat(summary, cen, key) if cen else None
-        dev = f"{(1 if key == 'auroc' else 100) * (f_stat['mean'] - c_stat['mean']):+.{3 if key == 'auroc' else 2}f}" if f_stat and c_stat else "–"
-        cen_cell = _metric_cell(summary, cen, key) if cen else "–"
-        lines.append(f"| {title} | {cen_cell} | {_metric_cell(summary, fed, key)} | {dev} |")
+    scored = bool(summary.get("metrics"))
+    for key in _metric_keys(summary, [fed, cen or {}, *others]):
+        if scored:
+            title = _metric_title(key) + _metric_unit(key) + (" — primary" if key == summary.get("primary") else "")
+            f_stat, c_stat = _metric_stat(summary, fed, key), _metric_stat(summary, cen, key) if cen else None
+            scale, places = (1, 3) if key == "auroc" else (100, 2)
+            dev = f"{scale * (f_stat['mean'] - c_stat['mean']):+.{places}f}" if f_stat and c_stat else "–"
+        else:
+            title = f"{key.capitalize()} (%)"
+            dev = f"{100 * (fed[key]['mean'] - cen[key]['mean']):+.2f}" if cen else "–"
+        cells = [_metric_cell(summary, agg, key) for agg in others]
+        lines.append(row(title, _metric_cell(summary, cen, key) if cen else "–", cells, _metric_cell(summary, fed, key), dev))
     conv_c = _num(cen["convergence_epoch"]) if cen else "–"
-    lines.append(f"| Convergence (epochs) | {conv_c} | {_num(fed['convergence_epoch'])} | |")
-    lines.append(f"| Privacy loss | none | {_privacy_text(arm)} | |")
+    lines.append(row("Convergence (epochs)", conv_c, [_num(a["convergence_epoch"]) for a in others], _num(fed["convergence_epoch"]), ""))
+    lines.append(row("Privacy loss", "none", ["none"] * len(others), _privacy_text(arm), ""))
     time_c = _num(cen["wall_seconds"]) if cen else "–"
-    lines.append(f"| Processing time (s per run) | {time_c} | {_num(fed['wall_seconds'])} | |")
+    lines.append(
+        row("Processing time (s per run)", time_c, [_num(a["wall_seconds"]) for a in others], _num(fed["wall_seconds"]), "")
+    )
     kb = fed.get("bytes_per_update", {}).get("mean", 0) / 1024
-    lines.append(f"| Communication per update (KiB) | – | {kb:.1f} | |")
+    lines.append(row("Communication per update (KiB)", "–", ["–"] * len(others), f"{kb:.1f}", ""))
     return "\n".join(lines)
 
 
@@ -182,6 +194,11 @@ def _figure(run_dir: Path, summary: dict[str, Any], records: Sequence[RoundRecor
             epochs, means, _ = _curves(records, "centralized", arm["centralized"]["of_arm"], primary)
             if epochs:
                 ax.plot(epochs, [scale * m for m in means], linestyle="--", color="black", label="centralized")
+        for mode, style in (("local", ":"), ("cyclic", "-.")):
+            if arm.get(mode) and arm[mode]["of_arm"] == arm["label"]:
+                epochs, means, _ = _curves(records, mode, arm["label"], primary)
+                if epochs:
+                    ax.plot(epochs, [scale * m for m in means], linestyle=style, color="gray", label=BASELINE_TITLES[mode].lower())
     name = "accuracy" if primary == "accuracy" else _metric_title(primary)
     ax.set_xlabel("epochs of local training (federated: round × local epochs)")
     ax.set_ylabel(f"validation {name}" + _metric_unit(primary))
@@ -198,12 +215,14 @@ def _figure(run_dir: Path, summary: dict[str, Any], records: Sequence[RoundRecor
     return written
 
 
-def _per_site_table(records: Sequence[RoundRecord], arm: str, site_names: dict[int, str], summary: dict[str, Any] | None = None) -> str:
+def _per_site_table(
+    records: Sequence[RoundRecord], arm: str, site_names: dict[int, str], summary: dict[str, Any] | None = None, mode: str = "federated"
+) -> str:
     """The final global model on each site's test split, mean ± sd over repeats
     (``evaluation.metrics``: each of them, ``undefined`` where no repeat defines it)."""
     last: dict[int, RoundRecord] = {}
     for r in records:
-        if r.mode == "federated" and r.arm == arm and (r.repeat not in last or r.round > last[r.repeat].round):
+        if r.mode == mode and r.arm == arm and (r.repeat not in last or r.round > last[r.repeat].round):
             last[r.repeat] = r
     if not last:
         return ""
@@ -346,6 +365,22 @@ def _privacy_figure(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     return ["figures/privacy.png"]
 
 
+def _comparison_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
+    """(label, aggregate, privacy) per arm, then, when the spec asks for the local-only or
+    cyclic baseline, one row per baseline (centralized included) and the arms it serves."""
+    rows = [(arm["label"], arm["federated"]["aggregate"], _privacy_text(arm)) for arm in summary["arms"]]
+    if not any(arm.get(mode) for arm in summary["arms"] for mode in BASELINE_TITLES):
+        return rows
+    shared = len({arm[mode]["of_arm"] for arm in summary["arms"] for mode in ("centralized", *BASELINE_TITLES) if arm.get(mode)}) == 1
+    for mode, title in (("centralized", "Centralized"), *BASELINE_TITLES.items()):
+        for arm in summary["arms"]:
+            trainings = arm.get(mode)
+            if trainings and trainings["of_arm"] == arm["label"]:
+                suffix = "" if shared else f" ({arm['label']})"
+                rows.append((f"baseline: {title.lower()}{suffix}", trainings["aggregate"], "none"))
+    return rows
+
+
 def _comparison_table(summary: dict[str, Any]) -> str:
     if summary.get("metrics"):
         keys = _metric_keys(summary, [arm["federated"]["aggregate"] for arm in summary["arms"]])
@@ -354,22 +389,18 @@ def _comparison_table(summary: dict[str, Any]) -> str:
             + " | Convergence (epochs) | Time (s per run) | Privacy loss |",
             "|---|" + "---|" * (len(keys) + 3),
         ]
-        for arm in summary["arms"]:
-            fed = arm["federated"]["aggregate"]
-            cells = " | ".join(_metric_cell(summary, fed, k) for k in keys)
-            lines.append(
-                f"| {arm['label']} | {cells} | {_num(fed['convergence_epoch'])} | {_num(fed['wall_seconds'])} | {_privacy_text(arm)} |"
-            )
+        for label, agg, privacy in _comparison_rows(summary):
+            cells = " | ".join(_metric_cell(summary, agg, k) for k in keys)
+            lines.append(f"| {label} | {cells} | {_num(agg['convergence_epoch'])} | {_num(agg['wall_seconds'])} | {privacy} |")
         return "\n".join(lines)
     lines = [
         "| Arm | Accuracy (%) | Macro F1 (%) | Convergence (epochs) | Time (s per run) | Privacy loss |",
         "|---|---|---|---|---|---|",
     ]
-    for arm in summary["arms"]:
-        fed = arm["federated"]["aggregate"]
+    for label, fed, privacy in _comparison_rows(summary):
         lines.append(
-            f"| {arm['label']} | {_pct(fed['accuracy'])} | {_pct(fed['f1'])} | {_num(fed['convergence_epoch'])} "
-            f"| {_num(fed['wall_seconds'])} | {_privacy_text(arm)} |"
+            f"| {label} | {_pct(fed['accuracy'])} | {_pct(fed['f1'])} | {_num(fed['convergence_epoch'])} "
+            f"| {_num(fed['wall_seconds'])} | {privacy} |"
         )
     return "\n".join(lines)
 
@@ -488,6 +519,10 @@ def build_report(run_dir: Path | str) -> Path:
         per_site = _per_site_table(records, arm["label"], site_names, summary)
         if per_site:
             out += ["", "Federated model per site (final round):", "", per_site]
+        for mode, caption in (("local", "Local-only models, each on its own centre (final epoch):"), ("cyclic", "Cyclic model per site (final round):")):
+            if arm.get(mode) and arm[mode]["of_arm"] == arm["label"]:
+                table = _per_site_table(records, arm["label"], site_names, summary, mode)
+                out += ["", caption, "", table] if table else []
     if len(summary["arms"]) > 1:
         out += ["", "## Comparison of arms", "", _comparison_table(summary)]
     privacy = _privacy_section(summary)

@@ -93,6 +93,10 @@ class ArmSummary(_Model):
     setup: ArmSetup
     federated: Trainings
     centralized: Trainings | None
+    local: Trainings | None = Field(None, exclude_if=lambda value: value is None)
+    """each centre alone, scored on its own splits (``baseline.local``)"""
+    cyclic: Trainings | None = Field(None, exclude_if=lambda value: value is None)
+    """one model, centre after centre (``baseline.cyclic``)"""
 
 
 class SiteSize(_Model):
@@ -241,8 +245,11 @@ def write_summary(
         key = baseline_key(arm.spec)
         first_label_by_key.setdefault(key, arm.label)
         fed_runs = [_run_summary(r, primary) for r in sorted(by_arm[("federated", arm.label)], key=lambda r: r.repeat)]
-        cen = by_arm.get(("centralized", first_label_by_key[key]), [])
-        cen_runs = [_run_summary(r, primary) for r in sorted(cen, key=lambda r: r.repeat)]
+        baselines = {
+            mode: [_run_summary(r, primary) for r in sorted(by_arm.get((mode, first_label_by_key[key]), []), key=lambda r: r.repeat)]
+            for mode in ("centralized", "local", "cyclic")
+        }
+        cen_runs = baselines.pop("centralized")
         arms.append(
             {
                 "label": arm.label,
@@ -264,6 +271,11 @@ def write_summary(
                 "centralized": {"runs": cen_runs, "aggregate": _aggregate(cen_runs), "of_arm": first_label_by_key[key]}
                 if cen_runs
                 else None,
+                **{
+                    mode: {"runs": runs, "aggregate": _aggregate(runs), "of_arm": first_label_by_key[key]}
+                    for mode, runs in baselines.items()
+                    if runs
+                },
             }
         )
     spec = experiment.spec
