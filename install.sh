@@ -5,7 +5,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test,fabric,deploy]" tox
+.venv/bin/python -m pip install --quiet -e ".[test,fabric,deploy,mlflow]" tox
 # CrypTen (secure aggregation) cannot be an extra: it must be installed --no-deps.
 .venv/bin/python -m pip install --quiet --no-deps -r requirements/crypten.txt
 .venv/bin/python -m pip install --quiet onnx==1.18.0 omegaconf==2.4.0

@@ -200,6 +200,8 @@ class SiteInfo:
     max_rows_per_patient: int | None = None
     secrets: Secrets = field(default_factory=Secrets)
     """Where the site's DP noise keys come from (the OS CSPRNG unless the run is reproducible)."""
+    local_steps: int | None = None
+    """``training.local_steps``: optimizer steps per round instead of ``local_epochs`` epochs."""
 
 
 @dataclass
@@ -617,6 +619,49 @@ class Audit(Component[SettingsT]):
         raise NotImplementedError
 
 
+# ---------------------------------------------------------------------- observers
+
+
+class Observer(Component[SettingsT]):
+    """Watches a run without changing it: an experiment tracker, a log (``observers:`` in a spec).
+
+    Built once per ``fedcore run``, in the main process, from the spec's ``observers``
+    list, and called at the run's lifecycle points (the same as the ``fedcore_run_start``
+    ... ``fedcore_run_failed`` hooks). An observer that raises is logged by name and
+    skipped; the run goes on. Every method defaults to doing nothing.
+    """
+
+    kind = "observer"
+
+    def run_start(self, spec: ExperimentSpec, run_dir: Path, n_runs: int) -> None:
+        """Before the first round.
+
+        :param spec: the resolved spec (every default filled in; the sweep not expanded).
+        :param run_dir: the run directory.
+        :param n_runs: trainings the run executes (arms x repeats, baselines included).
+        """
+
+    def round_end(self, record: Any) -> None:
+        """After every evaluated round (federated, cyclic) or epoch (centralized, local).
+
+        :param record: the :class:`fedcore.types.RoundRecord` written to ``rounds.jsonl``.
+        """
+
+    def run_end(self, summary: dict[str, Any], run_dir: Path) -> None:
+        """After ``summary.json``, ``report.md`` and the figures are written.
+
+        :param summary: the content of ``summary.json``.
+        :param run_dir: the run directory.
+        """
+
+    def run_failed(self, run_dir: Path, status: dict[str, Any]) -> None:
+        """When the run stops early (an error, Ctrl-C, SIGTERM); ``run_end`` is not called then.
+
+        :param run_dir: the run directory.
+        :param status: the content of ``status.json`` (``state``, ``error``, ``job``...).
+        """
+
+
 @dataclass(frozen=True)
 class Kind:
     """One kind of component: the one table the registry, spec loader, CLI and docs read.
@@ -646,6 +691,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("ledger", Ledger, "fedcore_ledgers", "ledger", "ledger"),
     Kind("attack", Attack, "fedcore_attacks", "attacks", "attack", many=True),
     Kind("audit", Audit, "fedcore_audits", "audits", "audit", many=True),
+    Kind("observer", Observer, "fedcore_observers", "observers", "observer", many=True),
 )
 #: the kinds by name
 KIND: dict[str, Kind] = {kind.name: kind for kind in KINDS}

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         Aggregator,
         Attack,
         Audit,
+        Observer,
         Dataset,
         Ledger,
         Model,
@@ -81,6 +82,16 @@ def fedcore_audits() -> list[type[Audit]]:
     Each class subclasses :class:`fedcore.components.Audit`; it runs after training
     on the final model of every (arm, repeat), reads a site's rows only inside that
     site, and returns a :class:`fedcore.components.AuditResult` the report renders.
+    """
+
+
+@hookspec
+def fedcore_observers() -> list[type[Observer]]:
+    """Return the observer classes this plugin provides (entries of ``observers``).
+
+    Each class subclasses :class:`fedcore.components.Observer`: it watches a run from the
+    main process (``run_start``, ``round_end``, ``run_end``, ``run_failed``) and never
+    changes it.
     """
 
 

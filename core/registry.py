@@ -181,6 +181,13 @@ class PluginManager:
             return
         self.components[kind][cls.name] = entry
 
+    def register_observer(self, plugin: object, name: str) -> None:
+        """Attach a spec's observer (:mod:`fedcore.observers`) for one run's lifecycle hooks."""
+        self._pm.register(plugin, name=name)
+
+    def unregister_observer(self, plugin: object) -> None:
+        self._pm.unregister(plugin)
+
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
 

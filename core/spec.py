@@ -22,6 +22,7 @@ from fedcore.components import (
     Aggregator,
     Attack,
     Audit,
+    Observer,
     Component,
     Dataset,
     KINDS,
@@ -60,6 +61,14 @@ class TrainingSpec(_Strict):
 
     rounds: int = Field(10, ge=1, le=100_000)
     local_epochs: int = Field(5, ge=1, le=10_000)
+    local_steps: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        exclude_if=lambda value: value is None,
+        description="optimizer steps per site and round, whatever the site's size (instead of local_epochs; "
+        "epochs then count rounds)",
+    )
     batch_size: int = Field(32, ge=1, le=10_000_000)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = Field(0.001, gt=0)
@@ -69,6 +78,16 @@ class TrainingSpec(_Strict):
     min_sites: int | None = Field(None, ge=1, description="deployment: quorum of sites a round needs (default: all)")
     round_timeout_s: float = Field(600.0, gt=0, description="deployment: how long a round waits for the sites' updates")
     round_retries: int = Field(2, ge=0, description="deployment: retries of a round below quorum before the run stops")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_or_epochs(cls, data: Any) -> Any:
+        """``local_steps`` replaces ``local_epochs``: one of them (``local_epochs`` is then 1)."""
+        if isinstance(data, dict) and data.get("local_steps") is not None:
+            if data.get("local_epochs", 1) != 1:
+                raise ValueError("set local_epochs or local_steps, not both (remove one of them)")
+            data = {**data, "local_epochs": 1}
+        return data
 
 
 class BaselineSpec(_Strict):
@@ -156,6 +175,9 @@ class ExperimentSpec(_Strict):
     ledger: PluginRef | None = None
     attacks: list[PluginRef] = Field(default_factory=list)
     audits: list[PluginRef] = Field(default_factory=list)
+    observers: list[PluginRef] = Field(
+        default_factory=list, exclude_if=lambda value: not value, description="experiment trackers, logs (watch only)"
+    )
     baseline: BaselineSpec = BaselineSpec()
     # Left out of the dump when default: a spec without it keeps its digest (spec_sha256, the ledger).
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, exclude_if=lambda value: value == EvaluationSpec())
@@ -184,7 +206,7 @@ class ExperimentSpec(_Strict):
 SLOTS: dict[str, str] = {kind.slot: kind.name for kind in KINDS if not kind.many}
 LIST_SLOTS: dict[str, str] = {kind.slot: kind.name for kind in KINDS if kind.many}
 #: top-level keys a sweep may not vary (they hold for the whole run)
-UNSWEPT = ("sweep", "name", "seed", "repeats", "execution", "evaluation")
+UNSWEPT = ("sweep", "name", "seed", "repeats", "execution", "evaluation", "observers")
 #: the largest spec file read, and the most YAML nodes it may expand to (aliases included)
 MAX_SPEC_BYTES = 1 << 20
 MAX_SPEC_NODES = 100_000
@@ -233,10 +255,11 @@ class SpecSource:
         """The sweep assignment of this arm that wrote ``loc`` (or a parent or child of it)."""
         parts = [str(p) for p in loc]
         for entry, index in self.arm:
-            swept = entry.split(".")
-            common = min(len(swept), len(parts))
-            if swept[:common] == parts[:common]:
-                return entry, index
+            for path_ in entry.split("+"):  # a grouped entry sets several paths
+                swept = path_.split(".")
+                common = min(len(swept), len(parts))
+                if swept[:common] == parts[:common]:
+                    return entry, index
         return self.arm[0]
 
     def for_arm(self, arm: Sequence[tuple[str, int]]) -> SpecSource:
@@ -525,6 +548,9 @@ class Arm:
     label: str
     spec: ExperimentSpec
     assignments: tuple[tuple[str, Any], ...] = ()
+    """``(spec path, value)`` of every swept path (a grouped entry gives one per path)"""
+    indexes: tuple[tuple[str, int], ...] = ()
+    """``(sweep entry, value index)`` per sweep entry"""
 
 
 @dataclass(frozen=True)
@@ -580,6 +606,7 @@ class Components:
     ledger: Ledger | None
     attacks: list[Attack]
     audits: list[Audit] = field(default_factory=list)
+    observers: list[Observer] = field(default_factory=list)
 
 
 def build_components(spec: ExperimentSpec, plugins: PluginManager) -> Components:
@@ -595,6 +622,7 @@ def build_components(spec: ExperimentSpec, plugins: PluginManager) -> Components
         ledger=one(spec.ledger, "ledger"),
         attacks=[one(r, "attack") for r in spec.attacks],
         audits=[one(r, "audit") for r in spec.audits],
+        observers=[one(r, "observer") for r in spec.observers],
     )
 
 
@@ -617,6 +645,7 @@ def check_capabilities(spec: ExperimentSpec, plugins: PluginManager, source: Spe
         *((("privacy", i), c) for i, c in enumerate(components.privacy)),
         *((("attacks", i), c) for i, c in enumerate(components.attacks)),
         *((("audits", i), c) for i, c in enumerate(components.audits)),
+        *((("observers", i), c) for i, c in enumerate(components.observers)),
     ]
     everyone += [((slot,), c) for slot, c in (("secure_aggregation", components.secure_aggregation), ("ledger", components.ledger)) if c is not None]
     for loc, component in everyone:
@@ -654,8 +683,29 @@ def _show(value: Any, alternatives: Sequence[Any]) -> str:
     return "+".join(parts) or "none"
 
 
-def _arm_label(assignments: Sequence[tuple[str, Any]], sweep: dict[str, list[Any]]) -> str:
-    return ", ".join(f"{path}={_show(value, sweep[path])}" for path, value in assignments) or "main"
+def _arm_label(assignments: Sequence[tuple[str, Any]], alternatives: dict[str, list[Any]]) -> str:
+    """``path=value, ...`` (``alternatives``: every value each path takes, to show what varies)."""
+    return ", ".join(f"{path}={_show(value, alternatives[path])}" for path, value in assignments) or "main"
+
+
+def _grouped_values(entry: str, values: list[Any], source: SpecSource) -> list[list[Any]]:
+    """A sweep entry's values as one list per arm, a value per path of the entry.
+
+    ``training.learning_rate: [0.1, 0.01]`` sweeps one path; ``aggregator+training.learning_rate:
+    [[{use: fedavg}, 0.1], [{use: fedprox}, 0.01]]`` sets several paths together, one arm per
+    item (an aggregator with its own client learning rate).
+    """
+    paths = entry.split("+")
+    if len(paths) == 1:
+        return [[value] for value in values]
+    for index, value in enumerate(values):
+        if not isinstance(value, list) or len(value) != len(paths):
+            raise SpecError(
+                f"sweep entry '{entry}' sets {len(paths)} paths together: each value must be a list of {len(paths)}",
+                where=source.where(("sweep", entry, index)),
+                hint=f"write [{', '.join(f'<{p}>' for p in paths)}] per arm",
+            )
+    return values
 
 
 def load_experiment(
@@ -677,7 +727,9 @@ def load_experiment(
     if not spec.sweep:
         arms.append(Arm("main", spec))
     else:
-        paths = list(spec.sweep)
+        entries = list(spec.sweep)
+        grouped = {entry: _grouped_values(entry, spec.sweep[entry], source) for entry in entries}
+        paths = [path_ for entry in entries for path_ in entry.split("+")]
         for path_ in paths:
             try:
                 _parse_path(path_)
@@ -695,31 +747,36 @@ def load_experiment(
                     where=source.where(("sweep", path_)),
                     hint=f"{', '.join(UNSWEPT)} hold for the whole run; sweep another key or write two specs",
                 )
-        for indexes in itertools.product(*(range(len(spec.sweep[p])) for p in paths)):
-            assignments = tuple((p, spec.sweep[p][i]) for p, i in zip(paths, indexes, strict=True))
-            arm_source = source.for_arm(tuple(zip(paths, indexes, strict=True)))
+        alternatives = {path_: [values[k] for values in grouped[entry]] for entry in entries for k, path_ in enumerate(entry.split("+"))}
+        for indexes in itertools.product(*(range(len(spec.sweep[e])) for e in entries)):
+            arm_indexes_ = tuple(zip(entries, indexes, strict=True))
+            assignments = tuple(
+                (path_, value)
+                for entry, i in arm_indexes_
+                for path_, value in zip(entry.split("+"), grouped[entry][i], strict=True)
+            )
+            arm_source = source.for_arm(arm_indexes_)
             raw = {k: v for k, v in source.raw.items() if k != "sweep"}
             for path_, value in assignments:
                 try:
                     raw = set_path(raw, path_, value)
                 except SpecError as exc:
-                    raise locate(exc, arm_source, ("sweep", path_)) from None
+                    raise locate(exc, arm_source, ("sweep", next(e for e in entries if path_ in e.split("+")))) from None
             arm_spec = _validate_arm(raw, arm_source, plugins)
-            label = _arm_label(assignments, spec.sweep)
+            label = _arm_label(assignments, alternatives)
             if any(arm.label == label for arm in arms):
                 raise SpecError(
                     f"two sweep arms are both '{label}'",
                     where=arm_source.where(("sweep",)),
                     hint="list each value once in every sweep entry",
                 )
-            arms.append(Arm(label, arm_spec, assignments))
+            arms.append(Arm(label, arm_spec, assignments, arm_indexes_))
     return Experiment(spec, arms, plugins, source)
 
 
 def arm_indexes(experiment: Experiment, arm: Arm) -> tuple[tuple[str, int], ...]:
-    """``(sweep path, value index)`` of each of ``arm``'s assignments (for :meth:`SpecSource.for_arm`)."""
-    sweep = experiment.spec.sweep
-    return tuple((path, sweep[path].index(value)) for path, value in arm.assignments)
+    """``(sweep entry, value index)`` of each of ``arm``'s sweep entries (for :meth:`SpecSource.for_arm`)."""
+    return arm.indexes
 
 
 def resolved_yaml(spec: ExperimentSpec) -> str:

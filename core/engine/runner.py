@@ -146,6 +146,8 @@ def choose_engine(spec: ExperimentSpec, components: Any, data: FederatedData, pl
     from fedcore.engine import vectorized
 
     reason = vectorized.refusal(spec, components, data, plans)
+    if reason is None and spec.training.local_steps is not None:
+        reason = "training.local_steps: the vectorized engine trains whole epochs"
     if reason is not None and (spec.execution.engine == "vectorized" or spec.execution.device == "cuda"):
         raise SpecError(
             f"the vectorized engine cannot run this spec: {reason}",
@@ -360,7 +362,9 @@ def run_experiment(
     engines = preflight(experiment)
     jobs = plan_jobs(experiment, engines)
     run_dir = rundir.create(timestamped_run_dir(spec, out))
-    with rundir.tracked(run_dir, plugins):
+    from fedcore.observers import observing
+
+    with observing(experiment), rundir.tracked(run_dir, plugins):
         _train_and_report(experiment, jobs, engines, run_dir, workers, progress)
     return run_dir
 

@@ -133,7 +133,9 @@ class SiteRuntime:
     def fit(self, global_weights: Weights, round: int, broadcast: dict[str, Weights] | None = None) -> ClientUpdate:
         """One whole local round with the sequential trainer: the update as released."""
         work = self.begin_round(global_weights, round, broadcast)
-        outcome = self.trainer.train(work.ctx, work.x, work.y, self.training.local_epochs, work.sampler, work.step)
+        outcome = self.trainer.train(
+            work.ctx, work.x, work.y, self.training.local_epochs, work.sampler, work.step, max_steps=self.training.local_steps
+        )
         return self.end_round(work, outcome.steps, outcome.mean_loss)
 
     def evaluate(self, global_weights: Weights) -> SiteEvaluation:

@@ -149,6 +149,7 @@ def site_info(
         seed=seed,
         max_rows_per_patient=max_rows_per_patient,
         secrets=secrets if secrets is not None else Secrets(),
+        local_steps=training.local_steps,
     )
 
 

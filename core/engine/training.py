@@ -8,6 +8,7 @@ nothing per step.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -126,11 +127,14 @@ class LocalTrainer:
         sampler: BatchSampler | None = None,
         step: GradientStep | None = None,
         keep_optimizer: bool = False,
+        max_steps: int | None = None,
     ) -> TrainingOutcome:
         """Train for ``epochs`` epochs; a fresh optimizer each call unless ``keep_optimizer``.
 
         :param sampler: the round's batch sampler (default: reshuffled fixed-size batches).
         :param step: the round's gradient step (default: mean loss, ``backward``).
+        :param max_steps: ``training.local_steps``: exactly this many steps instead, epoch
+            after epoch of the sampler (stopping inside an epoch).
         """
         module = self.module
         if self.optimizer is None or not keep_optimizer:
@@ -143,8 +147,11 @@ class LocalTrainer:
         steps = 0
         loss_sum = torch.zeros(())
         loss_fn = self.loss_fn
-        for epoch in range(epochs):
-            for xb, yb in sampler(epoch):
+        for epoch in range(epochs) if max_steps is None else itertools.count():
+            if max_steps is not None and steps >= max_steps:
+                break
+            before = steps
+            for xb, yb in _first(sampler(epoch), None if max_steps is None else max_steps - steps):
                 optimizer.zero_grad(set_to_none=True)
                 if step is None:
                     loss = loss_fn(module(xb), yb)
@@ -156,6 +163,8 @@ class LocalTrainer:
                 optimizer.step()
                 loss_sum += loss.detach()
                 steps += 1
+            if max_steps is not None and steps == before:
+                break  # an epoch without a batch (an empty site): no step would ever come
         return TrainingOutcome(steps=steps, mean_loss=float(loss_sum) / max(steps, 1))
 
 
@@ -163,6 +172,11 @@ def predict(module: torch.nn.Module, x: np.ndarray, y: np.ndarray, chunk: int = 
     """Predicted classes and mean cross-entropy of ``module`` on ``(x, y)``."""
     preds, _, loss = predict_probabilities(module, x, y, chunk, probabilities=False)
     return preds, loss
+
+
+def _first(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], n: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` batches (all when ``n`` is None)."""
+    return batches if n is None else itertools.islice(batches, n)
 
 
 @torch.no_grad()

@@ -31,9 +31,9 @@ METRICS = ("accuracy", "precision", "recall", "f1")
 
 
 def baseline_key(spec: ExperimentSpec) -> str:
-    """Arms that share data, model and training share one centralized baseline."""
+    """Arms that share data, model and the baselines' training share their baselines."""
     return json_digest(
-        [spec.data.model_dump(), spec.model.model_dump(), spec.training.model_dump(), spec.baseline.model_dump()]
+        [spec.data.model_dump(), spec.model.model_dump(), spec.baseline_training.model_dump(), spec.baseline.model_dump()]
     )
 
 

@@ -172,6 +172,8 @@ class RecordLevelStage(_AccountedStage):
                 "noise, accounted"
             )
         sample_rate, steps_per_epoch = poisson_schedule(info.n_train, info.batch_size)
+        # training.local_steps: a round is that many Poisson batches (local_epochs is then 1)
+        steps_per_epoch = info.local_steps or steps_per_epoch
         total_steps = steps_per_epoch * info.local_epochs * info.rounds
         where = f"privacy[{mechanism}].settings.epsilon"
         noise = calibrate_noise_multiplier(
