@@ -243,3 +243,38 @@ def test_bad_settings_fail_when_the_spec_loads(settings: dict[str, Any], fragmen
     assert result.returncode == 2
     line = result.stderr.strip()
     assert "\n" not in line and fragment in line and "data.settings" in line
+
+
+def test_per_column_missing_codes(tmp_path: Path) -> None:
+    """``missing_values: {column: [codes]}``: a lab value of 0 means 'not measured' in that column only."""
+    from fedcore.plugins.datasets.ehr_csv import EHRCSVSettings, mask_column_codes
+
+    frame = _table(200, 3).assign(lab=lambda f: np.where(np.arange(len(f)) % 5 == 0, 0.0, 1.0 + np.arange(len(f))))
+    frame.loc[frame.index % 7 == 0, "sex"] = "unknown"
+    path = tmp_path / "site.csv"
+    frame.to_csv(path, index=False)
+    settings = {"path": str(path), "partition": {"sites": 2}, "target": "outcome", "patient_id": "pid"}
+    masked = mask_column_codes(pd.read_csv(path), {"lab": [0], "sex": ["unknown"], "admission_code": ["7"]})
+    assert masked["lab"].isna().sum() == 40 and masked["sex"].isna().sum() == (frame["sex"] == "unknown").sum()
+    assert masked["admission_code"].isna().sum() == (frame["admission_code"] == 7).sum()
+    assert masked["bmi"].isna().sum() == 0  # other columns untouched (0 is a value there)
+    parsed = EHRCSVSettings.model_validate({**settings, "missing_values": {"lab": [0], "*": ["?"]}})
+    assert parsed.column_missing_values == {"lab": [0]} and parsed.missing_values == ["?"]
+    default = EHRCSVSettings.model_validate({**settings, "missing_values": {"lab": [0]}})
+    assert "NA" in default.missing_values  # the global markers stay the default
+    with_codes = _load({**settings, "missing_values": {"lab": [0]}, "continuous": ["lab", "age", "bmi"]})
+    without = _load({**settings, "continuous": ["lab", "age", "bmi"]})
+    assert "`lab`" in with_codes.report_sections["Data: values imputed"]
+    assert "`lab`" not in without.report_sections["Data: values imputed"]
+
+
+def test_per_column_missing_codes_name_a_column_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "site.csv"
+    _table(60, 1).to_csv(path, index=False)
+    experiment = load_experiment(
+        None,
+        text=_spec({"path": str(path), "partition": {"sites": 2}, "target": "outcome", "missing_values": {"lab_valu": [0]}}),
+    )
+    with pytest.raises(Exception) as info:
+        build_components(experiment.spec, experiment.plugins).dataset.load(0)
+    assert "column 'lab_valu' named in data.settings.missing_values is not in the file" in str(info.value)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pandas as pd
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -38,8 +38,27 @@ class EHRCSVSettings(PreprocessingSettings):
     partition: PartitionSettings | None = None
     continuous: list[str] | None = Field(None, description="default: inferred from the data")
     categorical: list[str] | None = Field(None, description="default: inferred from the data")
-    missing_values: list[str] = Field(default_factory=lambda: list(DEFAULT_MISSING))
+    missing_values: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_MISSING), description="markers read as missing in every column"
+    )
+    column_missing_values: dict[str, list[str | float]] = Field(
+        default_factory=dict,
+        description="per column, values that mean 'not measured' (a lab value of 0: {lab_value: [0]})",
+    )
     drop_columns: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_column_missing(cls, data: Any) -> Any:
+        """``missing_values`` may map columns to their own codes; the global markers then stay the default."""
+        if isinstance(data, dict) and isinstance(data.get("missing_values"), dict):
+            data = dict(data)
+            per_column = data.pop("missing_values")
+            glob = per_column.pop("*", None)
+            data["column_missing_values"] = {**per_column, **data.get("column_missing_values", {})}
+            if glob is not None:
+                data["missing_values"] = glob
+        return data
 
     @field_validator("delimiter")
     @classmethod
@@ -79,6 +98,33 @@ class EHRCSVSettings(PreprocessingSettings):
         return self
 
 
+def mask_column_codes(frame: pd.DataFrame, codes: dict[str, list[str | float]]) -> pd.DataFrame:
+    """``frame`` with each column's own missing codes read as missing (NaN).
+
+    A numeric column matches codes as numbers (``0`` and ``"0"`` both match ``0.0``); a
+    text column matches them as text.
+    """
+    if not codes:
+        return frame
+    frame = frame.copy()
+    for column, values in codes.items():
+        series = frame[column]
+        if pd.api.types.is_numeric_dtype(series):
+            wanted = [float(v) for v in values if _is_number(v)]
+        else:
+            wanted = [str(v) for v in values]
+        frame[column] = series.mask(series.isin(wanted))
+    return frame
+
+
+def _is_number(value: str | float) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 class EHRCSV(Dataset):
     """Generic EHR tables: per-site files or one file with a site column or a partitioner.
 
@@ -111,10 +157,11 @@ class EHRCSV(Dataset):
             "categorical": s.categorical or [],
             "drop_columns": s.drop_columns,
             "missing_as_category": s.missing_as_category,
+            "missing_values": list(s.column_missing_values),
             "partition.column": [s.partition.column] if s.partition and s.partition.column else [],
         }
         check_named_columns(frame, str(path), named, s.target)
-        return frame, str(path)
+        return mask_column_codes(frame, s.column_missing_values), str(path)
 
     def raw_sites(self, seed: int) -> list[RawSite]:
         """Every site's rows, as read (the target mapped), before preprocessing."""
