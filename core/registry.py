@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
@@ -58,9 +59,14 @@ class PluginFailure:
 
 
 def disabled_from_env() -> set[str]:
-    """Names listed in ``FEDCORE_DISABLE_PLUGINS`` (plugin or component names, comma-separated)."""
+    """Names listed in ``FEDCORE_DISABLE_PLUGINS`` (plugin, distribution or component names, comma-separated)."""
     raw = os.environ.get(DISABLE_ENV, "")
     return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def canonical(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503: case, ``-``, ``_`` and ``.`` alike)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _dist_of(ep: EntryPoint) -> tuple[str, str]:
@@ -90,6 +96,8 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         self.failures: list[PluginFailure] = []
         self.blocked: list[str] = []
+        #: plugins (entry points) not loaded because FEDCORE_DISABLE_PLUGINS names them or their distribution
+        self.blocked_plugins: list[str] = []
         self._origin: dict[str, tuple[str, str]] = {}
         if use_entry_points:
             self._load_entry_points()
@@ -108,8 +116,9 @@ class PluginManager:
         seen: set[str] = set()
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
             dist = _dist_of(ep)
-            if ep.name in self.disabled:
+            if ep.name in self.disabled or canonical(dist[0]) in {canonical(d) for d in self.disabled}:
                 self.blocked.append(ep.name)
+                self.blocked_plugins.append(f"'{ep.name}' from {dist[0]} {dist[1]}")
                 continue
             if ep.value in seen:
                 continue
@@ -212,6 +221,15 @@ class PluginManager:
             hint += f"available {label}s: {', '.join(choices) or 'none'}"
             if name in self.blocked:
                 hint = f"it is blocked by {DISABLE_ENV}"
+            elif self.blocked_plugins and not close:
+                raise PluginError(
+                    f"{label} '{name}' is not available: {DISABLE_ENV} blocks the plugin(s) "
+                    f"{', '.join(self.blocked_plugins)}, which may provide it",
+                    where=where,
+                    hint=f"remove the plugin or its distribution from {DISABLE_ENV}; available {label}s: {', '.join(choices) or 'none'}",
+                )
+            elif self.blocked_plugins:
+                hint += f" (blocked by {DISABLE_ENV}: {', '.join(self.blocked_plugins)})"
             failed = "; ".join(f.describe() for f in self.failures)
             if failed:
                 hint += f" (also: {failed})"

@@ -145,3 +145,17 @@ def test_a_misspelled_hook_is_a_failure_row_naming_the_plugin(
     result = run_cli("plugins", "--json")
     rows = [r for r in json.loads(result.stdout) if r["name"] == "typo_fedcore_plugin"]
     assert rows and "fedcore_aggregator" in rows[0]["status"]
+
+
+def test_disable_env_blocks_a_distribution_and_reports_its_components_as_blocked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDCORE_DISABLE_PLUGINS", "FedCore")  # a distribution name, compared as pip does
+    manager = PluginManager()
+    assert manager.entries() == [] and "models" in manager.blocked
+    with pytest.raises(PluginError) as err:
+        manager.get("model", "mlp", where="model.use")
+    message = str(err.value)
+    assert "model 'mlp' is not available: FEDCORE_DISABLE_PLUGINS blocks the plugin(s)" in message
+    assert "'models' from fedcore 0.1.0" in message and "\n" not in message
+    monkeypatch.setenv("FEDCORE_DISABLE_PLUGINS", "models")  # one entry point: a typo elsewhere still gets its hint
+    with pytest.raises(PluginError, match="did you mean 'fedavg'.*blocked by FEDCORE_DISABLE_PLUGINS: 'models'"):
+        PluginManager().get("aggregator", "fedavgg", where="aggregator.use")
