@@ -365,10 +365,12 @@ def _privacy_figure(run_dir: Path, summary: dict[str, Any]) -> list[str]:
     return ["figures/privacy.png"]
 
 
-def _comparison_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any], str]]:
-    """(label, aggregate, privacy) per arm, then, when the spec asks for the local-only or
-    cyclic baseline, one row per baseline (centralized included) and the arms it serves."""
-    rows = [(arm["label"], arm["federated"]["aggregate"], _privacy_text(arm)) for arm in summary["arms"]]
+def _comparison_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any], str, int]]:
+    """(label, aggregate, privacy, repeats) per arm, then, when the spec asks for the local-only
+    or cyclic baseline, one row per baseline (centralized included) and the arms it serves."""
+    rows = [
+        (arm["label"], arm["federated"]["aggregate"], _privacy_text(arm), len(arm["federated"]["runs"])) for arm in summary["arms"]
+    ]
     if not any(arm.get(mode) for arm in summary["arms"] for mode in BASELINE_TITLES):
         return rows
     shared = len({arm[mode]["of_arm"] for arm in summary["arms"] for mode in ("centralized", *BASELINE_TITLES) if arm.get(mode)}) == 1
@@ -377,7 +379,7 @@ def _comparison_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any],
             trainings = arm.get(mode)
             if trainings and trainings["of_arm"] == arm["label"]:
                 suffix = "" if shared else f" ({arm['label']})"
-                rows.append((f"baseline: {title.lower()}{suffix}", trainings["aggregate"], "none"))
+                rows.append((f"baseline: {title.lower()}{suffix}", trainings["aggregate"], "none", len(trainings["runs"])))
     return rows
 
 
@@ -386,18 +388,20 @@ def _comparison_table(summary: dict[str, Any]) -> str:
         keys = _metric_keys(summary, [arm["federated"]["aggregate"] for arm in summary["arms"]])
         lines = [
             "| Arm | " + " | ".join(f"{_metric_title(k)}{_metric_unit(k)}" for k in keys)
-            + " | Convergence (epochs) | Time (s per run) | Privacy loss |",
-            "|---|" + "---|" * (len(keys) + 3),
+            + " | Convergence (epochs) | Time (s per run) | Privacy loss | Repeats |",
+            "|---|" + "---|" * (len(keys) + 4),
         ]
-        for label, agg, privacy in _comparison_rows(summary):
+        for label, agg, privacy, repeats in _comparison_rows(summary):
             cells = " | ".join(_metric_cell(summary, agg, k) for k in keys)
-            lines.append(f"| {label} | {cells} | {_num(agg['convergence_epoch'])} | {_num(agg['wall_seconds'])} | {privacy} |")
+            lines.append(
+                f"| {label} | {cells} | {_num(agg['convergence_epoch'])} | {_num(agg['wall_seconds'])} | {privacy} | {repeats} |"
+            )
         return "\n".join(lines)
     lines = [
         "| Arm | Accuracy (%) | Macro F1 (%) | Convergence (epochs) | Time (s per run) | Privacy loss |",
         "|---|---|---|---|---|---|",
     ]
-    for label, fed, privacy in _comparison_rows(summary):
+    for label, fed, privacy, _ in _comparison_rows(summary):
         lines.append(
             f"| {label} | {_pct(fed['accuracy'])} | {_pct(fed['f1'])} | {_num(fed['convergence_epoch'])} "
             f"| {_num(fed['wall_seconds'])} | {privacy} |"
