@@ -105,7 +105,21 @@ class Component(Generic[SettingsT]):
 
 @dataclass(frozen=True)
 class SiteData:
-    """One hospital's preprocessed splits. Never leaves its site in a real deployment."""
+    """One hospital's preprocessed splits. Never leaves its site in a real deployment.
+
+    Features are ``float32`` arrays of shape ``(rows, n_features)``, already preprocessed
+    (numbers only, no NaN); labels are ``int64`` class indexes ``0 .. n_classes - 1``
+    (into ``FederatedData.class_names``). A split may be empty (0 rows) but never absent.
+
+    :ivar site: the site's index, ``0 .. n_sites - 1`` in ``FederatedData.sites`` order.
+    :ivar name: the site's name (a hospital, a file's key), shown in the report.
+    :ivar x_train: training features, ``float32 (rows, n_features)``.
+    :ivar y_train: training labels, ``int64 (rows,)``.
+    :ivar x_val: validation features (convergence is measured on this split).
+    :ivar y_val: validation labels.
+    :ivar x_test: test features (the tables report this split).
+    :ivar y_test: test labels.
+    """
 
     site: int
     name: str
@@ -128,6 +142,13 @@ class SiteData:
 class FederatedData:
     """What a dataset plugin returns: every site's splits plus what preprocessing did.
 
+    A dataset plugin's ``load(seed)`` returns one; unusable input raises
+    :class:`fedcore.errors.DataError` (one line naming the file, column or setting).
+    Every site has the same ``feature_names`` (the columns of its ``x_*``).
+
+    :ivar sites: every site's splits, ``sites[i].site == i``.
+    :ivar feature_names: one name per feature column.
+    :ivar class_names: one name per class; a label ``k`` means ``class_names[k]``.
     :ivar report_sections: Markdown sections for the run report (what was imputed,
         dropped, oversampled...), keyed by title.
     :ivar released_statistics: summaries that left the sites during preprocessing,
@@ -185,7 +206,20 @@ class Model(Component[SettingsT]):
 
 @dataclass(frozen=True)
 class SiteInfo:
-    """What a component knows about a site when it creates the site's stage."""
+    """What a component knows about a site when it creates the site's stage.
+
+    :ivar site: the site's index.
+    :ivar n_sites: how many sites the run has.
+    :ivar n_train: the site's training rows.
+    :ivar n_features: feature columns.
+    :ivar n_classes: classes.
+    :ivar class_counts: training rows per class at this site.
+    :ivar batch_size: ``training.batch_size``.
+    :ivar local_epochs: ``training.local_epochs`` (1 when ``local_steps`` is set).
+    :ivar rounds: ``training.rounds``.
+    :ivar seed: the training's seed (the spec's seed plus the repeat).
+    :ivar max_rows_per_patient: ``FederatedData.max_rows_per_patient`` (group privacy), or None.
+    """
 
     site: int
     n_sites: int
@@ -206,7 +240,14 @@ class SiteInfo:
 
 @dataclass
 class RoundContext:
-    """Passed to stage methods for one site's round. ``global_weights`` is read-only."""
+    """Passed to stage methods for one site's round. ``global_weights`` is read-only.
+
+    :ivar site: the site's index.
+    :ivar round: the round, from 1 (the centralized baseline: the epoch).
+    :ivar global_weights: the global model the round started from.
+    :ivar generator: the site's torch generator (batches; never DP noise outside the reproducible mode).
+    :ivar broadcast_extras: tensors the server broadcast with the model (SCAFFOLD's control variate...).
+    """
 
     site: int
     round: int

@@ -39,6 +39,8 @@ class Weights(Frozen):
     ``MAGIC || u32-le header length || header JSON (sorted keys, no spaces) ||
     raw little-endian C-order bytes of each array in header order``, where the
     header lists ``[name, dtype, shape]`` per array.
+
+    :ivar arrays: name -> read-only numpy array (a model's ``state_dict`` order).
     """
 
     arrays: dict[str, np.ndarray]
@@ -138,14 +140,27 @@ class Weights(Frozen):
 
 
 class GlobalModel(Frozen):
-    """Server -> sites: the global weights at the start of ``round``."""
+    """Server -> sites: the global weights at the start of ``round``.
+
+    :ivar round: the round, from 1.
+    :ivar weights: the global model.
+    """
 
     round: int
     weights: Weights
 
 
 class ClientUpdate(Frozen):
-    """Site -> server: the change a site proposes, as released (after its privacy stages)."""
+    """Site -> server: the change a site proposes, as released (after its privacy stages).
+
+    :ivar site: the site's index.
+    :ivar round: the round it answers.
+    :ivar delta: trained weights minus the round's global weights (clipped and noised under DP).
+    :ivar n_samples: the update's weight in FedAvg-style means: training rows (1 under site-level and central DP).
+    :ivar local_steps: optimizer steps the site took.
+    :ivar train_loss: the mean training loss of those steps.
+    :ivar train_seconds: the site's training time.
+    """
 
     site: int
     round: int
@@ -173,7 +188,12 @@ class ClientUpdate(Frozen):
 
 
 class SecureSum(Frozen):
-    """What the server learns under secure aggregation: only sums over sites."""
+    """What the server learns under secure aggregation: only sums over sites.
+
+    :ivar round: the round.
+    :ivar total_samples: ``sum_i n_i``.
+    :ivar n_sites: how many sites the sum holds.
+    """
 
     round: int
     weighted_delta_sum: Weights
@@ -188,7 +208,15 @@ class SecureSum(Frozen):
 
 
 class ClassificationMetrics(Frozen):
-    """Metrics of one model on one split: accuracy and macro precision, recall, F1."""
+    """Metrics of one model on one split: accuracy and macro precision, recall, F1.
+
+    :ivar n: rows of the split.
+    :ivar loss: mean cross-entropy (NaN on an empty split or a diverged model).
+    :ivar accuracy: fraction of rows predicted right.
+    :ivar precision: macro precision (a class never predicted counts 0).
+    :ivar recall: macro recall.
+    :ivar f1: macro F1.
+    """
 
     n: int
     loss: float
@@ -202,7 +230,17 @@ class ClassificationMetrics(Frozen):
 
 
 class SiteEvaluation(Frozen):
-    """Evaluation of the global model on one site's data (the site sends only metrics)."""
+    """Evaluation of the global model on one site's data (the site sends only metrics).
+
+    :ivar site: the site's index.
+    :ivar validation: metrics on the site's validation split.
+    :ivar test: metrics on the site's test split.
+    :ivar validation_confusion: confusion counts (rows: true class, columns: predicted) of the validation split.
+    :ivar test_confusion: confusion counts of the test split.
+    :ivar validation_histogram: with ``auroc`` in ``evaluation.metrics``: per class, counts of its predicted
+        probability in 1000 bins over other rows and its own (:func:`fedcore.metrics.score_histogram`).
+    :ivar test_histogram: the same for the test split.
+    """
 
     site: int
     validation: ClassificationMetrics
@@ -223,7 +261,20 @@ class SiteEvaluation(Frozen):
 
 
 class PrivacySpent(Frozen):
-    """Privacy loss computed by an accountant for the run so far."""
+    """Privacy loss computed by an accountant for the run so far.
+
+    :ivar mechanism: the privacy mechanism's ``use`` name.
+    :ivar unit: what one unit of privacy protects: ``record`` (one training row), ``patient``
+        (all rows of one patient: group privacy over ``max_rows_per_patient``), ``site`` (a
+        whole hospital's data), ``none`` (nothing: a mechanism that reports without protecting).
+    :ivar epsilon: the accounted epsilon for the steps actually run.
+    :ivar delta: the accountant's delta.
+    :ivar accountant: the accountant (``rdp``, ``prv``...).
+    :ivar noise_multiplier: the noise multiplier sigma, when the mechanism has one.
+    :ivar max_grad_norm: the clipping norm, when it has one.
+    :ivar steps: composed steps (DP-SGD steps, rounds) so far.
+    :ivar notes: lines for the report (group privacy, what stays outside the guarantee).
+    """
 
     mechanism: str
     unit: Literal["record", "patient", "site", "none"]
@@ -237,7 +288,13 @@ class PrivacySpent(Frozen):
 
 
 class LedgerRecord(Frozen):
-    """One fact to record on the audit ledger: a digest, never the payload itself."""
+    """One fact to record on the audit ledger: a digest, never the payload itself.
+
+    :ivar kind: what the entry records.
+    :ivar round: the round (0: before training).
+    :ivar payload_sha256: SHA-256 of the payload (a hiding commitment where the payload is a site's).
+    :ivar metadata: small public facts beside the digest (sizes, epsilon).
+    """
 
     kind: Literal[
         "spec", "preprocessing", "site-update", "aggregate", "global-model", "privacy-spent", "dropout", "run-end"
@@ -259,7 +316,21 @@ class LedgerHead(Frozen):
 
 
 class RoundRecord(Frozen):
-    """Everything measured in one round (one line of ``rounds.jsonl``)."""
+    """Everything measured in one round (one line of ``rounds.jsonl``).
+
+    :ivar arm: the sweep arm's label (``main`` without a sweep).
+    :ivar repeat: the repeat, from 0.
+    :ivar round: the round (federated, cyclic) or epoch (centralized, local), from 1.
+    :ivar mode: ``federated``, or the baseline: ``centralized``, ``local`` (each centre alone), ``cyclic``.
+    :ivar validation: pooled validation metrics (the sites' confusion counts summed).
+    :ivar test: pooled test metrics.
+    :ivar per_site: every site's evaluation (without score histograms).
+    :ivar train_loss: the sites' mean training loss.
+    :ivar round_seconds: the round's wall time.
+    :ivar update_bytes: bytes of each site's update.
+    :ivar update_seconds: each site's training time.
+    :ivar privacy: what each privacy mechanism's accountant computed so far.
+    """
 
     arm: str
     repeat: int
