@@ -80,6 +80,10 @@ def test_baselines_in_summary_and_tables(run_dir: Path) -> None:
     assert "| baseline: local only |" in report and "| baseline: cyclic |" in report and "| baseline: centralized |" in report
     assert "Local-only models, each on its own centre (final epoch):" in report
     assert "Cyclic model per site (final round):" in report
+    assert "Centralized model per site (final epoch):" in report  # with local/cyclic: every baseline per site
+    centralized = [r for r in _records(run_dir) if r["mode"] == "centralized"]
+    assert centralized and all(len(r["per_site"]) == 3 for r in centralized)
+    assert centralized[-1]["test"]["n"] == sum(s["test"]["n"] for s in centralized[-1]["per_site"])
 
 
 def test_same_spec_same_numbers(run_dir: Path, tmp_path: Path) -> None:

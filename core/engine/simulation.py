@@ -389,6 +389,12 @@ def pooled_site(data: FederatedData) -> SiteData:
     )
 
 
+def scored_sites(spec: ExperimentSpec, data: FederatedData) -> Sequence[SiteData]:
+    """The sites the centralized model is also scored at: every one when the spec asks for the
+    local-only or cyclic baseline (the per-site rows of an FL comparison), else none."""
+    return data.sites if spec.baseline.local or spec.baseline.cyclic else ()
+
+
 def record_epoch(
     result: RunResult,
     module: torch.nn.Module,
@@ -399,10 +405,12 @@ def record_epoch(
     seconds: float,
     on_round: RoundCallback | None,
     metrics: Sequence[str] = (),
+    per_site: Sequence[SiteData] = (),
 ) -> None:
     """Evaluate a centralized baseline after ``epoch`` on the pooled splits and record it
-    (``metrics``: ``evaluation.metrics``)."""
+    (``metrics``: ``evaluation.metrics``; ``per_site``: the sites to score it at as well)."""
     evaluation = evaluate_split_pair(module, site, n_classes, metrics)
+    at_sites = [evaluate_split_pair(module, s, n_classes, metrics).without_histograms() for s in per_site]
     record = RoundRecord(
         arm=result.arm,
         repeat=result.repeat,
@@ -411,6 +419,7 @@ def record_epoch(
         epoch=epoch,
         validation=evaluation.validation,
         test=evaluation.test,
+        per_site=at_sites,
         train_loss=train_loss,
         round_seconds=seconds,
     )
@@ -436,7 +445,7 @@ def run_centralized(spec: ExperimentSpec, job: RunJob, arm: str, on_round: Round
         outcome = trainer.run(ctx, x, y, epochs=1, keep_optimizer=True)
         record_epoch(
             result, module, site, data.n_classes, epoch, outcome.mean_loss, time.perf_counter() - epoch_start, on_round,
-            spec.evaluation.metrics,
+            spec.evaluation.metrics, scored_sites(spec, data),
         )
     result.wall_seconds = time.perf_counter() - start
     result.final_weights = weights_of(module)

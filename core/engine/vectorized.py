@@ -47,6 +47,7 @@ from fedcore.engine.simulation import (
     initial_module,
     pooled_site,
     record_epoch,
+    scored_sites,
     site_stages,
 )
 from fedcore.engine.site import SiteRound
@@ -617,7 +618,10 @@ def run_centralized_vectorized(
         seconds = (time.perf_counter() - epoch_start) / len(jobs)
         for i, (job, site, module) in enumerate(zip(jobs, sites, modules, strict=True)):
             load_weights(module, trainer.copy_weights(i, initial[i]))
-            record_epoch(results[i], module, site, job.data.n_classes, epoch, outcomes[i].mean_loss, seconds, on_round, spec.evaluation.metrics)
+            record_epoch(
+                results[i], module, site, job.data.n_classes, epoch, outcomes[i].mean_loss, seconds, on_round,
+                spec.evaluation.metrics, scored_sites(spec, job.data),
+            )
     wall = (time.perf_counter() - start) / len(jobs)
     for i, result in enumerate(results):
         result.wall_seconds = wall

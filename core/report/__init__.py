@@ -523,7 +523,11 @@ def build_report(run_dir: Path | str) -> Path:
         per_site = _per_site_table(records, arm["label"], site_names, summary)
         if per_site:
             out += ["", "Federated model per site (final round):", "", per_site]
-        for mode, caption in (("local", "Local-only models, each on its own centre (final epoch):"), ("cyclic", "Cyclic model per site (final round):")):
+        for mode, caption in (
+            ("centralized", "Centralized model per site (final epoch):"),
+            ("local", "Local-only models, each on its own centre (final epoch):"),
+            ("cyclic", "Cyclic model per site (final round):"),
+        ):
             if arm.get(mode) and arm[mode]["of_arm"] == arm["label"]:
                 table = _per_site_table(records, arm["label"], site_names, summary, mode)
                 out += ["", caption, "", table] if table else []
