@@ -19,11 +19,11 @@ import time
 from collections.abc import Sequence
 
 from fedcore.components import RoundContext
-from fedcore.engine.simulation import RoundCallback, RunJob, RunResult, derive_seed, initial_module, pooled
+from fedcore.engine.simulation import RoundCallback, RunJob, RunResult, append_record, derive_seed, initial_module, pooled
 from fedcore.engine.site import SiteRuntime, evaluate_split_pair
 from fedcore.engine.training import load_weights, weights_of
 from fedcore.spec import ExperimentSpec
-from fedcore.types import RoundRecord, SiteEvaluation, Weights
+from fedcore.types import SiteEvaluation, Weights
 
 #: the baselines of this module (the centralized one is ``simulation.run_centralized``)
 MODES = ("local", "cyclic")
@@ -61,11 +61,10 @@ def _record(
     on_round: RoundCallback | None,
 ) -> None:
     metrics = spec.evaluation.metrics
-    record = RoundRecord(
-        arm=result.arm,
-        repeat=result.repeat,
+    append_record(
+        result,
+        on_round,
         round=round_,
-        mode=result.mode,  # type: ignore[arg-type]
         epoch=epoch,
         validation=pooled(evaluations, "validation", metrics),
         test=pooled(evaluations, "test", metrics),
@@ -73,9 +72,6 @@ def _record(
         train_loss=train_loss,
         round_seconds=seconds,
     )
-    result.records.append(record)
-    if on_round is not None:
-        on_round(record)
 
 
 def run_local(spec: ExperimentSpec, job: RunJob, arm: str, on_round: RoundCallback | None = None) -> RunResult:

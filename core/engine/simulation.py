@@ -411,18 +411,15 @@ def record_epoch(
     (``metrics``: ``evaluation.metrics``; ``per_site``: the sites to score it at as well)."""
     evaluation = evaluate_split_pair(module, site, n_classes, metrics)
     at_sites = [evaluate_split_pair(module, s, n_classes, metrics).without_histograms() for s in per_site]
-    record = RoundRecord(
-        arm=result.arm,
-        repeat=result.repeat,
-        round=epoch,
-        mode="centralized",
-        epoch=epoch,
-        validation=evaluation.validation,
-        test=evaluation.test,
-        per_site=at_sites,
-        train_loss=train_loss,
-        round_seconds=seconds,
+    append_record(
+        result, on_round, round=epoch, epoch=epoch, validation=evaluation.validation, test=evaluation.test,
+        per_site=at_sites, train_loss=train_loss, round_seconds=seconds,
     )
+
+
+def append_record(result: RunResult, on_round: RoundCallback | None, **fields: Any) -> None:
+    """A baseline's round record (``fields`` of :class:`RoundRecord`): kept in ``result`` and streamed to ``on_round``."""
+    record = RoundRecord(arm=result.arm, repeat=result.repeat, mode=result.mode, **fields)
     result.records.append(record)
     if on_round is not None:
         on_round(record)
