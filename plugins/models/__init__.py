@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedcore import hookimpl
 from fedcore.components import Model
+from fedcore.errors import SpecError
 
 
 #: the widest hidden layer and the most layers an MLP may have (bigger would exhaust memory, not train)
@@ -24,6 +25,20 @@ class MLPSettings(BaseModel):
     )
     activation: str = Field("relu", pattern="^(relu|tanh|gelu)$")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    binary_output: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="sigmoid: one output unit for a two-class task (logistic output)"
+    )
+
+
+class SigmoidLogits(torch.nn.Module):
+    """One logit ``z`` as the two class logits ``[0, z]``: softmax of them is ``[1 - sigmoid(z), sigmoid(z)]``.
+
+    So a single-output (sigmoid) model trains with the same cross-entropy, which here equals
+    binary cross-entropy with logits, and every engine, metric and audit reads two classes.
+    """
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(z), z], dim=1)
 
 
 class MLP(Model):
@@ -43,7 +58,16 @@ class MLP(Model):
             if s.dropout:
                 layers.append(torch.nn.Dropout(s.dropout))
             width = hidden
-        layers.append(torch.nn.Linear(width, n_classes))
+        if s.binary_output == "sigmoid":
+            if n_classes != 2:
+                raise SpecError(
+                    f"binary_output: sigmoid needs a two-class task; the data has {n_classes} classes",
+                    where="model.settings.binary_output",
+                    hint="use binary_output: softmax, or merge the classes into two (data settings)",
+                )
+            layers += [torch.nn.Linear(width, 1), SigmoidLogits()]
+        else:
+            layers.append(torch.nn.Linear(width, n_classes))
         return torch.nn.Sequential(*layers)
 
 
