@@ -181,7 +181,9 @@ def test_default_output_has_no_scores(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "primary" not in summary and "metrics" not in summary
     assert "evaluation" not in yaml.safe_load((run_dir / "spec.resolved.yaml").read_text())
-    assert "| Accuracy (%) |" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "| Accuracy (%) |" in report and "| Metric | Centralized | Federated | Deviation (points) |" in report
+    assert "Centralized model per site" not in report and "baseline:" not in report
 
 
 def test_scores_and_histograms_are_declared_releases() -> None:

@@ -224,7 +224,7 @@ def _per_site_table(
     for r in records:
         if r.mode == mode and r.arm == arm and (r.repeat not in last or r.round > last[r.repeat].round):
             last[r.repeat] = r
-    if not last:
+    if not any(record.per_site for record in last.values()):
         return ""
     if summary is not None and summary.get("metrics"):
         return _per_site_scores(last.values(), site_names, summary)

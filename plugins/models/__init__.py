@@ -25,8 +25,11 @@ class MLPSettings(BaseModel):
     )
     activation: str = Field("relu", pattern="^(relu|tanh|gelu)$")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Left out of the dump when default: a spec without it keeps its digest.
     binary_output: Literal["softmax", "sigmoid"] = Field(
-        "softmax", description="sigmoid: one output unit for a two-class task (logistic output)"
+        "softmax",
+        exclude_if=lambda value: value == "softmax",
+        description="sigmoid: one output unit for a two-class task (logistic output)",
     )
 
 
