@@ -23,6 +23,7 @@ restores) is the site runtime's (see /docs/reliability.md, "Resume").
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections.abc import Iterable, Mapping
@@ -30,9 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedcore.rundir import atomic_write_bytes
+from fedcore.types import Weights
 
 FORMAT = "fedcore-checkpoint/1"
 _ROUND_FILE = re.compile(r"^round-(\d{6})\.pt$")
@@ -69,6 +72,16 @@ class CheckpointLayout:
         if round < 0 or round > 999_999:
             raise ValueError(f"round {round} out of range")
         return f"round-{round:06d}.pt"
+
+
+def weights_state(weights: Weights) -> dict[str, torch.Tensor]:
+    """Model weights as tensors (a part holds tensors, numbers and strings only: ``weights_only`` loading)."""
+    return {name: torch.from_numpy(np.array(array, copy=True)) for name, array in weights.arrays.items()}
+
+
+def weights_from_state(state: Mapping[str, torch.Tensor]) -> Weights:
+    """Inverse of :func:`weights_state` (names, dtypes and shapes kept)."""
+    return Weights(arrays={name: tensor.numpy().copy() for name, tensor in state.items()})
 
 
 def _dump(payload: Mapping[str, Any]) -> bytes:
@@ -110,6 +123,16 @@ def load_coordinator(layout: CheckpointLayout, round: int) -> dict[str, Any]:
 def load_site(layout: CheckpointLayout, site: str, round: int) -> dict[str, Any]:
     """A site's own part (read by that site only)."""
     return _load(layout.site_dir(site) / layout.file(round), layout.key, round, site)
+
+
+def part_digest(layout: CheckpointLayout, round: int) -> str:
+    """SHA-256 of the coordinator's part of ``round`` as written (what a ledger's ``resume`` entry commits to)."""
+    return hashlib.sha256((layout.coordinator_dir / layout.file(round)).read_bytes()).hexdigest()
+
+
+def site_rounds(layout: CheckpointLayout, site: str) -> list[int]:
+    """The rounds a site holds parts of, oldest first (read by that site only)."""
+    return sorted(_rounds_in(layout.site_dir(site)))
 
 
 def _rounds_in(folder: Path) -> set[int]:

@@ -27,6 +27,7 @@ from fedcore.components import (
     SiteData,
     plain_sum,
 )
+from fedcore.checkpoint import CheckpointLayout, load_coordinator, part_digest, save_coordinator, weights_from_state, weights_state
 from fedcore.commitments import Committer
 from fedcore.errors import PrivacyBudgetError
 from fedcore.engine.site import SiteRuntime, evaluate_split_pair
@@ -171,15 +172,26 @@ def make_sites(spec: ExperimentSpec, components: Components, data: FederatedData
     ]
 
 
+def checkpoint_digest(spec: ExperimentSpec, repeat: int) -> str:
+    """What a training's checkpoint parts must have been written by: the arm's spec (``execution`` aside), the repeat."""
+    return json_digest({"spec": spec.model_dump(mode="json", exclude={"execution"}), "repeat": repeat})
+
+
 @dataclass
 class RunJob:
-    """One training's own inputs: components (fresh per run: they hold its state), data, seed, ledger folder."""
+    """One training's own inputs: components (fresh per run: they hold its state), data, seed, ledger folder.
+
+    :ivar checkpoints: where the run's checkpoint parts go after every round (None: none are written).
+    :ivar resume_round: restore the parts of this round and continue after it (None: start afresh).
+    """
 
     components: Components
     data: FederatedData
     repeat: int
     seed: int
     ledger_dir: Any = None
+    checkpoints: CheckpointLayout | None = None
+    resume_round: int | None = None
 
 
 class FederatedRun:
@@ -215,15 +227,110 @@ class FederatedRun:
         )
         self.result = RunResult(arm=arm, repeat=job.repeat, mode="federated")
         self.ledger = components.ledger
+        self.ledger_head: str | None = None
+        self.checkpoints = job.checkpoints
+        #: the last round done before this process began (0 for a fresh run)
+        self.resumed_from = job.resume_round or 0
         # Hiding commitments: each payload's opening stays with the party that made it.
         self.commits = Committer(ledger_dir if self.ledger is not None else None, spec.execution.reproducible_noise, seed, arm, job.repeat)
         if self.ledger is not None:
             self.ledger.open(ledger_dir, self.ledger_writers())
-            opening = self.opening_records()
+            opening = self.opening_records() if job.resume_round is None else []
             if opening:
-                self.ledger.append(opening)
+                self._append(opening)
         if components.secure_aggregation is not None:
             components.secure_aggregation.open(len(self.sites), self.initial)
+        if job.resume_round is not None:
+            self.restore(job.resume_round)
+        elif self.checkpoints is not None:
+            self.save_sites(0)
+            self.save_checkpoint(0, None)
+
+    def _append(self, records: Sequence[LedgerRecord]) -> None:
+        assert self.ledger is not None
+        head = self.ledger.append(records)
+        if head is not None:
+            self.ledger_head = f"{head.sequence}:{head.entry_hash}"
+
+    # -- checkpoints (fedcore.checkpoint; docs/reliability.md, "Resume")
+
+    def spec_digest(self) -> str:
+        return checkpoint_digest(self.spec, self.result.repeat)
+
+    def save_sites(self, round_: int) -> None:
+        """Every site writes its own part of ``round_``, as it releases its update (before it leaves the site)."""
+        from fedcore.engine.resume import save_site_part
+
+        assert self.checkpoints is not None
+        for site in self.sites:
+            save_site_part(self.checkpoints, site_name(site.site), round_, site)
+
+    def save_checkpoint(self, round_: int, record: RoundRecord | None) -> None:
+        """The coordinator's part after ``round_`` (0: the opening), written after the sites' parts.
+
+        A round counts as complete only when every part is there (:func:`fedcore.checkpoint.last_complete_round`).
+        """
+        layout = self.checkpoints
+        assert layout is not None
+        aggregator = self.components.aggregator
+        save_coordinator(
+            layout,
+            round_,
+            {
+                "spec": self.spec_digest(),
+                "weights": weights_state(self.server.weights),
+                "aggregator": aggregator.state_dict(),
+                "privacy": [getattr(m, "state_dict", dict)() for m in self.server.privacy],
+                "server_rng": self.server.rng.bit_generator.state,
+                "ledger_head": self.ledger_head,
+                "rounds_written": round_,
+                "record": None if record is None else record.model_dump_json(),
+                "sites": [site_name(site.site) for site in self.sites],
+                "wall_seconds": time.perf_counter() - self.start,
+                "stopped_reason": self.result.stopped_reason,
+            },
+        )
+
+    def restore(self, round_: int) -> None:
+        """Continue after ``round_``: the coordinator's part, then each site restores its own; the ledger says so."""
+        from fedcore.engine.resume import restore_site
+
+        layout = self.checkpoints
+        assert layout is not None
+        state = load_coordinator(layout, round_)
+        if state.get("spec") != self.spec_digest():
+            raise ValueError(f"{layout.coordinator_dir} was written by another spec or repeat")
+        self.server.weights = weights_from_state(state["weights"])
+        self.components.aggregator.load_state_dict(state["aggregator"])
+        for mechanism, own in zip(self.server.privacy, state["privacy"], strict=True):
+            if own:
+                mechanism.load_state_dict(own)  # type: ignore[attr-defined]
+        self.server.rng.bit_generator.state = state["server_rng"]
+        self.result.records = [
+            RoundRecord.model_validate_json(load_coordinator(layout, r)["record"] if r != round_ else state["record"])
+            for r in range(1, round_ + 1)
+        ]
+        self.result.stopped_reason = state["stopped_reason"]
+        self.start -= float(state["wall_seconds"])
+        self.ledger_head = state["ledger_head"]
+        self.commits.forget_after("server", round_)
+        for site in self.sites:
+            restore_site(layout, site_name(site.site), round_, site)
+            self.commits.forget_after(site_name(site.site), round_)
+        if self.ledger is not None:
+            # Entries after the checkpoint's head (a round cut short) stay on the chain; this
+            # entry marks where the run took up again, committing to the part it resumed from.
+            self._append(
+                [
+                    LedgerRecord(
+                        kind="resume",
+                        round=round_,
+                        writer="server",
+                        payload_sha256=part_digest(layout, round_),
+                        metadata={"resumed_after_round": round_, "checkpoint_head": state["ledger_head"]},
+                    )
+                ]
+            )
 
     def begin_round(self, round_: int) -> tuple[GlobalModel, dict[str, Weights]] | None:
         """The round's broadcast, or None when a privacy mechanism refuses the round (the run stops)."""
@@ -258,6 +365,8 @@ class FederatedRun:
     def finish_round(self, round_: int, updates: Sequence[ClientUpdate], seconds_so_far: float) -> None:
         """Aggregate the round's released updates, record them on the ledger, evaluate on every site."""
         began = time.perf_counter()
+        if self.checkpoints is not None:
+            self.save_sites(round_)
         records = self.update_records(round_, updates)
         new_weights = self.server.aggregate(round_, updates)
         # Under central DP this is the released (noised) model, never a pre-noise quantity.
@@ -275,7 +384,7 @@ class FederatedRun:
                 )
             )
         if self.ledger is not None:
-            self.ledger.append(records)
+            self._append(records)
         round_seconds = seconds_so_far + time.perf_counter() - began
         evaluation_message = GlobalModel(round=round_, weights=new_weights)
         evaluations = self.evaluate_sites(evaluation_message)
@@ -295,6 +404,8 @@ class FederatedRun:
             privacy=privacy,
         )
         self.result.records.append(record)
+        if self.checkpoints is not None:
+            self.save_checkpoint(round_, record)
         if self.on_round is not None:
             self.on_round(record)
 
@@ -353,7 +464,9 @@ def run_federated(
     run = FederatedRun(spec, job, arm, on_round)
     rounds = spec.training.rounds if stop_after_rounds is None else min(stop_after_rounds, spec.training.rounds)
     try:
-        for round_ in range(1, rounds + 1):
+        for round_ in range(run.resumed_from + 1, rounds + 1):
+            if run.result.stopped_reason is not None:
+                break
             if not run.run_round(round_, lambda message, extras: [site.fit(message.weights, message.round, extras) for site in run.sites]):
                 break
     finally:
