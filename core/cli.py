@@ -148,7 +148,7 @@ def run(
         run_dir = resume_experiment(resume, workers=workers, progress=False if no_progress else None)
         click.echo(f"report: {run_dir / 'report.md'}")
         return
-    if spec is None:
+    if spec is None and resume is None:
         raise FedcoreUserError("fedcore run needs a SPEC file (or --resume RUN_DIR)", hint="e.g. fedcore run specs/paper.yaml")
     if federation is not None:
         run_study = _deployment("run")

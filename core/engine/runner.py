@@ -459,6 +459,13 @@ def plan_resume(run_dir: Path, jobs: list[Job], plugins: PluginManager) -> Resum
             if last is None:
                 todo.append(job)
                 continue
+            ledger = job.spec.ledger
+            if ledger is not None and not getattr(plugins.get("ledger", ledger.use, "ledger.use"), "continues_chain", False):
+                raise FedcoreUserError(
+                    f"cannot resume {describe(job)}: the '{ledger.use}' ledger cannot continue an existing chain",
+                    where="ledger.use",
+                    hint="start a new run (resume needs a ledger such as sqlite-chain)",
+                )
             state = load_coordinator(layout, last)
             if state.get("spec") != checkpoint_digest(job.spec, job.repeat):
                 raise CheckpointError(
