@@ -37,9 +37,16 @@ class _Site(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def save_site_part(layout: CheckpointLayout, name: str, round: int, site: _Site) -> None:
-    """The site's own part of ``round``: its runtime's state, in its own folder."""
-    save_site(layout, name, round, {"runtime": site.state_dict()})
+def save_site_part(layout: CheckpointLayout, name: str, round: int, site: _Site) -> bool:
+    """The site's own part of ``round``: its runtime's state, in its own folder, not yet flushed.
+
+    Returns whether the part holds an accountant: it is then the site's record of privacy
+    spent, and must be flushed to the disk (:func:`fedcore.checkpoint.flush_to_disk`)
+    before the update leaves the site, so that no trace of a release outlives it.
+    """
+    state = site.state_dict()
+    save_site(layout, name, round, {"runtime": state}, durable=False)
+    return any(isinstance(stage, dict) and "accountant" in stage for stage in state["stages"])
 
 
 def restore_site(layout: CheckpointLayout, name: str, round: int, site: _Site) -> int:

@@ -27,7 +27,7 @@ from fedcore.components import (
     SiteData,
     plain_sum,
 )
-from fedcore.checkpoint import CheckpointLayout, load_coordinator, part_digest, save_coordinator, weights_from_state, weights_state
+from fedcore.checkpoint import CheckpointLayout, flush_to_disk, load_coordinator, part_digest, save_coordinator, weights_from_state, weights_state
 from fedcore.commitments import Committer
 from fedcore.errors import PrivacyBudgetError
 from fedcore.engine.site import SiteRuntime, evaluate_split_pair
@@ -261,9 +261,11 @@ class FederatedRun:
         """Every site writes its own part of ``round_``, as it releases its update (before it leaves the site)."""
         from fedcore.engine.resume import save_site_part
 
-        assert self.checkpoints is not None
-        for site in self.sites:
-            save_site_part(self.checkpoints, site_name(site.site), round_, site)
+        layout = self.checkpoints
+        assert layout is not None
+        accounted = [save_site_part(layout, site_name(site.site), round_, site) for site in self.sites]
+        if any(accounted):
+            flush_to_disk(layout.run_dir)  # one flush for every site's part (one disk in simulation)
 
     def save_checkpoint(self, round_: int, record: RoundRecord | None) -> None:
         """The coordinator's part after ``round_`` (0: the opening), written after the sites' parts.
