@@ -141,12 +141,12 @@ def test_a_run_killed_after_a_seeded_round_resumes_to_the_uninterrupted_numbers(
     assert [p.name for p in layout.coordinator_dir.glob("round-*.pt")] == ["round-000003.pt"]
 
 
-def test_a_round_cut_short_after_the_sites_released_stays_charged(tmp_path: Path, run_cli) -> None:
-    """The sites wrote their parts of round 2 (their updates left them), the coordinator did not.
+def test_a_round_the_coordinator_lost_is_replayed_by_the_sites_not_spent_twice(tmp_path: Path, run_cli) -> None:
+    """The sites wrote their parts of round 2 and released it; the coordinator died before its part of round 2.
 
-    The budget (epsilon 4) is calibrated for exactly 3 rounds. Resumed after round 1, the
-    sites' accountants still count round 2, so redoing it spends the third round's share:
-    the run stops before round 3, at the same epsilon as the whole run, never beyond the budget.
+    The budget (epsilon 4) is calibrated for exactly 3 rounds: had the sites trained
+    round 2 again, their accountants would count it twice and refuse round 3. They
+    resend what they released, so the run ends as the uninterrupted one.
     """
     text = _spec("sequential").replace("repeats: 2", "repeats: 1").replace("baseline: {centralized: true}\n", "")
     whole = run_spec_text(text, tmp_path / "whole")
@@ -155,19 +155,40 @@ def test_a_round_cut_short_after_the_sites_released_stays_charged(tmp_path: Path
     (layout.coordinator_dir / layout.file(2)).unlink()  # the crash came before the coordinator's part of round 2
 
     assert run_cli("run", "--resume", str(killed), "--no-progress").returncode == 0
-    assert sorted(_rounds(killed)) == sorted(_rounds(whole))[:2]
+    assert _rounds(killed) == _rounds(whole)
+    assert _epsilons(killed) == _epsilons(whole)
+    (run,) = json.loads((killed / "summary.json").read_text())["arms"][0]["federated"]["runs"]
+    assert run["stopped_reason"] is None and run["privacy"][0]["steps"] == 3 * 4
+    # Round 2's entries from before the crash stay on the chain, then the 'resume' entry (after round 1),
+    # then round 2 again: the same commitments, since the sites sent the same updates.
+    entries = _ledger(killed, "main-r0", ("site-update", "aggregate", "privacy-spent", "resume"))
+    cut = next(i for i, e in enumerate(entries) if e[0] == "resume")
+    assert entries[cut][1] == 1
+    before, after = entries[:cut], entries[cut + 1 :]
+    assert [e for e in before if e[1] == 2] == [e for e in after if e[1] == 2] != []
+    assert [e for e in before if e[1] != 2] + after == _ledger(whole, "main-r0")
+    _verify(run_cli, killed)
+
+
+def test_a_release_resume_cannot_replay_stays_charged(tmp_path: Path, run_cli) -> None:
+    """The coordinator's parts of rounds 2 and 3 are lost (a damaged disk): the run resumes after round 1,
+    and each site's newest part (round 3) is not the next round's. Its accountant is kept: rounds 2 and 3
+    stay charged, and redoing them is charged again, so the budget for 4 rounds stops the run early."""
+    text = _spec("sequential").replace("repeats: 2", "repeats: 1").replace("baseline: {centralized: true}\n", "")
+    text = text.replace("rounds: 3", "rounds: 4")
+    whole = run_spec_text(text, tmp_path / "whole")
+    killed = _killed_run(tmp_path, text, 0, 3)
+    layout = CheckpointLayout(killed, training_key("federated", "main", 0))
+    for round_ in (2, 3):
+        (layout.coordinator_dir / layout.file(round_)).write_bytes(b"damaged")
+
+    assert run_cli("run", "--resume", str(killed), "--no-progress").returncode == 0
     (run,) = json.loads((killed / "summary.json").read_text())["arms"][0]["federated"]["runs"]
     (whole_run,) = json.loads((whole / "summary.json").read_text())["arms"][0]["federated"]["runs"]
-    assert run["stopped_reason"].startswith("stopped before round 3") and "above the budget 4" in run["stopped_reason"]
-    assert whole_run["stopped_reason"] is None
-    # Two rounds released after resuming, plus the cut one: three rounds' DP steps, as the whole run.
-    assert run["privacy"][0]["steps"] == whole_run["privacy"][0]["steps"] == 3 * 4
-    assert run["privacy"][0]["epsilon"] == pytest.approx(whole_run["privacy"][0]["epsilon"], rel=1e-12)
-    # The cut round's entries stay on the chain; the 'resume' entry says the run took up after round 1.
-    (resume,) = _ledger(killed, "main-r0", ("resume",))
-    assert resume[1] == 1
-    assert len([e for e in _ledger(killed, "main-r0", ("site-update",)) if e[1] == 2]) == 2 * 3
-    _verify(run_cli, killed)
+    assert "above the budget 4" in run["stopped_reason"] and whole_run["stopped_reason"] is None
+    assert run["privacy"][0]["steps"] >= whole_run["privacy"][0]["steps"]  # never fewer than what was released
+    assert run["privacy"][0]["epsilon"] >= whole_run["privacy"][0]["epsilon"] - 1e-12
+    assert sorted(_rounds(killed)) == sorted(_rounds(whole))[: run["rounds"]]
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path: Path, run_cli) -> None:

@@ -29,7 +29,7 @@ from fedcore.components import (
 )
 from fedcore.checkpoint import CheckpointLayout, flush_to_disk, load_coordinator, part_digest, save_coordinator, weights_from_state, weights_state
 from fedcore.commitments import Committer
-from fedcore.errors import PrivacyBudgetError
+from fedcore.errors import PrivacyBudgetError, RunFailure
 from fedcore.engine.site import SiteRuntime, evaluate_split_pair
 from fedcore.engine.stages import site_info, stages_for
 from fedcore.engine.training import LocalTrainer, weights_of
@@ -228,6 +228,10 @@ class FederatedRun:
         self.result = RunResult(arm=arm, repeat=job.repeat, mode="federated")
         self.ledger = components.ledger
         self.ledger_head: str | None = None
+        #: what sites released in a round the coordinator lost, by site (fedcore.engine.resume.Replay)
+        self.replays: dict[int, Any] = {}
+        #: the digest of the round's training request (with checkpoints: kept with each site's release)
+        self.request = ""
         self.checkpoints = job.checkpoints
         #: the last round done before this process began (0 for a fresh run)
         self.resumed_from = job.resume_round or 0
@@ -257,13 +261,23 @@ class FederatedRun:
     def spec_digest(self) -> str:
         return checkpoint_digest(self.spec, self.result.repeat)
 
-    def save_sites(self, round_: int) -> None:
+    def save_sites(self, round_: int, updates: Sequence[ClientUpdate] = ()) -> None:
         """Every site writes its own part of ``round_``, as it releases its update (before it leaves the site)."""
         from fedcore.engine.resume import save_site_part
 
         layout = self.checkpoints
         assert layout is not None
-        accounted = [save_site_part(layout, site_name(site.site), round_, site) for site in self.sites]
+        released = {u.site: u for u in updates}
+        accounted = [
+            save_site_part(
+                layout,
+                site_name(site.site),
+                round_,
+                site,
+                None if site.site not in released else (self.request, released[site.site]),
+            )
+            for site in self.sites
+        ]
         if any(accounted):
             flush_to_disk(layout.run_dir)  # one flush for every site's part (one disk in simulation)
 
@@ -317,7 +331,9 @@ class FederatedRun:
         self.ledger_head = state["ledger_head"]
         self.commits.forget_after("server", round_)
         for site in self.sites:
-            restore_site(layout, site_name(site.site), round_, site)
+            replay = restore_site(layout, site_name(site.site), round_, site)
+            if replay is not None:
+                self.replays[site.site] = replay
             self.commits.forget_after(site_name(site.site), round_)
         if self.ledger is not None:
             # Entries after the checkpoint's head (a round cut short) stay on the chain; this
@@ -340,7 +356,12 @@ class FederatedRun:
         if refusal is not None:
             self.stop(f"stopped before round {round_}: {refusal}")
             return None
-        return self.server.broadcast(round_)
+        message, extras = self.server.broadcast(round_)
+        if self.checkpoints is not None:
+            from fedcore.engine.resume import request_digest
+
+            self.request = request_digest(message, extras)
+        return message, extras
 
     def run_round(self, round_: int, train: Callable[[GlobalModel, dict[str, Weights]], Sequence[ClientUpdate]]) -> bool:
         """One round: broadcast, ``train`` (the sites' released updates), aggregate and evaluate.
@@ -363,12 +384,50 @@ class FederatedRun:
     def stop(self, reason: str) -> None:
         """End the run early (a privacy budget refused a round); the rounds done are kept."""
         self.result.stopped_reason = reason
+        self._charge_unreplayed()
+
+    def _charge_unreplayed(self) -> None:
+        """A release the run never asked for again stays charged at its site (its newest accountants)."""
+        if not self.replays:
+            return
+        from fedcore.engine.resume import charged
+
+        by_index = {site.site: site for site in self.sites}
+        for index, replay in self.replays.items():
+            site = by_index[index]
+            site.load_state_dict(charged(site.state_dict(), replay.state))
+        self.replays.clear()
+
+    def replayed(self, round_: int, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+        """``updates``, where a site released this round before the crash: that release again, and its state after it.
+
+        The site trained anew (the engines train every site alike); that update never leaves it.
+        """
+        out = list(updates)
+        by_index = {site.site: site for site in self.sites}
+        for i, update in enumerate(out):
+            replay = self.replays.get(update.site)
+            if replay is None or replay.round != round_:
+                continue
+            del self.replays[update.site]
+            if replay.request_sha256 != self.request:
+                # The coordinator's state is restored exactly, so this is a bug; going on would
+                # charge the site's budget once for two releases.
+                raise RunFailure(
+                    f"{site_name(update.site)}: round {round_} asked again after resuming differs from the request "
+                    "it answered before the crash; start a new run"
+                )
+            by_index[update.site].load_state_dict(replay.state)
+            out[i] = replay.update()
+        return out
 
     def finish_round(self, round_: int, updates: Sequence[ClientUpdate], seconds_so_far: float) -> None:
         """Aggregate the round's released updates, record them on the ledger, evaluate on every site."""
         began = time.perf_counter()
+        if self.replays:
+            updates = self.replayed(round_, updates)
         if self.checkpoints is not None:
-            self.save_sites(round_)
+            self.save_sites(round_, updates)
         records = self.update_records(round_, updates)
         new_weights = self.server.aggregate(round_, updates)
         # Under central DP this is the released (noised) model, never a pre-noise quantity.
@@ -447,6 +506,7 @@ class FederatedRun:
 
     def close(self) -> RunResult:
         """Stop the secure aggregator and close the ledger; the run's result."""
+        self._charge_unreplayed()
         try:
             if self.components.secure_aggregation is not None:
                 self.components.secure_aggregation.close()
