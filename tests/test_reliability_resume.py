@@ -9,6 +9,7 @@ epsilon and ledger payload digests equal the uninterrupted run's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -243,4 +244,33 @@ def test_without_checkpoints_an_unfinished_training_starts_again(tmp_path: Path,
     assert _epsilons(killed) == _epsilons(whole)
     assert _ledger(killed, "main-r1") == _ledger(whole, "main-r1")
     assert (killed / "ledger" / "main-r1.abandoned-1" / "ledger.sqlite").is_file()  # the cut chain is kept aside
+    _verify(run_cli, killed)
+
+
+def _opened_payloads(run_dir: Path, ledger: str) -> dict[str, list[tuple[str, int, str]]]:
+    """Per holder: (kind, round, SHA-256 of the payload) of every opening, in order (what salted commitments hide)."""
+    out = {}
+    for folder in (run_dir, *sorted((run_dir / "sites").iterdir())):
+        own = folder / "openings" / ledger
+        lines = (own / "openings.jsonl").read_text().splitlines()
+        out["server" if folder == run_dir else folder.name] = [
+            (o["kind"], o["round"], hashlib.sha256((own / o["payload_file"]).read_bytes()).hexdigest())
+            for o in map(json.loads, lines)
+        ]
+    return out
+
+
+def test_with_secret_salts_the_resumed_ledger_commits_to_the_same_payloads(tmp_path: Path, run_cli) -> None:
+    """Default mode (salts from the OS), no DP: the commitments differ, the payloads under them do not."""
+    text = _spec("vectorized").replace("repeats: 2", "repeats: 1").replace("baseline: {centralized: true}\n", "")
+    text = text.replace("reproducible_noise: true", "reproducible_noise: false")
+    text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("privacy:"))
+    whole = run_spec_text(text, tmp_path / "whole")
+    killed = _killed_run(tmp_path, text, 0, random.Random("salts").randrange(1, 3))
+    assert run_cli("run", "--resume", str(killed), "--no-progress").returncode == 0
+    assert _rounds(killed) == _rounds(whole)
+    assert _opened_payloads(killed, "main-r0") == _opened_payloads(whole, "main-r0")
+    updates = [e for e in _ledger(killed, "main-r0") if e[0] == "site-update"]
+    assert [e[:3] for e in updates] == [e[:3] for e in _ledger(whole, "main-r0") if e[0] == "site-update"]
+    assert {e[3] for e in updates}.isdisjoint(e[3] for e in _ledger(whole, "main-r0"))  # fresh salts
     _verify(run_cli, killed)
