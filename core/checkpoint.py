@@ -25,6 +25,7 @@ restores) is :mod:`fedcore.engine.resume` and ``FederatedRun`` (docs/reliability
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import io
 import os
@@ -129,16 +130,22 @@ def save_site(layout: CheckpointLayout, site: str, round: int, state: Mapping[st
     return path
 
 
+@functools.cache
+def _syncfs() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
 def flush_to_disk(folder: Path) -> None:
     """Flush every file written on ``folder``'s file system to the disk: one ``syncfs`` for many parts.
 
     Cheaper than flushing each part and its directory (two flushes a part); Linux's
     ``syncfs``, else ``sync``.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        syncfs = libc.syncfs
-    except (OSError, AttributeError):
+    syncfs = _syncfs()
+    if syncfs is None:
         os.sync()
         return
     fd = os.open(folder, os.O_RDONLY)
