@@ -227,7 +227,7 @@ class LedgerRecord(Frozen):
     """One fact to record on the audit ledger: a digest, never the payload itself."""
 
     kind: Literal[
-        "spec", "preprocessing", "site-update", "aggregate", "global-model", "privacy-spent", "dropout", "run-end"
+        "spec", "preprocessing", "site-update", "aggregate", "global-model", "privacy-spent", "dropout", "run-end", "resume"
     ]
     round: int
     writer: str

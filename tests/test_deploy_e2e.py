@@ -355,7 +355,7 @@ def test_coordinator_killed_mid_run_resumes_from_its_checkpoint(tmp_path: Path) 
         fed.superlink.popen.wait(30)
         _, err = process.communicate(timeout=300)
         assert process.returncode == 1 and "--resume" in err, err
-        assert (run_dir / "checkpoints" / "deploy-r0.pt").exists()
+        assert list((run_dir / "checkpoints" / "federated-main-r0").glob("round-*.pt"))
         fed.start_link()  # the same database: the SuperLink comes back with its registered nodes
         done = run_cli([*args, "--resume", str(run_dir)], timeout=1200)
         assert done.returncode == 0, done.stderr + log.read_text()
