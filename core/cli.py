@@ -104,7 +104,7 @@ _set_option = click.option(
 
 
 @cli.command()
-@click.argument("spec", type=click.Path(path_type=Path))
+@click.argument("spec", type=click.Path(path_type=Path), required=False)
 @_set_option
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="run directory (default runs/NAME-TIME)")
 @click.option("--workers", type=int, default=None, help="parallel worker processes (default: spec, else CPU cores)")
@@ -114,10 +114,13 @@ _set_option = click.option(
 @click.option("--insecure", is_flag=True, help="with --federation: no TLS, no node authentication (printed loudly)")
 @click.option("--timeout", "timeout_s", type=float, default=None, help="with --federation: give up after this many seconds")
 @click.option(
-    "--resume", type=click.Path(path_type=Path), default=None, help="with --federation: continue this run directory's study"
+    "--resume",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="continue this run directory from its last complete round (alone; with --federation: that study)",
 )
 def run(
-    spec: Path,
+    spec: Path | None,
     overrides: tuple[str, ...],
     out: Path | None,
     workers: int | None,
@@ -128,10 +131,25 @@ def run(
     timeout_s: float | None,
     resume: Path | None,
 ) -> None:
-    """Run the experiment SPEC and write its report (a simulation, or on a federation with --federation)."""
-    from fedcore.engine.runner import run_experiment
+    """Run the experiment SPEC and write its report (a simulation, or on a federation with --federation).
+
+    ``fedcore run --resume RUN_DIR`` continues a simulated run that stopped (docs/reliability.md).
+    """
+    from fedcore.engine.runner import resume_experiment, run_experiment
     from fedcore.spec import load_experiment
 
+    if federation is None and resume is not None:
+        if spec is not None or overrides or out is not None:
+            raise FedcoreUserError(
+                "--resume continues a run with its own spec.resolved.yaml and directory",
+                hint="use 'fedcore run --resume RUN_DIR' without SPEC, --set or --out",
+            )
+        _terminate_on_sigterm()
+        run_dir = resume_experiment(resume, workers=workers, progress=False if no_progress else None)
+        click.echo(f"report: {run_dir / 'report.md'}")
+        return
+    if spec is None and resume is None:
+        raise FedcoreUserError("fedcore run needs a SPEC file (or --resume RUN_DIR)", hint="e.g. fedcore run specs/paper.yaml")
     if federation is not None:
         run_study = _deployment("run")
         if certs is None:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedcore.randomness import secret_bytes
-from fedcore.rundir import atomic_write_bytes
+from fedcore.rundir import atomic_write_bytes, atomic_write_text
 from fedcore.types import ClientUpdate
 
 #: bytes of salt per commitment (128 bits)
@@ -110,14 +110,35 @@ class Committer:
         salt = secret_bytes(SALT_BYTES, self.reproducible, self.seed, *label)
         digest = commitment(salt, payload)
         if self.ledger_dir is not None:
-            root = self.holder_root if self.holder_root is not None else holder_dir(self.ledger_dir.parent.parent, writer)
-            folder = root / OPENINGS_DIR / self.ledger_dir.name
+            folder = self._folder(writer)
             payload_file = f"{kind}-r{round}{'-' + _slug(name) if name else ''}.bin"
             atomic_write_bytes(folder / payload_file, payload)
             opening = Opening(kind, round, writer, name, digest, salt.hex(), payload_file)
             with open(folder / OPENINGS_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(asdict(opening), sort_keys=True) + "\n")
         return digest, salt
+
+    def _folder(self, holder: str) -> Path:
+        """Where ``holder``'s openings of this ledger are kept (``ledger_dir`` is set)."""
+        assert self.ledger_dir is not None
+        root = self.holder_root if self.holder_root is not None else holder_dir(self.ledger_dir.parent.parent, holder)
+        return root / OPENINGS_DIR / self.ledger_dir.name
+
+    def forget_after(self, holder: str, round: int) -> None:
+        """Drop ``holder``'s openings of rounds after ``round`` (a resumed run redoes them; their payload files are rewritten).
+
+        The holder's own folder only; a round cut short may have left openings whose entries never
+        reached the ledger, and a redone round's payload files replace the cut one's.
+        """
+        if self.ledger_dir is None:
+            return
+        path = self._folder(holder) / OPENINGS_FILE
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["round"] <= round]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(kept))
 
     def update(self, writer: str, update: ClientUpdate) -> str:
         """The commitment to a site's released update (its opening kept by the site)."""

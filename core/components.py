@@ -510,6 +510,8 @@ class Ledger(Component[SettingsT]):
     """Tamper-evident audit log of digests (spec, preprocessing, updates, aggregates, privacy)."""
 
     kind: ClassVar[str] = "ledger"
+    continues_chain: ClassVar[bool] = False
+    """True when :meth:`open` on an existing ledger directory continues its chain (``fedcore run --resume`` needs it)."""
 
     def open(self, directory: Path, participants: Sequence[str]) -> None:
         """Create or open the ledger under ``directory`` for the writers ``participants``."""

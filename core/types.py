@@ -297,7 +297,7 @@ class LedgerRecord(Frozen):
     """
 
     kind: Literal[
-        "spec", "preprocessing", "site-update", "aggregate", "global-model", "privacy-spent", "dropout", "run-end"
+        "spec", "preprocessing", "site-update", "aggregate", "global-model", "privacy-spent", "dropout", "run-end", "resume"
     ]
     round: int
     writer: str

@@ -275,7 +275,8 @@ def test_dropout_with_quorum_unregistered_node_and_mismatched_columns(tmp_path: 
         bad["data"]["continuous"] = [c for c in bad["data"]["continuous"] if c != "sodium"]
         bad["data"]["categorical"] = [*bad["data"]["categorical"], "sodium"]
         (sites / "hospital-1.yaml").write_text(yaml.safe_dump(bad))
-        spec = deployed_spec(tmp_path / "q.yaml", "quorum", training(3, ", min_sites: 2, round_timeout_s: 150"))
+        # Two rounds: the second waits round_timeout_s for the killed site, then carries on without it.
+        spec = deployed_spec(tmp_path / "q.yaml", "quorum", training(2, ", min_sites: 2, round_timeout_s: 100"))
         done = run_cli(["run", str(spec), "--federation", address, "--certs", str(certs.root), "--out", str(tmp_path / "mismatch")], timeout=900)
         assert done.returncode == 2, done.stderr
         assert "hospital-1" in done.stderr and "columns" in done.stderr and len(done.stderr.strip().splitlines()) <= 2
@@ -295,13 +296,13 @@ def test_dropout_with_quorum_unregistered_node_and_mismatched_columns(tmp_path: 
         out, err = process.communicate(timeout=900)
         assert process.returncode == 0, err + log.read_text()
         records = rounds(run_dir)
-        assert [r["round"] for r in records] == [1, 2, 3]
+        assert [r["round"] for r in records] == [1, 2]
         assert records[0]["sites"] == SITES and records[0]["absent_sites"] == []
         for record in records[1:]:
             assert record["sites"] == ["hospital-0", "hospital-1"] and record["absent_sites"] == ["hospital-2"]
             assert len(record["per_site"]) == 2 and len(record["update_bytes"]) == 2
         dropouts = [json.loads(r[4]) for r in ledger_rows(run_dir) if r[2] == "dropout"]
-        assert [d["site"] for d in dropouts] == ["hospital-2", "hospital-2"]
+        assert [d["site"] for d in dropouts] == ["hospital-2"]
 
         # A SuperNode whose key the coordinator never registered is refused by the SuperLink.
         intruder = make_certs(tmp_path / "intruder", ["intruder"])
@@ -354,7 +355,7 @@ def test_coordinator_killed_mid_run_resumes_from_its_checkpoint(tmp_path: Path) 
         fed.superlink.popen.wait(30)
         _, err = process.communicate(timeout=300)
         assert process.returncode == 1 and "--resume" in err, err
-        assert (run_dir / "checkpoints" / "deploy-r0.pt").exists()
+        assert list((run_dir / "checkpoints" / "federated-main-r0").glob("round-*.pt"))
         fed.start_link()  # the same database: the SuperLink comes back with its registered nodes
         done = run_cli([*args, "--resume", str(run_dir)], timeout=1200)
         assert done.returncode == 0, done.stderr + log.read_text()

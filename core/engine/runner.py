@@ -8,10 +8,12 @@ the paper's small MLP); rounds stream back to this process, which alone writes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +30,10 @@ import torch
 from fedcore import rundir
 from fedcore.components import FederatedData
 from fedcore.engine import processes
-from fedcore.engine.simulation import RunJob, RunResult, run_centralized, run_federated
+from fedcore.checkpoint import CheckpointError, CheckpointLayout, last_complete_round, load_coordinator, prune, training_key
+from fedcore.commitments import OPENINGS_DIR
+from fedcore.engine.resume import load_result, save_result
+from fedcore.engine.simulation import RunJob, RunResult, checkpoint_digest, run_centralized, run_federated, site_name
 from fedcore.errors import FedcoreUserError, SpecError
 from fedcore.registry import PluginManager
 from fedcore.report.summary import baseline_key
@@ -62,10 +67,16 @@ class Job:
     spec: ExperimentSpec
     seed: int
     engine: EngineChoice
+    resume_round: int | None = None
+    """On resume: the round whose checkpoint parts this training continues after (None: from the start)."""
 
     @property
     def key(self) -> str:
         return f"{self.mode}:{self.arm}:{self.repeat}"
+
+    def layout(self, run_dir: Path) -> CheckpointLayout:
+        """Where this training's checkpoint parts and finished result live."""
+        return CheckpointLayout(run_dir, training_key(self.mode, self.arm, self.repeat))
 
 
 #: the local-only and cyclic baselines' engine (fedcore.engine.baselines)
@@ -176,14 +187,21 @@ def execution_units(jobs: list[Job], workers: int) -> list[list[Job]]:
     return units
 
 
-def _save_checkpoint(job: Job, result: RunResult, run_dir: Path) -> None:
+def _save_checkpoint(job: Job, result: RunResult, run_dir: Path, data: FederatedData) -> None:
+    """A finished training: its final weights (and aggregator state), then its result, which marks it finished.
+
+    Its per-round parts are then pruned to the last one: a resumed run never trains it again.
+    """
+    layout = job.layout(run_dir)
     if job.spec.execution.checkpoints and result.final_weights is not None:
         ckpt = run_dir / "checkpoints"
         ckpt.mkdir(parents=True, exist_ok=True)
-        stem = f"{job.mode}-{_slug(job.arm)}-r{job.repeat}"
-        np.savez(ckpt / f"{stem}.npz", **dict(result.final_weights.arrays))
+        np.savez(ckpt / f"{layout.key}.npz", **dict(result.final_weights.arrays))
         if result.aggregator_state:
-            torch.save(result.aggregator_state, ckpt / f"{stem}-aggregator.pt")
+            torch.save(result.aggregator_state, ckpt / f"{layout.key}-aggregator.pt")
+    save_result(layout, result)
+    if job.mode == "federated" and job.spec.execution.checkpoints:
+        prune(layout, [site_name(site.site) for site in data.sites], keep=1)
     result.final_weights = None  # not needed past the checkpoint; keeps results small to pickle
 
 
@@ -215,9 +233,9 @@ def execute_unit(
     plugins = plugins or PluginManager()
     runs = [run_job(j, run_dir, plugins) for j in unit]
     results = train_runs(unit[0].spec, runs, unit[0].arm, unit[0].mode, unit[0].engine, on_round)
-    for job, result in zip(unit, results, strict=True):
+    for job, run, result in zip(unit, runs, results, strict=True):
         _audit(job, result, plugins)
-        _save_checkpoint(job, result, run_dir)
+        _save_checkpoint(job, result, run_dir, run.data)
     return results
 
 
@@ -253,7 +271,10 @@ def trainer(mode: str) -> Callable[..., RunResult]:
 def run_job(job: Job, run_dir: Path, plugins: PluginManager) -> RunJob:
     """A job's own inputs in this process: fresh components, the (cached) data, its ledger folder."""
     data = load_data(job.spec, job.seed, plugins)
-    return RunJob(build_components(job.spec, plugins), data, job.repeat, job.seed, _ledger_dir(run_dir, job))
+    checkpoints = job.layout(run_dir) if job.spec.execution.checkpoints else None
+    return RunJob(
+        build_components(job.spec, plugins), data, job.repeat, job.seed, _ledger_dir(run_dir, job), checkpoints, job.resume_round
+    )
 
 
 def execute_job(
@@ -267,7 +288,7 @@ def execute_job(
     run = run_job(job, run_dir, plugins)
     result = trainer(job.mode)(job.spec, run, job.arm, on_round)
     _audit(job, result, plugins)
-    _save_checkpoint(job, result, run_dir)
+    _save_checkpoint(job, result, run_dir, run.data)
     return result
 
 
@@ -369,6 +390,145 @@ def run_experiment(
     return run_dir
 
 
+@dataclass
+class ResumePlan:
+    """What ``fedcore run --resume`` keeps and what it still trains."""
+
+    finished: list[RunResult]
+    """Trainings that finished before the crash (their saved results; not trained again)."""
+    jobs: list[Job]
+    """The trainings left, each from its last complete round (``Job.resume_round``) or from the start."""
+    records: list[RoundRecord]
+    """The rounds of ``rounds.jsonl`` that stand: finished trainings' and complete rounds of the others."""
+
+
+def resume_experiment(run_dir: Path, workers: int | None = None, progress: bool | None = None) -> Path:
+    """Continue the run in ``run_dir`` (``fedcore run --resume``): every training from its last complete round.
+
+    Refuses (a user error) a directory that is not a fedcore run, is complete, is still
+    running, or whose checkpoint parts were written by another spec or cannot be read.
+    """
+    from fedcore.spec import load_experiment
+
+    check_resumable(run_dir)
+    experiment = load_experiment(run_dir / "spec.resolved.yaml")
+    engines = preflight(experiment)
+    plan = plan_resume(run_dir, plan_jobs(experiment, engines), experiment.plugins)
+    with rundir.tracked(run_dir, experiment.plugins):
+        _train_and_report(experiment, plan.jobs, engines, run_dir, workers, progress, plan)
+    return run_dir
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Refuse a run directory ``--resume`` cannot continue (one line, exit 2)."""
+    hint = "give --resume the directory of a simulated 'fedcore run' that did not complete"
+    if not run_dir.is_dir() or not (run_dir / "spec.resolved.yaml").is_file():
+        raise FedcoreUserError(f"{run_dir} is not a fedcore run directory (no spec.resolved.yaml)", hint=hint)
+    if (run_dir / "deployment.json").is_file():
+        raise FedcoreUserError(
+            f"{run_dir} is a deployed study's run directory", hint="resume it with 'fedcore run SPEC --federation ... --resume DIR'"
+        )
+    status = rundir.read_status(run_dir)
+    if status is None:
+        raise FedcoreUserError(f"{run_dir} has no readable {rundir.STATUS_FILE}: not a fedcore run directory", hint=hint)
+    if status.get("state") == "complete":
+        raise FedcoreUserError(f"{run_dir} is complete; nothing to resume", hint="its report is in report.md")
+    if status.get("state") == "running" and status.get("host") == socket.gethostname() and _alive(status.get("pid")):
+        raise FedcoreUserError(
+            f"{run_dir} is still running (pid {status.get('pid')})", hint="wait for it, or stop it before resuming"
+        )
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def plan_resume(run_dir: Path, jobs: list[Job], plugins: PluginManager) -> ResumePlan:
+    """Which trainings finished, and where each other one resumes (the last round every party's part holds)."""
+    finished: list[RunResult] = []
+    todo: list[Job] = []
+    records: list[RoundRecord] = []
+    for job in jobs:
+        layout = job.layout(run_dir)
+        try:
+            result = load_result(layout)
+            if result is not None:
+                finished.append(result)
+                records += result.records
+                continue
+            if job.mode == "centralized" or not job.spec.execution.checkpoints:
+                todo.append(job)  # trained again from the start (a baseline keeps no per-epoch parts)
+                continue
+            sites = [site_name(s.site) for s in load_data(job.spec, job.seed, plugins).sites]
+            last = last_complete_round(layout, sites)
+            if last is None:
+                todo.append(job)
+                continue
+            ledger = job.spec.ledger
+            if ledger is not None and not getattr(plugins.get("ledger", ledger.use, "ledger.use"), "continues_chain", False):
+                raise FedcoreUserError(
+                    f"cannot resume {describe(job)}: the '{ledger.use}' ledger cannot continue an existing chain",
+                    where="ledger.use",
+                    hint="start a new run (resume needs a ledger such as sqlite-chain)",
+                )
+            state = load_coordinator(layout, last)
+            if state.get("spec") != checkpoint_digest(job.spec, job.repeat):
+                raise CheckpointError(
+                    f"{layout.coordinator_dir / layout.file(last)} was written by another spec or repeat "
+                    "(was spec.resolved.yaml edited?)"
+                )
+            records += [RoundRecord.model_validate_json(load_coordinator(layout, r)["record"]) for r in range(1, last + 1)]
+        except CheckpointError as exc:
+            raise FedcoreUserError(
+                f"cannot resume {describe(job)}: {exc}", hint="restore the run directory's checkpoints, or start a new run"
+            ) from None
+        todo.append(dataclasses.replace(job, resume_round=last))
+    for job in todo:
+        if job.mode == "federated" and job.resume_round is None:
+            _set_aside(run_dir, _ledger_dir(run_dir, job))
+    return ResumePlan(finished, todo, records)
+
+
+def describe(job: Job) -> str:
+    return f"the {job.mode} training of arm '{job.arm}', repeat {job.repeat}"
+
+
+def _set_aside(run_dir: Path, ledger_dir: Path) -> None:
+    """A training that restarts from scratch: its earlier ledger and openings are kept beside, renamed."""
+    folders = [ledger_dir, run_dir / OPENINGS_DIR / ledger_dir.name]
+    folders += [site / OPENINGS_DIR / ledger_dir.name for site in sorted((run_dir / "sites").glob("*"))]
+    for folder in folders:
+        if folder.exists():
+            index = 1
+            while folder.with_name(f"{folder.name}.abandoned-{index}").exists():
+                index += 1
+            folder.rename(folder.with_name(f"{folder.name}.abandoned-{index}"))
+
+
+def _rewrite_rounds(path: Path, kept: list[RoundRecord]) -> None:
+    """``rounds.jsonl`` holding only ``kept`` (lines of rounds cut short dropped), in the order first written."""
+    wanted = {(r.arm, r.mode, r.repeat, r.round): r for r in kept}
+    lines: list[str] = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            record = RoundRecord.model_validate_json(line)
+        except ValueError:  # a line cut by the crash
+            continue
+        key = (record.arm, record.mode, record.repeat, record.round)
+        if wanted.pop(key, None) is not None:
+            lines.append(line + "\n")
+    lines += [r.model_dump_json() + "\n" for r in wanted.values()]
+    rundir.atomic_write_text(path, "".join(lines))
+
+
 def _train_and_report(
     experiment: Experiment,
     jobs: list[Job],
@@ -376,17 +536,23 @@ def _train_and_report(
     run_dir: Path,
     workers: int | None,
     progress: bool | None,
+    resume: ResumePlan | None = None,
 ) -> None:
-    """Every training of the experiment, then ``summary.json`` and the report, into ``run_dir``."""
+    """Every training of the experiment, then ``summary.json`` and the report, into ``run_dir``.
+
+    With ``resume``, only ``jobs`` are trained; the plan's finished results join theirs in
+    the summary, and ``rounds.jsonl`` keeps the plan's records before new ones are appended.
+    """
     from fedcore.report import build_report, write_summary
 
     spec = experiment.spec
     plugins = experiment.plugins
-    (run_dir / "spec.resolved.yaml").write_text(resolved_yaml(spec))
-    if len(experiment.arms) > 1:
-        arms_yaml = {arm.label: json.loads(arm.spec.model_dump_json()) for arm in experiment.arms}
-        (run_dir / "arms.json").write_text(json.dumps(arms_yaml, indent=1))
-    if not (workers or spec.execution.workers):
+    if resume is None:
+        (run_dir / "spec.resolved.yaml").write_text(resolved_yaml(spec))
+        if len(experiment.arms) > 1:
+            arms_yaml = {arm.label: json.loads(arm.spec.model_dump_json()) for arm in experiment.arms}
+            (run_dir / "arms.json").write_text(json.dumps(arms_yaml, indent=1))
+    if jobs and not (workers or spec.execution.workers):
         workers = default_workers(experiment, execution_units(jobs, os.cpu_count() or 1))
     workers = min(workers or spec.execution.workers or 1, len(jobs))
     units = execution_units(jobs, workers)
@@ -395,7 +561,9 @@ def _train_and_report(
     started = time.perf_counter()
     results: list[RunResult] = []
     rounds_path = run_dir / "rounds.jsonl"
-    with rounds_path.open("w") as rounds_file, Progress(show, jobs) as bars:
+    if resume is not None:
+        _rewrite_rounds(rounds_path, resume.records)
+    with rounds_path.open("w" if resume is None else "a") as rounds_file, Progress(show, jobs) as bars:
 
         def on_round(record: RoundRecord) -> None:
             rounds_file.write(record.model_dump_json() + "\n")
@@ -416,6 +584,8 @@ def _train_and_report(
         else:
             results = _run_parallel(units, run_dir, workers, spec.execution.threads_per_worker, on_round, bars)
     total = time.perf_counter() - started
+    if resume is not None:
+        results = [*resume.finished, *results]  # ``total`` is this session's wall time
     data_sections = load_data(experiment.arms[0].spec, spec.seed, plugins)
     summary = write_summary(run_dir, experiment, results, total, data_sections, engines)
     build_report(run_dir)

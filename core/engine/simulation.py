@@ -27,8 +27,9 @@ from fedcore.components import (
     SiteData,
     plain_sum,
 )
+from fedcore.checkpoint import CheckpointLayout, flush_to_disk, load_coordinator, part_digest, save_coordinator, weights_from_state, weights_state
 from fedcore.commitments import Committer
-from fedcore.errors import PrivacyBudgetError
+from fedcore.errors import PrivacyBudgetError, RunFailure
 from fedcore.engine.site import SiteRuntime, evaluate_split_pair
 from fedcore.engine.stages import site_info, stages_for
 from fedcore.engine.training import LocalTrainer, weights_of
@@ -182,15 +183,26 @@ def make_sites(
     ]
 
 
+def checkpoint_digest(spec: ExperimentSpec, repeat: int) -> str:
+    """What a training's checkpoint parts must have been written by: the arm's spec (``execution`` aside), the repeat."""
+    return json_digest({"spec": spec.model_dump(mode="json", exclude={"execution"}), "repeat": repeat})
+
+
 @dataclass
 class RunJob:
-    """One training's own inputs: components (fresh per run: they hold its state), data, seed, ledger folder."""
+    """One training's own inputs: components (fresh per run: they hold its state), data, seed, ledger folder.
+
+    :ivar checkpoints: where the run's checkpoint parts go after every round (None: none are written).
+    :ivar resume_round: restore the parts of this round and continue after it (None: start afresh).
+    """
 
     components: Components
     data: FederatedData
     repeat: int
     seed: int
     ledger_dir: Any = None
+    checkpoints: CheckpointLayout | None = None
+    resume_round: int | None = None
 
 
 class FederatedRun:
@@ -226,15 +238,128 @@ class FederatedRun:
         )
         self.result = RunResult(arm=arm, repeat=job.repeat, mode="federated")
         self.ledger = components.ledger
+        self.ledger_head: str | None = None
+        #: what sites released in a round the coordinator lost, by site (fedcore.engine.resume.Replay)
+        self.replays: dict[int, Any] = {}
+        #: the digest of the round's training request (with checkpoints: kept with each site's release)
+        self.request = ""
+        self.checkpoints = job.checkpoints
+        #: the last round done before this process began (0 for a fresh run)
+        self.resumed_from = job.resume_round or 0
         # Hiding commitments: each payload's opening stays with the party that made it.
         self.commits = Committer(ledger_dir if self.ledger is not None else None, spec.execution.reproducible_noise, seed, arm, job.repeat)
         if self.ledger is not None:
             self.ledger.open(ledger_dir, self.ledger_writers())
-            opening = self.opening_records()
+            opening = self.opening_records() if job.resume_round is None else []
             if opening:
-                self.ledger.append(opening)
+                self._append(opening)
         if components.secure_aggregation is not None:
             components.secure_aggregation.open(len(self.sites), self.initial)
+        if job.resume_round is not None:
+            self.restore(job.resume_round)
+        elif self.checkpoints is not None:
+            self.save_sites(0)
+            self.save_checkpoint(0, None)
+
+    def _append(self, records: Sequence[LedgerRecord]) -> None:
+        assert self.ledger is not None
+        head = self.ledger.append(records)
+        if head is not None:
+            self.ledger_head = f"{head.sequence}:{head.entry_hash}"
+
+    # -- checkpoints (fedcore.checkpoint; docs/reliability.md, "Resume")
+
+    def spec_digest(self) -> str:
+        return checkpoint_digest(self.spec, self.result.repeat)
+
+    def save_sites(self, round_: int, updates: Sequence[ClientUpdate] = ()) -> None:
+        """Every site writes its own part of ``round_``, as it releases its update (before it leaves the site)."""
+        from fedcore.engine.resume import save_site_part
+
+        layout = self.checkpoints
+        assert layout is not None
+        released = {u.site: u for u in updates}
+        accounted = [
+            save_site_part(
+                layout,
+                site_name(site.site),
+                round_,
+                site,
+                None if site.site not in released else (self.request, released[site.site]),
+            )
+            for site in self.sites
+        ]
+        if any(accounted):
+            flush_to_disk(layout.run_dir)  # one flush for every site's part (one disk in simulation)
+
+    def save_checkpoint(self, round_: int, record: RoundRecord | None) -> None:
+        """The coordinator's part after ``round_`` (0: the opening), written after the sites' parts.
+
+        A round counts as complete only when every part is there (:func:`fedcore.checkpoint.last_complete_round`).
+        """
+        layout = self.checkpoints
+        assert layout is not None
+        aggregator = self.components.aggregator
+        save_coordinator(
+            layout,
+            round_,
+            {
+                "spec": self.spec_digest(),
+                "weights": weights_state(self.server.weights),
+                "aggregator": aggregator.state_dict(),
+                "privacy": [getattr(m, "state_dict", dict)() for m in self.server.privacy],
+                "server_rng": self.server.rng.bit_generator.state,
+                "ledger_head": self.ledger_head,
+                "rounds_written": round_,
+                "record": None if record is None else record.model_dump_json(),
+                "sites": [site_name(site.site) for site in self.sites],
+                "wall_seconds": time.perf_counter() - self.start,
+                "stopped_reason": self.result.stopped_reason,
+            },
+        )
+
+    def restore(self, round_: int) -> None:
+        """Continue after ``round_``: the coordinator's part, then each site restores its own; the ledger says so."""
+        from fedcore.engine.resume import restore_site
+
+        layout = self.checkpoints
+        assert layout is not None
+        state = load_coordinator(layout, round_)
+        if state.get("spec") != self.spec_digest():
+            raise ValueError(f"{layout.coordinator_dir} was written by another spec or repeat")
+        self.server.weights = weights_from_state(state["weights"])
+        self.components.aggregator.load_state_dict(state["aggregator"])
+        for mechanism, own in zip(self.server.privacy, state["privacy"], strict=True):
+            if own:
+                mechanism.load_state_dict(own)  # type: ignore[attr-defined]
+        self.server.rng.bit_generator.state = state["server_rng"]
+        self.result.records = [
+            RoundRecord.model_validate_json(load_coordinator(layout, r)["record"] if r != round_ else state["record"])
+            for r in range(1, round_ + 1)
+        ]
+        self.result.stopped_reason = state["stopped_reason"]
+        self.start -= float(state["wall_seconds"])
+        self.ledger_head = state["ledger_head"]
+        self.commits.forget_after("server", round_)
+        for site in self.sites:
+            replay = restore_site(layout, site_name(site.site), round_, site)
+            if replay is not None:
+                self.replays[site.site] = replay
+            self.commits.forget_after(site_name(site.site), round_)
+        if self.ledger is not None:
+            # Entries after the checkpoint's head (a round cut short) stay on the chain; this
+            # entry marks where the run took up again, committing to the part it resumed from.
+            self._append(
+                [
+                    LedgerRecord(
+                        kind="resume",
+                        round=round_,
+                        writer="server",
+                        payload_sha256=part_digest(layout, round_),
+                        metadata={"resumed_after_round": round_, "checkpoint_head": state["ledger_head"]},
+                    )
+                ]
+            )
 
     def begin_round(self, round_: int) -> tuple[GlobalModel, dict[str, Weights]] | None:
         """The round's broadcast, or None when a privacy mechanism refuses the round (the run stops)."""
@@ -242,7 +367,12 @@ class FederatedRun:
         if refusal is not None:
             self.stop(f"stopped before round {round_}: {refusal}")
             return None
-        return self.server.broadcast(round_)
+        message, extras = self.server.broadcast(round_)
+        if self.checkpoints is not None:
+            from fedcore.engine.resume import request_digest
+
+            self.request = request_digest(message, extras)
+        return message, extras
 
     def run_round(self, round_: int, train: Callable[[GlobalModel, dict[str, Weights]], Sequence[ClientUpdate]]) -> bool:
         """One round: broadcast, ``train`` (the sites' released updates), aggregate and evaluate.
@@ -265,10 +395,50 @@ class FederatedRun:
     def stop(self, reason: str) -> None:
         """End the run early (a privacy budget refused a round); the rounds done are kept."""
         self.result.stopped_reason = reason
+        self._charge_unreplayed()
+
+    def _charge_unreplayed(self) -> None:
+        """A release the run never asked for again stays charged at its site (its newest accountants)."""
+        if not self.replays:
+            return
+        from fedcore.engine.resume import charged
+
+        by_index = {site.site: site for site in self.sites}
+        for index, replay in self.replays.items():
+            site = by_index[index]
+            site.load_state_dict(charged(site.state_dict(), replay.state))
+        self.replays.clear()
+
+    def replayed(self, round_: int, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+        """``updates``, where a site released this round before the crash: that release again, and its state after it.
+
+        The site trained anew (the engines train every site alike); that update never leaves it.
+        """
+        out = list(updates)
+        by_index = {site.site: site for site in self.sites}
+        for i, update in enumerate(out):
+            replay = self.replays.get(update.site)
+            if replay is None or replay.round != round_:
+                continue
+            del self.replays[update.site]
+            if replay.request_sha256 != self.request:
+                # The coordinator's state is restored exactly, so this is a bug; going on would
+                # charge the site's budget once for two releases.
+                raise RunFailure(
+                    f"{site_name(update.site)}: round {round_} asked again after resuming differs from the request "
+                    "it answered before the crash; start a new run"
+                )
+            by_index[update.site].load_state_dict(replay.state)
+            out[i] = replay.update()
+        return out
 
     def finish_round(self, round_: int, updates: Sequence[ClientUpdate], seconds_so_far: float) -> None:
         """Aggregate the round's released updates, record them on the ledger, evaluate on every site."""
         began = time.perf_counter()
+        if self.replays:
+            updates = self.replayed(round_, updates)
+        if self.checkpoints is not None:
+            self.save_sites(round_, updates)
         records = self.update_records(round_, updates)
         new_weights = self.server.aggregate(round_, updates)
         # Under central DP this is the released (noised) model, never a pre-noise quantity.
@@ -286,7 +456,7 @@ class FederatedRun:
                 )
             )
         if self.ledger is not None:
-            self.ledger.append(records)
+            self._append(records)
         round_seconds = seconds_so_far + time.perf_counter() - began
         evaluation_message = GlobalModel(round=round_, weights=new_weights)
         evaluations = self.evaluate_sites(evaluation_message)
@@ -306,6 +476,8 @@ class FederatedRun:
             privacy=privacy,
         )
         self.result.records.append(record)
+        if self.checkpoints is not None:
+            self.save_checkpoint(round_, record)
         if self.on_round is not None:
             self.on_round(record)
 
@@ -345,6 +517,7 @@ class FederatedRun:
 
     def close(self) -> RunResult:
         """Stop the secure aggregator and close the ledger; the run's result."""
+        self._charge_unreplayed()
         try:
             if self.components.secure_aggregation is not None:
                 self.components.secure_aggregation.close()
@@ -364,7 +537,9 @@ def run_federated(
     run = FederatedRun(spec, job, arm, on_round)
     rounds = spec.training.rounds if stop_after_rounds is None else min(stop_after_rounds, spec.training.rounds)
     try:
-        for round_ in range(1, rounds + 1):
+        for round_ in range(run.resumed_from + 1, rounds + 1):
+            if run.result.stopped_reason is not None:
+                break
             if not run.run_round(round_, lambda message, extras: [site.fit(message.weights, message.round, extras) for site in run.sites]):
                 break
     finally:

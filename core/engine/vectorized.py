@@ -529,11 +529,12 @@ def run_repeats_vectorized(
         template = jobs[0].components.model.build(jobs[0].data.n_features, jobs[0].data.n_classes)
         trainer: StackedTrainer | None = None
         trained_runs: list[_FederatedRun] = []
-        for round_ in range(1, spec.training.rounds + 1):
+        # A resumed run joins the stack after the round it resumed from.
+        for round_ in range(min(run.resumed_from for run in runs) + 1, spec.training.rounds + 1):
             tasks: list[CopyTask] = []
             active: list[_FederatedRun] = []
             for run in runs:
-                if run.result.stopped_reason is None:
+                if run.result.stopped_reason is None and round_ > run.resumed_from:
                     run_tasks = run.copy_tasks(round_)
                     if run_tasks is not None:
                         tasks += run_tasks

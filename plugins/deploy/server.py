@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedcore.commitments import SALT_BYTES, commitment
 from fedcore.components import FederatedData
 from fedcore.plugins.deploy.certs import FederationCerts
+from fedcore.checkpoint import weights_from_state
 from fedcore.plugins.deploy.checkpoint import CoordinatorCheckpoint
 from fedcore.plugins.deploy.wire import MalformedMessage, pack, parse_model, parse_update, unpack
 from fedcore.plugins.deploy.site import global_digest, statement
@@ -484,7 +485,7 @@ class DeployedRun(FederatedRun):
                 f"(missing: {', '.join(absent)}); restart those sites' SuperNodes"
             )
         if absent and self.ledger is not None:
-            self.ledger.append(
+            self._append(
                 [
                     LedgerRecord(
                         kind="dropout",
@@ -546,7 +547,8 @@ def _records_until(run_dir: Path, repeat: int, last_round: int) -> list[RoundRec
 
 def restore(run: DeployedRun, state: dict[str, Any]) -> None:
     """The coordinator's state after the checkpoint's round (weights, aggregator, central DP, random state)."""
-    run.server.weights = Weights(arrays=state["weights"])
+    run.server.weights = weights_from_state(state["weights"])
+    run.ledger_head = state["ledger_head"]
     run.components.aggregator.load_state_dict(state["aggregator"])
     for mechanism, mechanism_state in zip(run.server.privacy, state["privacy"], strict=True):
         if mechanism_state and hasattr(mechanism, "load_state_dict"):

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedcore.commitments import Committer
 from fedcore.components import FederatedData, SiteData
+from fedcore.engine.resume import request_digest
 from fedcore.engine.site import SiteRuntime
 from fedcore.engine.simulation import derive_seed, site_stages
 from fedcore.errors import DataError
@@ -295,7 +296,7 @@ def train_site_round(
     returns the released update, the site's privacy reports and the new state to
     keep on the site's disk.
     """
-    asked = _request_digest(message, extras)
+    asked = request_digest(message, extras)
     last = (state or {}).get("released")
     if last is not None and last["round"] == message.round and last["request_sha256"] == asked:
         # The coordinator lost this round (it crashed after the site released it) and asks
@@ -311,14 +312,6 @@ def train_site_round(
     snapshot = {**site.state_dict(), "rounds": rounds}
     snapshot["released"] = {"round": message.round, "request_sha256": asked, "update": update, "privacy": privacy}
     return update, privacy, snapshot
-
-
-def _request_digest(message: GlobalModel, extras: dict[str, Weights]) -> str:
-    """SHA-256 of a training request: the round, the global weights and every extra by name."""
-    digest = hashlib.sha256(str(message.round).encode() + message.weights.to_bytes())
-    for name in sorted(extras):
-        digest.update(name.encode() + extras[name].to_bytes())
-    return digest.hexdigest()
 
 
 def evaluate_site(site: SiteRuntime, message: GlobalModel) -> SiteEvaluation:

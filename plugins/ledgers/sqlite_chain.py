@@ -78,6 +78,7 @@ class SqliteChainLedger(Ledger):
     name: ClassVar[str] = "sqlite-chain"
     Settings: ClassVar[type[BaseModel]] = SqliteChainSettings
     description: ClassVar[str] = "embedded signed hash chain in SQLite (single writer, no consensus)"
+    continues_chain: ClassVar[bool] = True
 
     def __init__(self, settings: BaseModel | None = None) -> None:
         super().__init__(settings)

@@ -226,7 +226,8 @@ class RecordLevelStage(_AccountedStage):
     def state_dict(self) -> dict[str, Any]:
         # The noisy class counts were released once and accounted once: a stage rebuilt from
         # this state (a resumed run, a deployed node) must reuse them, never draw new ones.
-        return {**super().state_dict(), "noisy_class_counts": self._noisy_class_counts}
+        counts = None if self._noisy_class_counts is None else [float(c) for c in self._noisy_class_counts]
+        return {**super().state_dict(), "noisy_class_counts": counts}  # plain floats: torch.load(weights_only=True)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

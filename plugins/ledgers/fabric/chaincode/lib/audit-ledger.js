@@ -12,7 +12,7 @@
 const { Contract } = require('fabric-contract-api');
 
 const HEX64 = /^[0-9a-f]{64}$/;
-const KINDS = new Set(['spec', 'preprocessing', 'site-update', 'aggregate', 'global-model', 'privacy-spent', 'dropout', 'run-end']);
+const KINDS = new Set(['spec', 'preprocessing', 'site-update', 'aggregate', 'global-model', 'privacy-spent', 'dropout', 'run-end', 'resume']);
 
 function stableStringify(value) {
     // Sorted keys, no whitespace: the same bytes on every endorsing peer.
