@@ -281,3 +281,14 @@ def test_a_train_message_names_the_model_a_site_stored_when_it_evaluated_it(
     store = SiteStore(load_site_config(sites / "hospital-0.yaml"), f"{study}-r0")
     with pytest.raises(Exception, match="does not hold"):
         store.global_model(None, "0" * 64)
+
+
+def test_the_spec_s_evaluation_metrics_are_scored_at_each_deployed_site(
+    world: tuple[FederationCerts, Path], tmp_path: Path
+) -> None:
+    certs, sites = world
+    run_dir = _run_dir(tmp_path, "rounds: 1", "evaluation: {metrics: [auroc, balanced_accuracy], primary: auroc}\n")
+    coordinate(FakeGrid(sites), run_dir, certs, 10, Log(run_dir))  # type: ignore[arg-type]
+    record = _rounds(run_dir)[0]
+    assert "auroc" in json.dumps(record["test"]) and "balanced_accuracy" in json.dumps(record["test"])
+    assert all("auroc" in json.dumps(site["test"]) for site in record["per_site"])

@@ -279,7 +279,9 @@ def build_site(spec: ExperimentSpec, components: Components, data: SiteData, sha
     )
     stages = site_stages(spec, components, federated, data, shape.seed, arm)
     module = components.model.build(shape.n_features, shape.n_classes)
-    return SiteRuntime(data, module, spec.training, stages, shape.n_classes, derive_seed(shape.seed, 1, data.site))
+    return SiteRuntime(
+        data, module, spec.training, stages, shape.n_classes, derive_seed(shape.seed, 1, data.site), spec.evaluation.metrics
+    )
 
 
 def train_site_round(
