@@ -382,8 +382,8 @@ class DeployedRun(FederatedRun):
         )
 
     def _secure_attempt(
-        self, round_: int, message: GlobalModel, extras: Mapping[str, Weights], arrived: dict[str, ClientUpdate],
-        refused: dict[str, str], log: Log,
+        self, round_: int, message: GlobalModel, extras: Mapping[str, Weights], round_meta: dict[str, Any],
+        arrived: dict[str, ClientUpdate], refused: dict[str, str], log: Log,
     ) -> None:
         """One SecAgg+ round over every site: the revealed sum goes to the plugin, sealed updates to ``arrived``."""
         from fedcore.plugins.deploy.secagg import SealedUpdate, secure_round
@@ -398,7 +398,7 @@ class DeployedRun(FederatedRun):
             settings = settings.model_copy(update={"max_weight": float(max(self.federation.site_rows.values(), default=1))})
         summed, metas = secure_round(
             self.federation.grid, self.federation.context, [s.node_id for s in self.federation.sites], round_,
-            {**self._meta(round_), "global_sha256": global_digest(message.weights)}, message.weights, extras, settings,
+            round_meta, message.weights, extras, settings,
         )
         if summed is None:
             log(f"round {round_}: SecAgg+ halted (too few sites answered every stage)")
@@ -432,21 +432,20 @@ class DeployedRun(FederatedRun):
         arrived: dict[str, ClientUpdate] = {}
         refused: dict[str, str] = {}
         tensors = {"global": message.weights, **{f"extra:{k}": v for k, v in extras.items()}}
+        digest = global_digest(message.weights)
+        round_meta = {**self._meta(round_), "global_sha256": digest}
         secure = self.components.secure_aggregation
         for attempt in range(training.round_retries + 1):
             if secure is not None:
-                self._secure_attempt(round_, message, extras, arrived, refused, log)
+                self._secure_attempt(round_, message, extras, round_meta, arrived, refused, log)
                 if len(arrived) >= quorum:
                     break
                 continue
             waiting = [s for s in self.federation.sites if s.name not in arrived and s.name not in refused]
             if not waiting:
                 break
-            digest = global_digest(message.weights)
             omit = {s.name: ("global",) for s in waiting if self.held.get(s.name) == digest}
-            replies = self.federation.ask(
-                TRAIN, waiting, {**self._meta(round_), "global_sha256": digest}, tensors, training.round_timeout_s, omit
-            )
+            replies = self.federation.ask(TRAIN, waiting, round_meta, tensors, training.round_timeout_s, omit)
             for site in waiting:
                 reply = replies.get(site.name)
                 if reply is None:
