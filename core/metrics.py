@@ -1,11 +1,15 @@
-"""Classification metrics (scikit-learn), pooling across sites, and convergence speed.
+"""Classification metrics (scikit-learn's values), pooling across sites, and convergence speed.
 
 Every run reports accuracy and macro precision, recall and F1 (the fields of
 :class:`~fedcore.types.ClassificationMetrics`). ``evaluation.metrics`` in a spec asks for
-more, computed by :func:`scores` with scikit-learn's implementations into
-``ClassificationMetrics.scores``; a metric that is undefined on a split (AUROC where the
-split holds one class, the recall of a class that does not occur) is ``None`` there,
-never 0.
+more, computed by :func:`scores` into ``ClassificationMetrics.scores``; a metric that is
+undefined on a split (AUROC where the split holds one class, the recall of a class that
+does not occur) is ``None`` there, never 0.
+
+Every metric but AUROC is a function of the confusion matrix, computed here for many
+sites at once with numpy, operation for operation as scikit-learn computes it (its input
+checks cost ~10 ms a split, as much as training a site; the test suite compares the
+values bit for bit). AUROC is scikit-learn's ``roc_auc_score``.
 """
 
 from __future__ import annotations
@@ -15,16 +19,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from sklearn.metrics import roc_auc_score
 
 from fedcore.types import ClassificationMetrics
 
@@ -46,42 +41,102 @@ def _undefined_as_none(value: float) -> float | None:
 def scores(
     names: Sequence[str], y_true: np.ndarray, y_pred: np.ndarray, probabilities: np.ndarray | None, n_classes: int
 ) -> dict[str, float | None]:
-    """The metrics ``names`` of one split (scikit-learn), ``None`` where undefined.
+    """The metrics ``names`` of one split, ``None`` where undefined.
 
     Macro averages (F1, precision, recall) leave out the classes where the metric is
     undefined (``zero_division=nan``: a class never predicted has no precision, a class
     that does not occur no recall); ``per_class_recall`` gives ``recall_class_<i>`` per
     class. AUROC is one-vs-rest macro (the positive class's for a binary task) and needs
-    every class in the split and ``probabilities``; else it is undefined.
+    every class in the split and ``probabilities``; else it is undefined. Every metric but
+    AUROC comes from the confusion matrix (:func:`scores_from_confusions`, scikit-learn's
+    values); AUROC is scikit-learn's ``roc_auc_score``.
     """
-    out: dict[str, float | None] = {}
-    labels = list(range(n_classes))
-    n = len(y_true)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # undefined parts are reported as None, not warned about
-        for name in names:
-            if n == 0:
-                value: float | None = None
-            elif name == "accuracy":
-                value = float(accuracy_score(y_true, y_pred))
-            elif name == "balanced_accuracy":
-                value = float(balanced_accuracy_score(y_true, y_pred))
-            elif name in ("f1", "precision", "recall"):
-                fn = {"f1": f1_score, "precision": precision_score, "recall": recall_score}[name]
-                value = _undefined_as_none(fn(y_true, y_pred, labels=labels, average="macro", zero_division=np.nan))
-            elif name == "per_class_recall":
-                per = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
-                out.update({f"recall_class_{c}": _undefined_as_none(v) for c, v in zip(labels, per, strict=True)})
-                continue
-            elif name == "auroc":
-                value = _auroc(y_true, probabilities, n_classes)
-            else:
-                raise ValueError(f"unknown metric {name!r}")
-            out[name] = value
+    conf = confusion_matrices(np.asarray(y_true), np.asarray(y_pred), np.zeros(len(y_true), dtype=np.int64), 1, n_classes)
+    out = scores_from_confusions(names, conf)[0]
+    if "auroc" in names and len(y_true):
+        out["auroc"] = auroc_score(y_true, probabilities, n_classes)
     return out
 
 
-def _auroc(y_true: np.ndarray, probabilities: np.ndarray | None, n_classes: int) -> float | None:
+def confusion_matrices(
+    y_true: np.ndarray, y_pred: np.ndarray, group: np.ndarray, n_groups: int, n_classes: int
+) -> np.ndarray:
+    """Confusion counts ``(n_groups, K, K)`` (rows: true class, columns: predicted) of the rows
+    of each group (``group``: each row's group index), as scikit-learn's ``confusion_matrix``
+    with ``labels=range(K)`` counts them, for every group at once."""
+    k = n_classes
+    flat = (np.asarray(group, dtype=np.int64) * k + y_true) * k + y_pred
+    return np.bincount(flat, minlength=n_groups * k * k).reshape(n_groups, k, k)
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray, zero_division: float) -> np.ndarray:
+    """``numerator / denominator`` in float64, ``zero_division`` where the denominator is 0
+    (scikit-learn's ``_prf_divide``, operation for operation)."""
+    mask = denominator == 0
+    denominator = np.array(denominator, dtype=np.float64)
+    denominator[mask] = 1
+    result = np.asarray(numerator, dtype=np.float64) / denominator
+    result[mask] = zero_division
+    return result
+
+
+def per_class_scores(conf: np.ndarray, zero_division: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall and F1 ``(..., K)`` of confusion matrices ``(..., K, K)``.
+
+    The values of scikit-learn's ``precision_recall_fscore_support(labels=range(K),
+    average=None, zero_division=...)`` on the rows the matrices count, bit for bit (same
+    operations in the same order; ``tests/test_evaluation_metrics.py`` compares them).
+    """
+    conf = np.asarray(conf, dtype=np.int64)
+    tp = np.diagonal(conf, axis1=-2, axis2=-1)
+    predicted = conf.sum(axis=-2)
+    true = conf.sum(axis=-1)
+    precision = _divide(tp, predicted, zero_division)
+    recall = _divide(tp, true, zero_division)
+    # F-beta with beta = 1, as scikit-learn writes it: (1 + b^2) tp / (b^2 true + predicted).
+    f1 = _divide(2.0 * tp.astype(np.float64), 1.0 * true.astype(np.float64) + predicted.astype(np.float64), zero_division)
+    return precision, recall, f1
+
+
+def _macro(values: np.ndarray) -> np.ndarray:
+    """Mean over the last axis leaving NaNs out (scikit-learn's ``_nanaverage``); NaN when all are."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN, as scikit-learn returns
+        return np.nanmean(values, axis=-1)
+
+
+def scores_from_confusions(names: Sequence[str], conf: np.ndarray) -> list[dict[str, float | None]]:
+    """:func:`scores` of every confusion matrix of ``conf (S, K, K)`` but AUROC (it needs
+    probabilities; ``None`` here), vectorized over the S matrices: the values scikit-learn's
+    metrics give on the rows each matrix counts."""
+    conf = np.asarray(conf, dtype=np.int64)
+    n = conf.sum(axis=(1, 2))
+    k = conf.shape[-1]
+    columns: dict[str, np.ndarray] = {}
+    precision, recall, f1 = per_class_scores(conf, np.nan)
+    for name in names:
+        if name == "accuracy":
+            columns[name] = _divide(np.trace(conf, axis1=1, axis2=2), n, np.nan)
+        elif name == "balanced_accuracy":
+            # scikit-learn: the mean recall over the classes that occur, in label order.
+            occurs = conf.sum(axis=2) > 0
+            columns[name] = np.array([recall[s][occurs[s]].mean() if occurs[s].any() else np.nan for s in range(len(conf))])
+        elif name in ("f1", "precision", "recall"):
+            columns[name] = _macro({"f1": f1, "precision": precision, "recall": recall}[name])
+        elif name == "per_class_recall":
+            columns.update({f"recall_class_{c}": recall[:, c] for c in range(k)})
+        elif name == "auroc":
+            columns[name] = np.full(len(conf), np.nan)
+        else:
+            raise ValueError(f"unknown metric {name!r}")
+    return [
+        {name: _undefined_as_none(values[s]) for name, values in columns.items()} if n[s] else dict.fromkeys(names)
+        for s in range(len(conf))
+    ]
+
+
+def auroc_score(y_true: np.ndarray, probabilities: np.ndarray | None, n_classes: int) -> float | None:
+    """One split's AUROC (scikit-learn's ``roc_auc_score``, :func:`scores`), None where undefined."""
     if probabilities is None or len(np.unique(y_true)) < n_classes:
         return None
     p = np.asarray(probabilities, dtype=np.float64)
@@ -153,45 +208,44 @@ def classification_metrics(
         predictions themselves (:func:`scores`).
     :param probabilities: the predicted class probabilities (rows x classes), for AUROC.
     """
-    labels = list(range(n_classes))
-    conf = confusion_matrix(y_true, y_pred, labels=labels)
+    conf = confusion_matrices(np.asarray(y_true), np.asarray(y_pred), np.zeros(len(y_true), dtype=np.int64), 1, n_classes)[0]
     metrics = metrics_from_confusion(conf, loss)
     if names:
         metrics = metrics.model_copy(update={"scores": scores(names, y_true, y_pred, probabilities, n_classes)})
     return metrics, conf
 
 
-def _labels_of(conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """True and predicted labels with the counts of a confusion matrix."""
-    true_idx, pred_idx = np.nonzero(conf)
-    counts = conf[true_idx, pred_idx]
-    return np.repeat(true_idx, counts), np.repeat(pred_idx, counts)
-
-
-def metrics_from_confusion(conf: np.ndarray, loss: float) -> ClassificationMetrics:
-    """Metrics from a confusion matrix (rows: true class, columns: predicted class).
+def metrics_from_confusions(confs: np.ndarray, losses: Sequence[float]) -> list[ClassificationMetrics]:
+    """Metrics of each confusion matrix of ``confs (S, K, K)`` (rows: true class, columns:
+    predicted) with its mean loss: accuracy and scikit-learn's macro precision, recall and F1
+    (``zero_division=0``), computed for all S at once (:func:`per_class_scores`).
 
     Pooling the sites' confusion matrices gives exactly the metrics of the pooled
     predictions, so the server never needs a single prediction.
     """
-    conf = np.asarray(conf, dtype=np.int64)
-    n = int(conf.sum())
-    if n == 0:
-        nan = float("nan")
-        return ClassificationMetrics(n=0, loss=nan, accuracy=nan, precision=nan, recall=nan, f1=nan)
-    k = conf.shape[0]
-    y_true, y_pred = _labels_of(conf)
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0
-    )
-    return ClassificationMetrics(
-        n=n,
-        loss=float(loss),
-        accuracy=float(np.trace(conf) / n),
-        precision=float(precision),
-        recall=float(recall),
-        f1=float(f1),
-    )
+    confs = np.asarray(confs, dtype=np.int64)
+    n = confs.sum(axis=(1, 2))
+    precision, recall, f1 = (_macro(v) for v in per_class_scores(confs, 0.0))
+    accuracy = np.trace(confs, axis1=1, axis2=2) / np.maximum(n, 1)
+    nan = float("nan")
+    return [
+        ClassificationMetrics(n=0, loss=nan, accuracy=nan, precision=nan, recall=nan, f1=nan)
+        if n[s] == 0
+        else ClassificationMetrics(
+            n=int(n[s]),
+            loss=float(losses[s]),
+            accuracy=float(accuracy[s]),
+            precision=float(precision[s]),
+            recall=float(recall[s]),
+            f1=float(f1[s]),
+        )
+        for s in range(len(confs))
+    ]
+
+
+def metrics_from_confusion(conf: np.ndarray, loss: float) -> ClassificationMetrics:
+    """:func:`metrics_from_confusions` of one confusion matrix."""
+    return metrics_from_confusions(np.asarray(conf)[None], [loss])[0]
 
 
 def pool(
@@ -214,8 +268,7 @@ def pool(
     if not names:
         return metrics
     k = conf.shape[0]
-    y_true, y_pred = _labels_of(np.asarray(conf, dtype=np.int64))
-    pooled = scores(names, y_true, y_pred, None, k)  # AUROC: None here (no probabilities)
+    pooled = scores_from_confusions(names, np.asarray(conf, dtype=np.int64)[None])[0]
     if "auroc" in names:
         have = [h for h in histograms if h is not None]
         pooled["auroc"] = auroc_of_histograms(have, k) if have and len(have) == len(confusions) else None

@@ -201,3 +201,56 @@ def test_scores_and_histograms_are_declared_releases() -> None:
     listed = "\n".join(releases.outside_text(frozenset({"record"}), {"gaussian", releases.EVALUATION}))
     assert "test.scores.*" in listed and "test_histogram" in listed
     assert "test.scores.*" not in "\n".join(releases.outside_text(frozenset({"record"}), {"gaussian"}))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # scikit-learn on splits where classes are absent
+def test_confusion_metrics_are_scikit_learns_bit_for_bit() -> None:
+    """The vectorized metrics of many confusion matrices at once equal scikit-learn's functions
+    on the rows each matrix counts, exactly (not approximately): empty classes, never-predicted
+    classes, single-row and empty splits, 2 to 12 classes."""
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        precision_score,
+    )
+
+    from fedcore.metrics import confusion_matrices, metrics_from_confusions, scores_from_confusions
+
+    rng = np.random.default_rng(3)
+    names = ["accuracy", "balanced_accuracy", "f1", "precision", "recall", "per_class_recall"]
+    for k in (2, 3, 5, 9, 12):
+        splits = []
+        for s in range(40):
+            n = int(rng.choice([0, 1, 2, 7, 40, 300]))
+            present = rng.choice(k, size=int(rng.integers(1, k + 1)), replace=False)  # some classes absent
+            y = rng.choice(present, n)
+            pred = np.where(rng.random(n) < 0.6, y, rng.choice(rng.choice(k, size=2), n))
+            splits.append((y.astype(np.int64), pred.astype(np.int64)))
+        group = np.concatenate([np.full(len(y), s) for s, (y, _) in enumerate(splits)]).astype(np.int64)
+        confs = confusion_matrices(
+            np.concatenate([y for y, _ in splits]), np.concatenate([p for _, p in splits]), group, len(splits), k
+        )
+        losses = rng.random(len(splits)).tolist()
+        got = metrics_from_confusions(confs, losses)
+        extra = scores_from_confusions(names, confs)
+        for s, (y, pred) in enumerate(splits):
+            labels = list(range(k))
+            if len(y) == 0:
+                assert got[s].n == 0 and math.isnan(got[s].f1) and all(v is None for v in extra[s].values())
+                continue
+            assert (confs[s] == confusion_matrix(y, pred, labels=labels)).all()
+            p, r, f, _ = precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=0)
+            assert (got[s].precision, got[s].recall, got[s].f1) == (p, r, f)
+            assert got[s].accuracy == accuracy_score(y, pred) and got[s].loss == losses[s] and got[s].n == len(y)
+            assert extra[s] == scores(names, y, pred, None, k)  # one split through the same code
+            nan_p = precision_score(y, pred, labels=labels, average="macro", zero_division=np.nan)
+            assert extra[s]["precision"] == (None if math.isnan(nan_p) else nan_p)
+            assert extra[s]["balanced_accuracy"] == balanced_accuracy_score(y, pred)
+            assert extra[s]["f1"] == _none_nan(f1_score(y, pred, labels=labels, average="macro", zero_division=np.nan))
+            per = recall_score(y, pred, labels=labels, average=None, zero_division=np.nan)
+            assert [extra[s][f"recall_class_{c}"] for c in labels] == [_none_nan(v) for v in per]
+
+
+def _none_nan(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)

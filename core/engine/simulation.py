@@ -30,9 +30,9 @@ from fedcore.components import (
 from fedcore.checkpoint import CheckpointLayout, flush_to_disk, load_coordinator, part_digest, save_coordinator, weights_from_state, weights_state
 from fedcore.commitments import Committer
 from fedcore.errors import PrivacyBudgetError, RunFailure
-from fedcore.engine.site import SiteRuntime, evaluate_split_pair
+from fedcore.engine.site import SiteRuntime, evaluate_at_sites, evaluate_split_pair
 from fedcore.engine.stages import site_info, stages_for
-from fedcore.engine.training import LocalTrainer, weights_of
+from fedcore.engine.training import LocalTrainer, load_weights, weights_of
 from fedcore.metrics import pool
 from fedcore.randomness import Secrets
 from fedcore.spec import Components, ExperimentSpec
@@ -512,8 +512,12 @@ class FederatedRun:
         ]
 
     def evaluate_sites(self, message: GlobalModel) -> list[SiteEvaluation]:
-        """Every site's evaluation of the new global model."""
-        return [site.evaluate(message.weights) for site in self.sites]
+        """Every site's evaluation of the new global model: each site's
+        :meth:`~fedcore.engine.site.SiteRuntime.evaluate`, computed for all of them in one
+        pass (:func:`~fedcore.engine.site.evaluate_at_sites`: the same numbers)."""
+        module = self.sites[0].module
+        load_weights(module, message.weights)
+        return evaluate_at_sites(module, [site.data for site in self.sites], self.data.n_classes, self.spec.evaluation.metrics)
 
     def close(self) -> RunResult:
         """Stop the secure aggregator and close the ledger; the run's result."""
@@ -585,7 +589,7 @@ def record_epoch(
     """Evaluate a centralized baseline after ``epoch`` on the pooled splits and record it
     (``metrics``: ``evaluation.metrics``; ``per_site``: the sites to score it at as well)."""
     evaluation = evaluate_split_pair(module, site, n_classes, metrics)
-    at_sites = [evaluate_split_pair(module, s, n_classes, metrics).without_histograms() for s in per_site]
+    at_sites = [e.without_histograms() for e in evaluate_at_sites(module, per_site, n_classes, metrics)] if per_site else []
     append_record(
         result, on_round, round=epoch, epoch=epoch, validation=evaluation.validation, test=evaluation.test,
         per_site=at_sites, train_loss=train_loss, round_seconds=seconds,

@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fedcore.components import BatchSampler, GradientStep, LocalTrainingStage, RoundContext, SiteData
 from fedcore.engine.stages import StagePlan
-from fedcore.engine.training import LocalTrainer, load_weights, predict_probabilities, weights_of
-from fedcore.metrics import classification_metrics, score_histogram
+from fedcore.engine.training import LocalTrainer, load_weights, weights_of
+from fedcore.metrics import auroc_score, confusion_matrices, metrics_from_confusions, score_histogram, scores_from_confusions
 from fedcore.spec import TrainingSpec
 from fedcore.types import ClientUpdate, GlobalModel, PrivacySpent, SiteEvaluation, Weights
 
@@ -169,12 +170,65 @@ def evaluate_split_pair(module: torch.nn.Module, data: SiteData, n_classes: int,
     :param metrics: ``evaluation.metrics`` (each split's ``scores``); with ``auroc``, also
         each split's score histograms for the pooled AUROC.
     """
-    out: dict[str, Any] = {}
-    for split, x, y in (("validation", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
-        preds, probabilities, loss = predict_probabilities(module, x, y, probabilities="auroc" in metrics)
-        split_metrics, conf = classification_metrics(y, preds, n_classes, loss, metrics, probabilities)
-        out[split] = split_metrics
-        out[f"{split}_confusion"] = conf.tolist()
-        if "auroc" in metrics:
-            out[f"{split}_histogram"] = score_histogram(y, np.zeros((0, n_classes)) if probabilities is None else probabilities, n_classes)
-    return SiteEvaluation(site=data.site, **out)
+    return evaluate_at_sites(module, [data], n_classes, metrics)[0]
+
+
+@torch.no_grad()
+def evaluate_at_sites(
+    module: torch.nn.Module, sites: Sequence[SiteData], n_classes: int, metrics: Sequence[str] = (), chunk: int = 65536
+) -> list[SiteEvaluation]:
+    """:func:`evaluate_split_pair` of one model at each of ``sites``, all in one pass.
+
+    The sites' rows of a split go through the module together (``chunk`` rows at a time);
+    each site's confusion counts, mean loss and metrics come from vectorized numpy
+    (:func:`fedcore.metrics.metrics_from_confusions`). A row's prediction and loss do not
+    depend on the rows beside it, and each site's loss is the float64 sum of its own rows'
+    losses in row order, so a site gets the same numbers alone or with others.
+    """
+    auroc = "auroc" in metrics
+    out: list[dict[str, Any]] = [{"site": site.site} for site in sites]
+    for split, x_of, y_of in (("validation", "x_val", "y_val"), ("test", "x_test", "y_test")):
+        xs = [getattr(site, x_of) for site in sites]
+        ys = [np.asarray(getattr(site, y_of), dtype=np.int64) for site in sites]
+        sizes = np.array([len(y) for y in ys], dtype=np.int64)
+        group = np.repeat(np.arange(len(sites), dtype=np.int64), sizes)
+        x = torch.from_numpy(np.concatenate(xs) if len(xs) > 1 else np.asarray(xs[0]))
+        y = np.concatenate(ys)
+        preds, row_loss, probabilities = _predict_rows(module, x, torch.from_numpy(y), chunk, auroc)
+        conf = confusion_matrices(y, preds, group, len(sites), n_classes)
+        with np.errstate(invalid="ignore", divide="ignore"):  # an empty split's loss is NaN
+            loss = np.bincount(group, weights=row_loss, minlength=len(sites)) / sizes
+        split_metrics = metrics_from_confusions(conf, loss.tolist())
+        extra = scores_from_confusions(metrics, conf) if metrics else [{} for _ in sites]
+        ends = np.cumsum(sizes)
+        for s, site_out in enumerate(out):
+            rows = slice(int(ends[s] - sizes[s]), int(ends[s]))
+            scores = extra[s]
+            if auroc and sizes[s]:
+                scores["auroc"] = auroc_score(y[rows], probabilities[rows], n_classes)  # type: ignore[index]
+            site_out[split] = split_metrics[s].model_copy(update={"scores": scores}) if metrics else split_metrics[s]
+            site_out[f"{split}_confusion"] = conf[s].tolist()
+            if auroc:
+                p = np.zeros((0, n_classes)) if probabilities is None else probabilities[rows]
+                site_out[f"{split}_histogram"] = score_histogram(y[rows], p, n_classes)
+    return [SiteEvaluation(**site_out) for site_out in out]
+
+
+def _predict_rows(
+    module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, probabilities: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Each row's predicted class, cross-entropy (float64) and, if asked, class probabilities (softmax in float64)."""
+    module.eval()
+    preds, losses, probs = [], [], []
+    try:
+        for start in range(0, len(y), chunk):
+            logits = module(x[start : start + chunk])
+            losses.append(F.cross_entropy(logits, y[start : start + chunk], reduction="none").double())
+            preds.append(logits.argmax(dim=1))
+            if probabilities:
+                probs.append(torch.softmax(logits.double(), dim=1))
+    finally:
+        module.train()
+    if not preds:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros((0, 0)) if probabilities else None
+    return torch.cat(preds).numpy(), torch.cat(losses).numpy(), torch.cat(probs).numpy() if probabilities else None

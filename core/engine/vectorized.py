@@ -53,7 +53,7 @@ from fedcore.engine.simulation import (
 from fedcore.engine.site import SiteRound
 from fedcore.engine.stages import StagePlan
 from fedcore.engine.training import load_weights, weights_of
-from fedcore.engine.vectorized_step import Backend, ParamLayout, shared_step
+from fedcore.engine.vectorized_step import Backend, ParamLayout, flat_grads, shared_step
 from fedcore.errors import PrivacyBudgetError
 from fedcore.noise import DeviceGaussianNoise, GaussianNoise
 from fedcore.sampling import poisson_batches
@@ -167,6 +167,8 @@ class StackedTrainer:
         self.n_copies = n_copies
         self.flat = torch.zeros(n_copies, self.layout.size, dtype=dtype, device=self.device)
         self.views = self.layout.views(self.flat)
+        #: the step's gradients as (S, P) rows, one buffer reused by every step
+        self._grad: torch.Tensor | None = None
         self.step = shared_step("train", self.module, self.layout, backend)
         self.dp_step = shared_step("dp", self.module, self.layout, backend)
         self._adam_kwargs: dict[str, Any] = dict(
@@ -372,8 +374,11 @@ class StackedTrainer:
         active_t = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device)
         all_active = bool(active.all())
         step = self.step.resolve(self.views, x[:, 0], y[:, 0], w[:, 0])
+        if self._grad is None:
+            self._grad = torch.empty_like(self.flat)
         for t in range(active.shape[1]):
-            grad, losses = step(self.views, x[:, t], y[:, t], w[:, t])
+            grads, losses = step(self.views, x[:, t], y[:, t], w[:, t])
+            grad = flat_grads(grads, self._grad)
             on = active[:, t]
             self._optimizer_step(grad, on)
             loss_sum += losses if all_active else losses * active_t[:, t]

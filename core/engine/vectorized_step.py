@@ -79,11 +79,14 @@ def weighted_nll(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 # ---------------------------------------------------------------- the step functions
 
 
-def make_train_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """``step(params, x, y, w) -> (flat_grads (S, P), losses (S,))`` for S copies.
+def make_train_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..., tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """``step(params, x, y, w) -> (grads, losses (S,))`` for S copies; ``grads`` per parameter ``(S, *shape)``.
 
     ``params`` is ``layout.views`` of the ``(S, P)`` buffer, ``x (S, B, F)``,
-    ``y (S, B)``, ``w (S, B)`` the per-row loss weights (0 on padding rows).
+    ``y (S, B)``, ``w (S, B)`` the per-row loss weights (0 on padding rows). The caller
+    lays the gradients out as ``(S, P)`` rows (:func:`flat_grads`) into a buffer it keeps:
+    a fresh ``(S, P)`` result every step costs page faults on a new allocation (for
+    thousands of copies, more than the copy itself).
     """
     names = layout.names
 
@@ -93,11 +96,17 @@ def make_train_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..
 
     per_copy = vmap(grad_and_value(copy_loss))
 
-    def step(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         grads, losses = per_copy(params, x, y, w)
-        return torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1), losses
+        return tuple(grads), losses
 
     return step
+
+
+def flat_grads(grads: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-parameter gradients ``(S, *shape)`` as the ``(S, P)`` rows of :class:`ParamLayout` (into ``out``)."""
+    pieces = [g.reshape(g.shape[0], -1) for g in grads]
+    return torch.cat(pieces, dim=1) if out is None else torch.cat(pieces, dim=1, out=out)
 
 
 def make_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
