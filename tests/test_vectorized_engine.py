@@ -241,6 +241,25 @@ def test_copies_with_uneven_data_skip_steps_without_touching_their_optimizer() -
     torch.testing.assert_close(together.flat[0], alone.flat[0], rtol=1e-6, atol=1e-7)
 
 
+def test_copies_stepped_in_row_blocks_equal_one_block_bit_for_bit() -> None:
+    """The CPU step runs on blocks of copies (``copies_per_call``): any blocking gives every
+    copy exactly the numbers of one call for all (uneven data, idle copies, a last short block)."""
+    torch.manual_seed(4)
+    training = TrainingSpec(local_epochs=2, batch_size=8, learning_rate=0.01)
+    data = [(torch.randn(n, 5), torch.randint(0, 3, (n,))) for n in (8, 40, 13, 27, 8, 33, 21)]
+    start = torch.cat([v.reshape(-1) for v in _mlp().state_dict().values()])
+    results = []
+    for per_call in (128, 2):
+        trainer = StackedTrainer(_mlp(), training, len(data), copies_per_call=per_call)
+        trainer.flat.copy_(start.expand(len(data), -1))
+        tasks = [CopyTask(x, y, torch.Generator().manual_seed(i)) for i, (x, y) in enumerate(data)]
+        results.append((trainer.blocks, trainer.train(tasks, 2), trainer.flat.clone()))
+    (one, outcomes_one, flat_one), (blocks, outcomes_blocked, flat_blocked) = results
+    assert one == [(0, 7)] and blocks == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert torch.equal(flat_one, flat_blocked)
+    assert outcomes_one == outcomes_blocked
+
+
 def test_site_data_tensors_are_not_modified() -> None:
     data = tiny_federated_data(sites=2, rows=100, features=6)
     before = [s.x_train.copy() for s in data.sites]

