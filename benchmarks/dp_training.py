@@ -116,28 +116,32 @@ def check_fedcore(x: torch.Tensor, y: torch.Tensor, wrapped: bool) -> float:
     return max_diff([p.grad for p in module.parameters()], reference_dp_gradient(module, xb, yb, 1.0))
 
 
-def opacus_objects(mode: str, x: torch.Tensor, y: torch.Tensor, noise: float) -> tuple:
-    from opacus import PrivacyEngine
-
-    module = build_model()
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
-    engine = PrivacyEngine(accountant="prv")
+def opacus_private(engine, module: torch.nn.Module, optimizer, loader, noise: float, clip: float, mode: str) -> tuple:
+    """Opacus's ``make_private`` with Poisson sampling: (model, optimizer, criterion, data loader),
+    the same four for every ``grad_sample_mode`` (ghost clipping returns its own criterion)."""
     out = engine.make_private(
         module=module,
         optimizer=optimizer,
         criterion=torch.nn.CrossEntropyLoss(),
         data_loader=loader,
         noise_multiplier=noise,
-        max_grad_norm=1.0,
+        max_grad_norm=clip,
         poisson_sampling=True,
         grad_sample_mode=mode,
     )
     if mode == "ghost":
-        model, optimizer, criterion, _ = out
-    else:
-        model, optimizer, _ = out
-        criterion = torch.nn.CrossEntropyLoss()
+        return out
+    model, optimizer, loader = out
+    return model, optimizer, torch.nn.CrossEntropyLoss(), loader
+
+
+def opacus_objects(mode: str, x: torch.Tensor, y: torch.Tensor, noise: float) -> tuple:
+    from opacus import PrivacyEngine
+
+    module = build_model()
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+    model, optimizer, criterion, _ = opacus_private(PrivacyEngine(accountant="prv"), module, optimizer, loader, noise, 1.0, mode)
     return module, model, optimizer, criterion
 
 

@@ -70,17 +70,23 @@ def plain_round(exp, data, seed: int) -> Clock:
         for site in data.sites:
             model = components.model.build(data.n_features, data.n_classes)
             model.load_state_dict(start)
-            opt = torch.optim.Adam(model.parameters(), lr=training.learning_rate, fused=True)
             gen = torch.Generator().manual_seed(derive_seed(seed, 1, site.site))
-            x, y = torch.from_numpy(site.x_train), torch.from_numpy(site.y_train)
-            for _ in range(training.local_epochs):
-                perm = torch.randperm(len(y), generator=gen)
-                xs, ys = x[perm], y[perm]
-                for i in range(0, len(ys), training.batch_size):
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(xs[i : i + training.batch_size]), ys[i : i + training.batch_size]).backward()
-                    opt.step()
+            train_plain(model, site.x_train, site.y_train, training, gen)
     return clock
+
+
+def train_plain(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, training, gen: torch.Generator) -> None:
+    """Local training written as plain PyTorch (fused Adam, sliced batches of a fresh permutation
+    per epoch drawn from the site's generator, as the engines draw it): the peers' loop."""
+    opt = torch.optim.Adam(model.parameters(), lr=training.learning_rate, fused=True)
+    x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    for _ in range(training.local_epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        xs, ys = x[perm], y[perm]
+        for i in range(0, len(ys), training.batch_size):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xs[i : i + training.batch_size]), ys[i : i + training.batch_size]).backward()
+            opt.step()
 
 
 def plain_centralized_epoch(exp, data, seed: int) -> Clock:

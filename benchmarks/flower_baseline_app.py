@@ -4,6 +4,12 @@ Each round: the ServerApp sends the global MLP to every SuperNode (train), the
 ClientApp trains it with plain PyTorch (Adam, batch 32) on random tensors the
 size of its site's training split, replies with the weights; FedAvg; then an
 evaluate message with the new model. No fedcore code runs in it.
+
+``sim_server`` / ``sim_client``: the pair ``benchmarks/compare_peers.py`` runs in Flower's
+simulation engine (``run_simulation``, Ray actors) on real site data written by the
+benchmark: each ClientApp runs the plain PyTorch loop of ``engine_speed.train_plain`` with
+its site's generator kept in ``context.state`` between rounds (so the batches are the
+plain loop's); the ServerApp averages (FedAvg) and scores the pooled test split every round.
 """
 
 from __future__ import annotations
@@ -32,6 +38,18 @@ def _record(module: torch.nn.Module) -> ArrayRecord:
     return ArrayRecord({k: Array.from_numpy_ndarray(v.detach().numpy().copy()) for k, v in module.state_dict().items()})
 
 
+def train_round(grid: Grid, nodes: list[int], model: torch.nn.Module, config: dict) -> list[Message]:
+    """One FedAvg round: ``model`` and ``config`` (with its ``round``) to every node as a train
+    message; ``model`` becomes the replies' average weighted by their ``n``; the replies."""
+    content = RecordDict({"model": _record(model), "cfg": ConfigRecord(config)})
+    messages = [grid.create_message(content, "train", n, str(config["round"])) for n in nodes]
+    replies = [r for r in grid.send_and_receive(messages, timeout=3600) if r.has_content()]
+    total = sum(int(r.content["cfg"]["n"]) for r in replies)
+    state = {k: sum(r.content["model"][k].numpy() * int(r.content["cfg"]["n"]) for r in replies) / total for k in model.state_dict()}
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
+    return replies
+
+
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
@@ -45,11 +63,7 @@ def main(grid: Grid, context: Context) -> None:
     times = []
     for round_ in range(1, rounds + 1):
         start = time.perf_counter()
-        content = RecordDict({"model": _record(model), "cfg": ConfigRecord({"round": round_})})
-        replies = [r for r in grid.send_and_receive([grid.create_message(content, "train", n, str(round_)) for n in nodes], timeout=3600) if r.has_content()]
-        total = sum(int(r.content["cfg"]["n"]) for r in replies)
-        state = {k: sum(r.content["model"][k].numpy() * int(r.content["cfg"]["n"]) for r in replies) / total for k in model.state_dict()}
-        model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
+        train_round(grid, nodes, model, {"round": round_})
         trained = time.perf_counter() - start
         content = RecordDict({"model": _record(model), "cfg": ConfigRecord({"round": round_})})
         list(grid.send_and_receive([grid.create_message(content, "evaluate", n, str(round_)) for n in nodes], timeout=3600))
@@ -80,3 +94,62 @@ def train(message: Message, context: Context) -> Message:
 @client.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     return Message(RecordDict({"cfg": ConfigRecord({"ok": 1})}), reply_to=message)
+
+
+# --- the simulation pair for compare_peers.py ---------------------------------------------
+
+sim_server = ServerApp()
+sim_client = ClientApp()
+SIM: dict = {}
+"""compare_peers sets ``SIM["config"]`` before ``run_simulation`` (the ServerApp runs in its
+process) and reads ``SIM["result"]``: wall and CPU seconds per round (CPU: the ClientApps'
+training, measured in the actors, plus this process's) and the final test accuracy."""
+
+
+def test_accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy of ``model`` on the pooled test split (what fedcore's records call test accuracy)."""
+    with torch.no_grad():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+@sim_server.main()
+def sim_main(grid: Grid, context: Context) -> None:
+    cfg = SIM["config"]
+    folder = str(cfg["data"])
+    model = torch.load(f"{folder}/model.pt", weights_only=False)
+    test = np.load(f"{folder}/test.npz")
+    nodes = sorted(grid.get_node_ids())
+    times, cpu, accuracy = [], [], float("nan")
+    for round_ in range(1, int(cfg["rounds"]) + 1):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        replies = train_round(grid, nodes, model, {**cfg, "round": round_})
+        accuracy = test_accuracy(model, test["x"], test["y"])
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu + sum(float(r.content["cfg"]["cpu"]) for r in replies))
+    SIM["result"] = {"seconds": times, "cpu_seconds": cpu, "accuracy": accuracy}
+
+
+@sim_client.train()
+def sim_train(message: Message, context: Context) -> Message:
+    from types import SimpleNamespace
+
+    from engine_speed import train_plain  # the plain loop itself (this folder is on the actors' path)
+
+    torch.set_num_threads(1)
+    start = time.process_time()
+    cfg = message.content["cfg"]
+    site = int(context.node_config["partition-id"])
+    folder = str(cfg["data"])
+    data = np.load(f"{folder}/site-{site}.npz")
+    model = torch.load(f"{folder}/model.pt", weights_only=False)
+    model.load_state_dict({k: torch.from_numpy(a.numpy()) for k, a in message.content["model"].items()})
+    generator = torch.Generator()
+    if "generator" in context.state:
+        generator.set_state(torch.from_numpy(context.state["generator"]["state"].numpy()))
+    else:
+        generator.manual_seed(int(cfg["seeds"][site]))
+    training = SimpleNamespace(learning_rate=float(cfg["lr"]), local_epochs=int(cfg["epochs"]), batch_size=int(cfg["batch"]))
+    train_plain(model, data["x"], data["y"], training, generator)
+    context.state["generator"] = ArrayRecord({"state": Array.from_numpy_ndarray(generator.get_state().numpy())})
+    reply = ConfigRecord({"n": len(data["y"]), "cpu": time.process_time() - start})
+    return Message(RecordDict({"model": _record(model), "cfg": reply}), reply_to=message)
