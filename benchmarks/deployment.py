@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import socket
 import tempfile
 import threading
@@ -29,6 +30,58 @@ import time
 from pathlib import Path
 
 MODEL_FLOATS = 15427
+
+
+def breakdown(folder: Path, sites: list[str], round_: int) -> list[str]:
+    """Where the deployed round ``round_`` went: each message's timeline, median over the sites.
+
+    Read from the timing lines the ClientApp and the ServerApp write when ``FEDCORE_DEPLOY_TIMINGS``
+    is set (:func:`fedcore.plugins.deploy.wire.note_timing`).
+    """
+    import statistics
+
+    def lines(who: str) -> list[dict]:
+        path = folder / f"{who}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    coordinator = lines("coordinator")
+    rows: list[str] = []
+    for kind in ("train.fedcore", "evaluate"):
+        phases: dict[str, list[float]] = {}
+        payload: dict[str, list[int]] = {"to site": [], "from site": []}
+        for site in sites:
+            sent = [c for c in coordinator if c.get("site") == site and c["kind"] == kind and c.get("round") == round_]
+            if not sent:
+                continue
+            c = sent[-1]
+            mine = [t for t in lines(site) if abs(t["created"] - c["created"]) < 1e-3]
+            if not mine:
+                continue
+            t = mine[-1]
+            points = [("coordinator sent", c["sent"])]
+            if t["process_start"]:
+                points.append(("ClientApp process started (SuperNode + SuperExec polls)", t["process_start"]))
+            points += [("python + flwr started, task pulled", t["import_start"]),
+                       ("fedcore ClientApp imported (torch, fedcore)", t["imported"])]
+            points += [(name, at) for name, at in t["marks"]]
+            points.append(("reply at the coordinator (push, SuperNode + ServerApp polls)", c["received"]))
+            for (_, before), (name, at) in zip(points, points[1:]):
+                phases.setdefault(name, []).append(at - before)
+            phases.setdefault("total", []).append(c["received"] - c["sent"])
+            payload["to site"].append(c["bytes_out"])
+            payload["from site"].append(c["bytes_in"])
+        if not phases:
+            continue
+        rows.append(f"  {kind} message, round {round_} (median of {len(phases['total'])} sites; seconds):")
+        rows += [f"    {statistics.median(v):7.2f}  {name}" for name, v in phases.items()]
+        rows.append(f"    payload (fedcore's records): {int(statistics.median(payload['to site']))} bytes to the site, "
+                    f"{int(statistics.median(payload['from site']))} bytes back")
+    marks = {(c["kind"], c["round"]): c["time"] for c in coordinator if "time" in c}
+    if ("round start", round_) in marks and ("checkpointed", round_ - 1) in marks:
+        rows.append(f"  coordinator between rounds {round_ - 1} and {round_}: "
+                    f"{marks[('round start', round_)] - marks[('checkpointed', round_ - 1)]:.2f} s; checkpoint of round {round_ - 1}: "
+                    f"{marks[('checkpointed', round_ - 1)] - marks[('round end', round_ - 1)]:.2f} s")
+    return rows
 
 
 class ByteRelay:
@@ -46,6 +99,11 @@ class ByteRelay:
     def total(self) -> int:
         with self.lock:
             return self.sent + self.received
+
+    def both(self) -> tuple[int, int]:
+        """(site -> SuperLink, SuperLink -> site) bytes so far."""
+        with self.lock:
+            return self.sent, self.received
 
     def _accept(self) -> None:
         while True:
@@ -73,7 +131,9 @@ class ByteRelay:
                     pass
 
 
-def watch_rounds(done: "callable[[int], bool]", relays: dict[str, ByteRelay], rounds: int, stop: threading.Event) -> dict[int, dict[str, int]]:
+def watch_rounds(
+    done: "callable[[int], bool]", relays: dict[str, ByteRelay], rounds: int, stop: threading.Event
+) -> dict[int, dict[str, tuple[int, int]]]:
     """Relay totals at the moment each round is seen done (polled every 0.2 s)."""
     marks: dict[int, dict[str, int]] = {}
 
@@ -81,7 +141,7 @@ def watch_rounds(done: "callable[[int], bool]", relays: dict[str, ByteRelay], ro
         while not stop.is_set() and len(marks) < rounds:
             for r in range(1, rounds + 1):
                 if r not in marks and done(r):
-                    marks[r] = {s: relay.total() for s, relay in relays.items()}
+                    marks[r] = {s: relay.both() for s, relay in relays.items()}
             time.sleep(0.2)
 
     threading.Thread(target=run, daemon=True).start()
@@ -116,6 +176,7 @@ def main() -> None:
     from fedcore.plugins.deploy.local import start_superlink, start_supernode
     from fedcore.plugins.deploy.processes import free_port
     from fedcore.plugins.deploy.study import run_study
+    from fedcore.plugins.deploy.wire import TIMINGS_ENV
     from fedcore.engine.runner import run_experiment
     from fedcore.plugins.datasets.synthetic import CATEGORICAL, CONTINUOUS, TARGET
     from fedcore.spec import load_experiment
@@ -136,7 +197,8 @@ def main() -> None:
     sim_wall = time.perf_counter() - start
     sim_rounds = [json.loads(line) for line in (sim_dir / "rounds.jsonl").read_text().splitlines()]
 
-    # 2. the deployment, each site's traffic through its own relay
+    # 2. the deployment, each site's traffic through its own relay; the sites and the coordinator note timings
+    os.environ[TIMINGS_ENV] = str(work / "timings")
     port = free_port()
     link = start_superlink(certs, work / "fed", "127.0.0.1", port)
     client = control_client(f"127.0.0.1:{port}", certs.ca)
@@ -157,7 +219,9 @@ def main() -> None:
     deploy_wall = time.perf_counter() - start
     deploy_rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     last = args.rounds
-    deploy_bytes = {s: marks[last][s] - marks[last - 1][s] for s in sites} if last > 1 else {s: marks[1][s] for s in sites}
+    before = marks[last - 1] if last > 1 else {s: (0, 0) for s in sites}
+    deploy_dir = {s: (marks[last][s][0] - before[s][0], marks[last][s][1] - before[s][1]) for s in sites}
+    deploy_bytes = {s: sum(deploy_dir[s]) for s in sites}
 
     # 3. a plain Flower app with the same loop (no fedcore code in it)
     flower: dict[str, object] = {}
@@ -200,7 +264,7 @@ def main() -> None:
             node.stop()
         flower = {"rounds": json.loads(out.read_text()) if out.exists() else [], "bytes": {}}
         if out.exists() and args.rounds in marks_b and (args.rounds - 1) in marks_b:
-            flower["bytes"] = {s: marks_b[args.rounds][s] - marks_b[args.rounds - 1][s] for s in sites}
+            flower["bytes"] = {s: sum(marks_b[args.rounds][s]) - sum(marks_b[args.rounds - 1][s]) for s in sites}
         else:
             flower["bytes"] = {s: relays_b[s].total() // args.rounds for s in sites}
     link.stop()
@@ -214,8 +278,10 @@ def main() -> None:
     print(f"deployment (3 SuperNodes, TLS): round {dep_round:.2f} s, wall {deploy_wall:.1f} s "
           f"-> ratio {dep_round / sim_round:.2f} (target <= 1.2)")
     for s in sites:
-        print(f"  {s}: {deploy_bytes[s]} bytes in round {args.rounds} on its socket = "
-              f"{deploy_bytes[s] / (2 * model_bytes):.2f} x twice the model ({2 * model_bytes} bytes; target <= 1.1)")
+        print(f"  {s}: {deploy_bytes[s]} bytes in round {args.rounds} on its socket ({deploy_dir[s][1]} to the site, "
+              f"{deploy_dir[s][0]} from it) = {deploy_bytes[s] / (2 * model_bytes):.2f} x twice the model "
+              f"({2 * model_bytes} bytes; target <= 1.1)")
+    print("\n".join(breakdown(work / "timings", sites, args.rounds)))
     if flower:
         rounds_b = flower["rounds"]  # type: ignore[assignment]
         if rounds_b:

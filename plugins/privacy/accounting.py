@@ -16,10 +16,16 @@ Two Opacus defaults are changed on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import math
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -94,6 +100,36 @@ def epsilon_of(history: Composition, delta: float, accountant: AccountantName, e
     return value if math.isfinite(value) else math.inf
 
 
+#: A folder that also keeps calibrations across processes (:func:`calibrations_kept_in`); None: this process only.
+_CALIBRATION_FOLDER: Path | None = None
+
+
+@contextlib.contextmanager
+def calibrations_kept_in(folder: Path) -> Iterator[None]:
+    """Within the block, also keep every calibration in ``folder`` (a small JSON file each, keyed by all its inputs).
+
+    A deployed site calibrates in its own state folder: Flower starts a fresh process for
+    each message, and calibrating the same budget again with PRV takes seconds each time.
+    The result is a pure function of the inputs (and of this module's tolerance and
+    Opacus's version, both in the key), so a kept one is the one a fresh search returns.
+    """
+    global _CALIBRATION_FOLDER
+    before, _CALIBRATION_FOLDER = _CALIBRATION_FOLDER, folder
+    try:
+        yield
+    finally:
+        _CALIBRATION_FOLDER = before
+
+
+def _calibration_file(inputs: dict[str, Any]) -> Path | None:
+    if _CALIBRATION_FOLDER is None:
+        return None
+    from opacus import __version__ as opacus_version
+
+    key = json.dumps({**inputs, "rtol": CALIBRATION_RTOL, "opacus": opacus_version}, sort_keys=True, default=repr)
+    return _CALIBRATION_FOLDER / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
 @functools.lru_cache(maxsize=128)
 def calibrate_noise_multiplier(
     *,
@@ -123,6 +159,36 @@ def calibrate_noise_multiplier(
             where=where,
             hint="set a positive epsilon and a delta such as 1e-5",
         )
+    kept = _calibration_file(
+        {"target_epsilon": target_epsilon, "delta": delta, "sample_rate": sample_rate, "steps": steps, "accountant": accountant,
+         "eps_error": eps_error, "fixed": [list(entry) for entry in fixed], "max_noise_multiplier": max_noise_multiplier}
+    )
+    if kept is not None and kept.exists():
+        try:
+            return float(json.loads(kept.read_text())["noise_multiplier"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: calibrate again and rewrite it
+    noise = _calibrate(target_epsilon, delta, sample_rate, steps, accountant, eps_error, fixed, max_noise_multiplier, where)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"noise_multiplier": noise}))
+        os.replace(partial, kept)
+    return noise
+
+
+def _calibrate(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: AccountantName,
+    eps_error: float,
+    fixed: Composition,
+    max_noise_multiplier: float,
+    where: str | None,
+) -> float:
+    """:func:`calibrate_noise_multiplier`'s search (checked inputs, nothing kept)."""
 
     def eps_by(kind: AccountantName) -> Any:
         return lambda z: epsilon_of((*fixed, (z, sample_rate, steps)), delta, kind, eps_error)
