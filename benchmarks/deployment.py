@@ -84,13 +84,79 @@ def breakdown(folder: Path, sites: list[str], round_: int) -> list[str]:
     return rows
 
 
-class ByteRelay:
-    """A TCP relay (127.0.0.1:port -> target) counting bytes in both directions; TLS passes through untouched."""
+class HttpCounter:
+    """Bytes per HTTP/1.1 path on one plaintext connection (``--insecure``): Flower's Fleet API is protobuf over HTTP.
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    Requests and responses alternate on a connection (no pipelining), so a response's bytes
+    go to the path of the oldest unanswered request. Handles Content-Length and chunked bodies.
+    """
+
+    def __init__(self, totals: dict[str, list[int]], lock: threading.Lock) -> None:
+        self.totals, self.lock = totals, lock
+        self.pending: list[str] = []
+        self.state = {0: [b"", None, 0], 1: [b"", None, 0]}  # direction -> [buffer, path, body bytes left (-1: chunked)]
+
+    def feed(self, direction: int, chunk: bytes) -> None:
+        """``direction`` 0: site -> SuperLink (requests), 1: SuperLink -> site (responses)."""
+        state = self.state[direction]
+        state[0] += chunk
+        while state[0]:
+            buffer, path, left = state
+            if path is None:
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head, state[0] = buffer[: end + 4], buffer[end + 4 :]
+                lines = head.decode("latin-1").split("\r\n")
+                if direction == 0:
+                    path = lines[0].split(" ")[1] if " " in lines[0] else "?"
+                    self.pending.append(path)
+                else:
+                    path = self.pending.pop(0) if self.pending else "?"
+                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+                left = -1 if headers.get("transfer-encoding", "").lower() == "chunked" else int(headers.get("content-length", "0"))
+                state[1], state[2] = path, left
+                self._count(path, direction, len(head))
+                if left == 0:
+                    state[1] = None
+                continue
+            if left > 0:
+                take = min(left, len(buffer))
+                self._count(path, direction, take)
+                state[0], state[2] = buffer[take:], left - take
+                if state[2] == 0:
+                    state[1] = None
+                continue
+            # chunked: "<size hex>\r\n<data>\r\n", ending with a zero-size chunk and a blank line
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                return
+            size = int(buffer[:end].split(b";")[0] or b"0", 16)
+            need = end + 2 + size + 2
+            if len(buffer) < need:
+                return
+            self._count(path, direction, need)
+            state[0] = buffer[need:]
+            if size == 0:
+                state[1] = None
+
+    def _count(self, path: str, direction: int, n: int) -> None:
+        with self.lock:
+            self.totals.setdefault(path, [0, 0])[direction] += n
+
+
+class ByteRelay:
+    """A TCP relay (127.0.0.1:port -> target) counting bytes in both directions; TLS passes through untouched.
+
+    With ``http`` (a plaintext ``--insecure`` federation) it also counts bytes per HTTP path.
+    """
+
+    def __init__(self, target: tuple[str, int], http: bool = False) -> None:
         self.target = target
+        self.http = http
         self.sent = 0  # site -> SuperLink
         self.received = 0  # SuperLink -> site
+        self.paths: dict[str, list[int]] = {}  # HTTP path -> [site -> SuperLink, SuperLink -> site]
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
@@ -105,6 +171,10 @@ class ByteRelay:
         with self.lock:
             return self.sent, self.received
 
+    def by_path(self) -> dict[str, tuple[int, int]]:
+        with self.lock:
+            return {path: (up, down) for path, (up, down) in self.paths.items()}
+
     def _accept(self) -> None:
         while True:
             try:
@@ -112,15 +182,18 @@ class ByteRelay:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(conn, upstream, "sent"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, conn, "received"), daemon=True).start()
+            counter = HttpCounter(self.paths, self.lock) if self.http else None
+            threading.Thread(target=self._pump, args=(conn, upstream, "sent", counter, 0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, conn, "received", counter, 1), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, counter: str) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, counter: str, http: HttpCounter | None, direction: int) -> None:
         try:
             while chunk := source.recv(65536):
                 sink.sendall(chunk)
                 with self.lock:
                     setattr(self, counter, getattr(self, counter) + len(chunk))
+                if http is not None:
+                    http.feed(direction, chunk)
         except OSError:
             pass
         finally:
@@ -133,19 +206,21 @@ class ByteRelay:
 
 def watch_rounds(
     done: "callable[[int], bool]", relays: dict[str, ByteRelay], rounds: int, stop: threading.Event
-) -> dict[int, dict[str, tuple[int, int]]]:
-    """Relay totals at the moment each round is seen done (polled every 0.2 s)."""
-    marks: dict[int, dict[str, int]] = {}
+) -> tuple[dict[int, dict[str, tuple[int, int]]], dict[int, dict[str, dict[str, tuple[int, int]]]]]:
+    """Relay totals (and per-path totals, ``--insecure``) at the moment each round is seen done (polled every 0.2 s)."""
+    marks: dict[int, dict[str, tuple[int, int]]] = {}
+    paths: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
 
     def run() -> None:
         while not stop.is_set() and len(marks) < rounds:
             for r in range(1, rounds + 1):
                 if r not in marks and done(r):
                     marks[r] = {s: relay.both() for s, relay in relays.items()}
+                    paths[r] = {s: relay.by_path() for s, relay in relays.items()}
             time.sleep(0.2)
 
     threading.Thread(target=run, daemon=True).start()
-    return marks
+    return marks, paths
 
 
 def spec_text(name: str, data: str, rounds: int, epochs: int, dp: bool, extra: str = "") -> str:
@@ -168,6 +243,8 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--no-dp", action="store_true")
     parser.add_argument("--skip-flower", action="store_true", help="skip the plain Flower baseline")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext federation (no TLS, no SuperNode auth), so the relays also count bytes per HTTP path")
     args = parser.parse_args()
 
     from fedcore.plugins.deploy.certs import make_certs
@@ -200,18 +277,19 @@ def main() -> None:
     # 2. the deployment, each site's traffic through its own relay; the sites and the coordinator note timings
     os.environ[TIMINGS_ENV] = str(work / "timings")
     port = free_port()
-    link = start_superlink(certs, work / "fed", "127.0.0.1", port)
-    client = control_client(f"127.0.0.1:{port}", certs.ca)
+    link = start_superlink(certs, work / "fed", "127.0.0.1", port, insecure=args.insecure)
+    client = control_client(f"127.0.0.1:{port}", None if args.insecure else certs.ca)
     register_sites(client, certs)
-    relays = {s: ByteRelay(("127.0.0.1", port)) for s in sites}
-    nodes = [start_supernode(certs, s, work / "sites" / f"{s}.yaml", f"127.0.0.1:{relays[s].port}", work / "fed") for s in sites]
+    relays = {s: ByteRelay(("127.0.0.1", port), http=args.insecure) for s in sites}
+    nodes = [start_supernode(certs, s, work / "sites" / f"{s}.yaml", f"127.0.0.1:{relays[s].port}", work / "fed", insecure=args.insecure)
+             for s in sites]
     (work / "deploy.yaml").write_text(spec_text("deployed", "{use: site-tables}", args.rounds, args.local_epochs, dp))
     log = work / "deployed" / "coordinator.log"
     stop = threading.Event()
-    marks = watch_rounds(lambda r: log.exists() and f"round {r} done" in log.read_text(), relays, args.rounds, stop)
+    marks, paths = watch_rounds(lambda r: log.exists() and f"round {r} done" in log.read_text(), relays, args.rounds, stop)
     start = time.perf_counter()
     try:
-        run_dir = run_study(work / "deploy.yaml", (), f"127.0.0.1:{port}", certs.root, work / "deployed")
+        run_dir = run_study(work / "deploy.yaml", (), f"127.0.0.1:{port}", certs.root, work / "deployed", insecure=args.insecure)
     finally:
         stop.set()
         for node in nodes:
@@ -247,7 +325,8 @@ def main() -> None:
         nodes_b = []
         for s in sites:
             command = ["flower-supernode", "--superlink", f"127.0.0.1:{relays_b[s].port}", "--port", str(free_port()),
-                       "--root-certificates", str(certs.ca.resolve()), "--auth-supernode-private-key", str((certs.site(s) / "node.key").resolve()),
+                       *(["--insecure"] if args.insecure else ["--root-certificates", str(certs.ca.resolve())]),
+                       "--auth-supernode-private-key", str((certs.site(s) / "node.key").resolve()),
                        "--node-config", f"rows={n_train} features={n_features} classes=3 epochs={args.local_epochs}"]
             nodes_b.append(launch(f"baseline {s}", command, work / "fed" / f"baseline-{s}.log", work / "fed" / f"baseline-{s}-home"))
         out = work / "flower-baseline.json"
@@ -255,7 +334,7 @@ def main() -> None:
         response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
                                                    override_config=user_config_to_proto(config)))
         stop_b = threading.Event()
-        marks_b = watch_rounds(lambda r: out.exists() and len(json.loads(out.read_text() or "[]")) >= r, relays_b, args.rounds, stop_b)
+        marks_b, _ = watch_rounds(lambda r: out.exists() and len(json.loads(out.read_text() or "[]")) >= r, relays_b, args.rounds, stop_b)
         start = time.perf_counter()
         while run_status(client, response.run_id)[0] != "finished" and time.perf_counter() - start < 7200:
             time.sleep(1)
@@ -281,6 +360,15 @@ def main() -> None:
         print(f"  {s}: {deploy_bytes[s]} bytes in round {args.rounds} on its socket ({deploy_dir[s][1]} to the site, "
               f"{deploy_dir[s][0]} from it) = {deploy_bytes[s] / (2 * model_bytes):.2f} x twice the model "
               f"({2 * model_bytes} bytes; target <= 1.1)")
+    if args.insecure:
+        print(f"  bytes in round {args.rounds} by HTTP path (median of the sites; site -> SuperLink / SuperLink -> site):")
+        before_paths = paths[last - 1] if last > 1 else {s: {} for s in sites}
+        names = sorted({p for s in sites for p in paths[last][s]})
+        for name in names:
+            up = sorted(paths[last][s].get(name, (0, 0))[0] - before_paths[s].get(name, (0, 0))[0] for s in sites)[1]
+            down = sorted(paths[last][s].get(name, (0, 0))[1] - before_paths[s].get(name, (0, 0))[1] for s in sites)[1]
+            if up or down:
+                print(f"    {up:8d} / {down:8d}  {name}")
     print("\n".join(breakdown(work / "timings", sites, args.rounds)))
     if flower:
         rounds_b = flower["rounds"]  # type: ignore[assignment]

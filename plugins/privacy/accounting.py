@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -121,16 +122,38 @@ def calibrations_kept_in(folder: Path) -> Iterator[None]:
         _CALIBRATION_FOLDER = before
 
 
-def _calibration_file(inputs: dict[str, Any]) -> Path | None:
-    if _CALIBRATION_FOLDER is None:
-        return None
-    from opacus import __version__ as opacus_version
+def _kept_on_disk(search: Callable[..., float]) -> Callable[..., float]:
+    """``search`` (keyword arguments only), also reading and writing results in :data:`_CALIBRATION_FOLDER` when set."""
+    signature = inspect.signature(search)
 
-    key = json.dumps({**inputs, "rtol": CALIBRATION_RTOL, "opacus": opacus_version}, sort_keys=True, default=repr)
-    return _CALIBRATION_FOLDER / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    @functools.wraps(search)
+    def calibrate(**arguments: Any) -> float:
+        if _CALIBRATION_FOLDER is None:
+            return search(**arguments)
+        from opacus import __version__ as opacus_version
+
+        bound = signature.bind(**arguments)
+        bound.apply_defaults()
+        inputs = {k: v for k, v in bound.arguments.items() if k != "where"}
+        key = json.dumps({**inputs, "rtol": CALIBRATION_RTOL, "opacus": opacus_version}, sort_keys=True, default=repr)
+        kept = _CALIBRATION_FOLDER / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+        if kept.exists():
+            try:
+                return float(json.loads(kept.read_text())["noise_multiplier"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable: calibrate again and rewrite it
+        noise = search(**arguments)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"noise_multiplier": noise}))
+        os.replace(partial, kept)
+        return noise
+
+    return calibrate
 
 
 @functools.lru_cache(maxsize=128)
+@_kept_on_disk
 def calibrate_noise_multiplier(
     *,
     target_epsilon: float,
@@ -149,7 +172,8 @@ def calibrate_noise_multiplier(
     ``sample_rate``. Searches log(noise) by the Illinois variant of regula falsi, since
     log(epsilon) is close to linear in log(noise): a handful of accountant calls.
     ``eps_error`` is PRV's discretisation error (see :func:`prv_eps_error`). Results are
-    cached: the preflight and the run calibrate the same sites.
+    cached: the preflight and the run calibrate the same sites (and, within
+    :func:`calibrations_kept_in`, processes that calibrate the same budget again).
 
     :raises PrivacyBudgetError: when even ``max_noise_multiplier`` cannot meet the budget.
     """
@@ -159,36 +183,6 @@ def calibrate_noise_multiplier(
             where=where,
             hint="set a positive epsilon and a delta such as 1e-5",
         )
-    kept = _calibration_file(
-        {"target_epsilon": target_epsilon, "delta": delta, "sample_rate": sample_rate, "steps": steps, "accountant": accountant,
-         "eps_error": eps_error, "fixed": [list(entry) for entry in fixed], "max_noise_multiplier": max_noise_multiplier}
-    )
-    if kept is not None and kept.exists():
-        try:
-            return float(json.loads(kept.read_text())["noise_multiplier"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable: calibrate again and rewrite it
-    noise = _calibrate(target_epsilon, delta, sample_rate, steps, accountant, eps_error, fixed, max_noise_multiplier, where)
-    if kept is not None:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        partial = kept.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps({"noise_multiplier": noise}))
-        os.replace(partial, kept)
-    return noise
-
-
-def _calibrate(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    accountant: AccountantName,
-    eps_error: float,
-    fixed: Composition,
-    max_noise_multiplier: float,
-    where: str | None,
-) -> float:
-    """:func:`calibrate_noise_multiplier`'s search (checked inputs, nothing kept)."""
 
     def eps_by(kind: AccountantName) -> Any:
         return lambda z: epsilon_of((*fixed, (z, sample_rate, steps)), delta, kind, eps_error)
