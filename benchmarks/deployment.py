@@ -1,6 +1,7 @@
 """Deployment over local SuperNodes against the sequential simulation of the same spec, in one run.
 
     .venv/bin/python benchmarks/deployment.py [--patients 50000] [--rounds 2] [--local-epochs 5] [--no-dp]
+        [--skip-flower] [--insecure]
 
 The paper workload (3 sites x 50,000 rows, one repeat, 2 rounds; the paper's
 MLP, Adam, batch 32, record-level DP at epsilon 1) is run three ways on this
@@ -12,6 +13,13 @@ fedcore's overhead over Flower itself. Bytes are counted on each site's socket
 (both directions) by a TCP relay in front of the SuperLink, over the last
 round (steady state: broadcast, update, evaluation broadcast, metrics, and
 Flower's own polling).
+
+It also prints where the last round's train and evaluate messages spent their
+time at the sites (median of the sites: Flower's polls and process start, the
+imports, each step of fedcore's handler, the reply's way back; from the lines
+the ClientApp and ServerApp write when ``FEDCORE_DEPLOY_TIMINGS`` is set) and
+fedcore's own payload per message. With ``--insecure`` (plaintext, no SuperNode
+authentication) the relays also count the bytes per Flower HTTP path.
 
 Targets: deployed round <= 1.2 x the simulation's; bytes per site per round
 <= 1.1 x twice the model's float32 size.
@@ -325,8 +333,8 @@ def main() -> None:
         nodes_b = []
         for s in sites:
             command = ["flower-supernode", "--superlink", f"127.0.0.1:{relays_b[s].port}", "--port", str(free_port()),
-                       *(["--insecure"] if args.insecure else ["--root-certificates", str(certs.ca.resolve())]),
-                       "--auth-supernode-private-key", str((certs.site(s) / "node.key").resolve()),
+                       *(["--insecure"] if args.insecure else ["--root-certificates", str(certs.ca.resolve()),
+                                                               "--auth-supernode-private-key", str((certs.site(s) / "node.key").resolve())]),
                        "--node-config", f"rows={n_train} features={n_features} classes=3 epochs={args.local_epochs}"]
             nodes_b.append(launch(f"baseline {s}", command, work / "fed" / f"baseline-{s}.log", work / "fed" / f"baseline-{s}-home"))
         out = work / "flower-baseline.json"
@@ -354,7 +362,7 @@ def main() -> None:
     print(f"workload: 3 sites x {args.patients} patients, {args.rounds} rounds x {args.local_epochs} local epochs, "
           f"{'record-level DP eps=1' if dp else 'no DP'}; work dir {work}")
     print(f"simulation (sequential): round {sim_round:.2f} s (train+aggregate, mean), wall {sim_wall:.1f} s")
-    print(f"deployment (3 SuperNodes, TLS): round {dep_round:.2f} s, wall {deploy_wall:.1f} s "
+    print(f"deployment (3 SuperNodes, {'plaintext' if args.insecure else 'TLS'}): round {dep_round:.2f} s, wall {deploy_wall:.1f} s "
           f"-> ratio {dep_round / sim_round:.2f} (target <= 1.2)")
     for s in sites:
         print(f"  {s}: {deploy_bytes[s]} bytes in round {args.rounds} on its socket ({deploy_dir[s][1]} to the site, "

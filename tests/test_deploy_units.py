@@ -236,3 +236,12 @@ def test_a_site_keeps_its_dp_calibrations_on_its_disk_and_reads_them_back(tmp_pa
         other = accounting.calibrate_noise_multiplier(**{**budget, "steps": 301})  # another budget: its own search and file
     assert other != 7.5 and len(list(tmp_path.glob("calibration-*.json"))) == 2
     accounting.calibrate_noise_multiplier.cache_clear()
+
+
+def test_an_insecure_supernode_is_started_without_the_node_key_flower_refuses_without_tls(tmp_path: Path) -> None:
+    from fedcore.plugins.deploy.processes import supernode_command
+
+    secure = supernode_command(tmp_path, "127.0.0.1:9092", tmp_path / "site.yaml", "hospital-0", 9094)
+    assert "--auth-supernode-private-key" in secure and "--root-certificates" in secure and "--insecure" not in secure
+    insecure = supernode_command(tmp_path, "127.0.0.1:9092", tmp_path / "site.yaml", "hospital-0", 9094, insecure=True)
+    assert "--insecure" in insecure and "--auth-supernode-private-key" not in insecure and "--root-certificates" not in insecure

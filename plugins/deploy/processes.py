@@ -145,10 +145,10 @@ def supernode_command(
     if retries is not None:
         command += ["--max-retries", str(retries)]
     if insecure:
-        command += ["--insecure"]
+        command += ["--insecure"]  # Flower refuses SuperNode authentication without TLS
     else:
         command += ["--root-certificates", str(site_certs / "ca.crt")]
-    command += ["--auth-supernode-private-key", str(site_certs / "node.key")]
+        command += ["--auth-supernode-private-key", str(site_certs / "node.key")]
     return command
 
 
