@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-_IMPORT_STARTED = time.time()
+_IMPORT_STARTED = time.time()  # this module's imports (torch, Opacus, fedcore) start here: the timeline's first mark
 
 import json
 import os
@@ -37,11 +37,16 @@ from fedcore.types import GlobalModel
 app = ClientApp()
 _IMPORTED = time.time()
 
+
 class _Timeline:
-    """Wall-clock marks of one message at this site (kept only when :data:`TIMINGS_ENV` is set)."""
+    """Wall-clock marks of one message at this site, written only when
+    :data:`~fedcore.plugins.deploy.wire.TIMINGS_ENV` names a folder (benchmarks/deployment.py)."""
 
     def __init__(self) -> None:
         self.marks: list[tuple[str, float]] = []
+
+    def start(self) -> None:
+        self.marks = [("handler", time.time())]
 
     def mark(self, name: str) -> None:
         self.marks.append((name, time.time()))
@@ -100,7 +105,7 @@ def _audit(name: str, reply: Message) -> Message:
 
 def _handle(message: Message, context: Context, handler: Handler) -> Message:
     name = str(context.node_config.get("site", "?"))
-    TIMELINE.mark("handler")
+    TIMELINE.start()
     try:
         return _reply(message, context, handler)
     finally:
