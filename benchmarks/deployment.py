@@ -1,6 +1,7 @@
 """Deployment over local SuperNodes against the sequential simulation of the same spec, in one run.
 
     .venv/bin/python benchmarks/deployment.py [--patients 50000] [--rounds 2] [--local-epochs 5] [--no-dp]
+        [--skip-flower] [--insecure]
 
 The paper workload (3 sites x 50,000 rows, one repeat, 2 rounds; the paper's
 MLP, Adam, batch 32, record-level DP at epsilon 1) is run three ways on this
@@ -13,6 +14,13 @@ fedcore's overhead over Flower itself. Bytes are counted on each site's socket
 round (steady state: broadcast, update, evaluation broadcast, metrics, and
 Flower's own polling).
 
+It also prints where the last round's train and evaluate messages spent their
+time at the sites (median of the sites: Flower's polls and process start, the
+imports, each step of fedcore's handler, the reply's way back; from the lines
+the ClientApp and ServerApp write when ``FEDCORE_DEPLOY_TIMINGS`` is set) and
+fedcore's own payload per message. With ``--insecure`` (plaintext, no SuperNode
+authentication) the relays also count the bytes per Flower HTTP path.
+
 Targets: deployed round <= 1.2 x the simulation's; bytes per site per round
 <= 1.1 x twice the model's float32 size.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import socket
 import tempfile
 import threading
@@ -31,13 +40,131 @@ from pathlib import Path
 MODEL_FLOATS = 15427
 
 
-class ByteRelay:
-    """A TCP relay (127.0.0.1:port -> target) counting bytes in both directions; TLS passes through untouched."""
+def breakdown(folder: Path, sites: list[str], round_: int) -> list[str]:
+    """Where the deployed round ``round_`` went: each message's timeline, median over the sites.
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    Read from the timing lines the ClientApp and the ServerApp write when ``FEDCORE_DEPLOY_TIMINGS``
+    is set (:func:`fedcore.plugins.deploy.wire.note_timing`).
+    """
+    import statistics
+
+    def lines(who: str) -> list[dict]:
+        path = folder / f"{who}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    coordinator = lines("coordinator")
+    rows: list[str] = []
+    for kind in ("train.fedcore", "evaluate"):
+        phases: dict[str, list[float]] = {}
+        payload: dict[str, list[int]] = {"to site": [], "from site": []}
+        for site in sites:
+            sent = [c for c in coordinator if c.get("site") == site and c["kind"] == kind and c.get("round") == round_]
+            if not sent:
+                continue
+            c = sent[-1]
+            mine = [t for t in lines(site) if abs(t["created"] - c["created"]) < 1e-3]
+            if not mine:
+                continue
+            t = mine[-1]
+            points = [("coordinator sent", c["sent"])]
+            if t["process_start"]:
+                points.append(("ClientApp process started (SuperNode + SuperExec polls)", t["process_start"]))
+            points += [("python + flwr started, task pulled", t["import_start"]),
+                       ("fedcore ClientApp imported (torch, fedcore)", t["imported"])]
+            points += [(name, at) for name, at in t["marks"]]
+            points.append(("reply at the coordinator (push, SuperNode + ServerApp polls)", c["received"]))
+            for (_, before), (name, at) in zip(points, points[1:]):
+                phases.setdefault(name, []).append(at - before)
+            phases.setdefault("total", []).append(c["received"] - c["sent"])
+            payload["to site"].append(c["bytes_out"])
+            payload["from site"].append(c["bytes_in"])
+        if not phases:
+            continue
+        rows.append(f"  {kind} message, round {round_} (median of {len(phases['total'])} sites; seconds):")
+        rows += [f"    {statistics.median(v):7.2f}  {name}" for name, v in phases.items()]
+        rows.append(f"    payload (fedcore's records): {int(statistics.median(payload['to site']))} bytes to the site, "
+                    f"{int(statistics.median(payload['from site']))} bytes back")
+    marks = {(c["kind"], c["round"]): c["time"] for c in coordinator if "time" in c}
+    if ("round start", round_) in marks and ("checkpointed", round_ - 1) in marks:
+        rows.append(f"  coordinator between rounds {round_ - 1} and {round_}: "
+                    f"{marks[('round start', round_)] - marks[('checkpointed', round_ - 1)]:.2f} s; checkpoint of round {round_ - 1}: "
+                    f"{marks[('checkpointed', round_ - 1)] - marks[('round end', round_ - 1)]:.2f} s")
+    return rows
+
+
+class HttpCounter:
+    """Bytes per HTTP/1.1 path on one plaintext connection (``--insecure``): Flower's Fleet API is protobuf over HTTP.
+
+    Requests and responses alternate on a connection (no pipelining), so a response's bytes
+    go to the path of the oldest unanswered request. Handles Content-Length and chunked bodies.
+    """
+
+    def __init__(self, totals: dict[str, list[int]], lock: threading.Lock) -> None:
+        self.totals, self.lock = totals, lock
+        self.pending: list[str] = []
+        self.state = {0: [b"", None, 0], 1: [b"", None, 0]}  # direction -> [buffer, path, body bytes left (-1: chunked)]
+
+    def feed(self, direction: int, chunk: bytes) -> None:
+        """``direction`` 0: site -> SuperLink (requests), 1: SuperLink -> site (responses)."""
+        state = self.state[direction]
+        state[0] += chunk
+        while state[0]:
+            buffer, path, left = state
+            if path is None:
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head, state[0] = buffer[: end + 4], buffer[end + 4 :]
+                lines = head.decode("latin-1").split("\r\n")
+                if direction == 0:
+                    path = lines[0].split(" ")[1] if " " in lines[0] else "?"
+                    self.pending.append(path)
+                else:
+                    path = self.pending.pop(0) if self.pending else "?"
+                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+                left = -1 if headers.get("transfer-encoding", "").lower() == "chunked" else int(headers.get("content-length", "0"))
+                state[1], state[2] = path, left
+                self._count(path, direction, len(head))
+                if left == 0:
+                    state[1] = None
+                continue
+            if left > 0:
+                take = min(left, len(buffer))
+                self._count(path, direction, take)
+                state[0], state[2] = buffer[take:], left - take
+                if state[2] == 0:
+                    state[1] = None
+                continue
+            # chunked: "<size hex>\r\n<data>\r\n", ending with a zero-size chunk and a blank line
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                return
+            size = int(buffer[:end].split(b";")[0] or b"0", 16)
+            need = end + 2 + size + 2
+            if len(buffer) < need:
+                return
+            self._count(path, direction, need)
+            state[0] = buffer[need:]
+            if size == 0:
+                state[1] = None
+
+    def _count(self, path: str, direction: int, n: int) -> None:
+        with self.lock:
+            self.totals.setdefault(path, [0, 0])[direction] += n
+
+
+class ByteRelay:
+    """A TCP relay (127.0.0.1:port -> target) counting bytes in both directions; TLS passes through untouched.
+
+    With ``http`` (a plaintext ``--insecure`` federation) it also counts bytes per HTTP path.
+    """
+
+    def __init__(self, target: tuple[str, int], http: bool = False) -> None:
         self.target = target
+        self.http = http
         self.sent = 0  # site -> SuperLink
         self.received = 0  # SuperLink -> site
+        self.paths: dict[str, list[int]] = {}  # HTTP path -> [site -> SuperLink, SuperLink -> site]
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
@@ -47,6 +174,15 @@ class ByteRelay:
         with self.lock:
             return self.sent + self.received
 
+    def both(self) -> tuple[int, int]:
+        """(site -> SuperLink, SuperLink -> site) bytes so far."""
+        with self.lock:
+            return self.sent, self.received
+
+    def by_path(self) -> dict[str, tuple[int, int]]:
+        with self.lock:
+            return {path: (up, down) for path, (up, down) in self.paths.items()}
+
     def _accept(self) -> None:
         while True:
             try:
@@ -54,15 +190,18 @@ class ByteRelay:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(conn, upstream, "sent"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, conn, "received"), daemon=True).start()
+            counter = HttpCounter(self.paths, self.lock) if self.http else None
+            threading.Thread(target=self._pump, args=(conn, upstream, "sent", counter, 0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, conn, "received", counter, 1), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, counter: str) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, counter: str, http: HttpCounter | None, direction: int) -> None:
         try:
             while chunk := source.recv(65536):
                 sink.sendall(chunk)
                 with self.lock:
                     setattr(self, counter, getattr(self, counter) + len(chunk))
+                if http is not None:
+                    http.feed(direction, chunk)
         except OSError:
             pass
         finally:
@@ -73,19 +212,23 @@ class ByteRelay:
                     pass
 
 
-def watch_rounds(done: "callable[[int], bool]", relays: dict[str, ByteRelay], rounds: int, stop: threading.Event) -> dict[int, dict[str, int]]:
-    """Relay totals at the moment each round is seen done (polled every 0.2 s)."""
-    marks: dict[int, dict[str, int]] = {}
+def watch_rounds(
+    done: "callable[[int], bool]", relays: dict[str, ByteRelay], rounds: int, stop: threading.Event
+) -> tuple[dict[int, dict[str, tuple[int, int]]], dict[int, dict[str, dict[str, tuple[int, int]]]]]:
+    """Relay totals (and per-path totals, ``--insecure``) at the moment each round is seen done (polled every 0.2 s)."""
+    marks: dict[int, dict[str, tuple[int, int]]] = {}
+    paths: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
 
     def run() -> None:
         while not stop.is_set() and len(marks) < rounds:
             for r in range(1, rounds + 1):
                 if r not in marks and done(r):
-                    marks[r] = {s: relay.total() for s, relay in relays.items()}
+                    marks[r] = {s: relay.both() for s, relay in relays.items()}
+                    paths[r] = {s: relay.by_path() for s, relay in relays.items()}
             time.sleep(0.2)
 
     threading.Thread(target=run, daemon=True).start()
-    return marks
+    return marks, paths
 
 
 def spec_text(name: str, data: str, rounds: int, epochs: int, dp: bool, extra: str = "") -> str:
@@ -108,6 +251,8 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=5)
     parser.add_argument("--no-dp", action="store_true")
     parser.add_argument("--skip-flower", action="store_true", help="skip the plain Flower baseline")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext federation (no TLS, no SuperNode auth), so the relays also count bytes per HTTP path")
     args = parser.parse_args()
 
     from fedcore.plugins.deploy.certs import make_certs
@@ -116,6 +261,7 @@ def main() -> None:
     from fedcore.plugins.deploy.local import start_superlink, start_supernode
     from fedcore.plugins.deploy.processes import free_port
     from fedcore.plugins.deploy.study import run_study
+    from fedcore.plugins.deploy.wire import TIMINGS_ENV
     from fedcore.engine.runner import run_experiment
     from fedcore.plugins.datasets.synthetic import CATEGORICAL, CONTINUOUS, TARGET
     from fedcore.spec import load_experiment
@@ -136,20 +282,22 @@ def main() -> None:
     sim_wall = time.perf_counter() - start
     sim_rounds = [json.loads(line) for line in (sim_dir / "rounds.jsonl").read_text().splitlines()]
 
-    # 2. the deployment, each site's traffic through its own relay
+    # 2. the deployment, each site's traffic through its own relay; the sites and the coordinator note timings
+    os.environ[TIMINGS_ENV] = str(work / "timings")
     port = free_port()
-    link = start_superlink(certs, work / "fed", "127.0.0.1", port)
-    client = control_client(f"127.0.0.1:{port}", certs.ca)
+    link = start_superlink(certs, work / "fed", "127.0.0.1", port, insecure=args.insecure)
+    client = control_client(f"127.0.0.1:{port}", None if args.insecure else certs.ca)
     register_sites(client, certs)
-    relays = {s: ByteRelay(("127.0.0.1", port)) for s in sites}
-    nodes = [start_supernode(certs, s, work / "sites" / f"{s}.yaml", f"127.0.0.1:{relays[s].port}", work / "fed") for s in sites]
+    relays = {s: ByteRelay(("127.0.0.1", port), http=args.insecure) for s in sites}
+    nodes = [start_supernode(certs, s, work / "sites" / f"{s}.yaml", f"127.0.0.1:{relays[s].port}", work / "fed", insecure=args.insecure)
+             for s in sites]
     (work / "deploy.yaml").write_text(spec_text("deployed", "{use: site-tables}", args.rounds, args.local_epochs, dp))
     log = work / "deployed" / "coordinator.log"
     stop = threading.Event()
-    marks = watch_rounds(lambda r: log.exists() and f"round {r} done" in log.read_text(), relays, args.rounds, stop)
+    marks, paths = watch_rounds(lambda r: log.exists() and f"round {r} done" in log.read_text(), relays, args.rounds, stop)
     start = time.perf_counter()
     try:
-        run_dir = run_study(work / "deploy.yaml", (), f"127.0.0.1:{port}", certs.root, work / "deployed")
+        run_dir = run_study(work / "deploy.yaml", (), f"127.0.0.1:{port}", certs.root, work / "deployed", insecure=args.insecure)
     finally:
         stop.set()
         for node in nodes:
@@ -157,7 +305,9 @@ def main() -> None:
     deploy_wall = time.perf_counter() - start
     deploy_rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     last = args.rounds
-    deploy_bytes = {s: marks[last][s] - marks[last - 1][s] for s in sites} if last > 1 else {s: marks[1][s] for s in sites}
+    before = marks[last - 1] if last > 1 else {s: (0, 0) for s in sites}
+    deploy_dir = {s: (marks[last][s][0] - before[s][0], marks[last][s][1] - before[s][1]) for s in sites}
+    deploy_bytes = {s: sum(deploy_dir[s]) for s in sites}
 
     # 3. a plain Flower app with the same loop (no fedcore code in it)
     flower: dict[str, object] = {}
@@ -183,7 +333,8 @@ def main() -> None:
         nodes_b = []
         for s in sites:
             command = ["flower-supernode", "--superlink", f"127.0.0.1:{relays_b[s].port}", "--port", str(free_port()),
-                       "--root-certificates", str(certs.ca.resolve()), "--auth-supernode-private-key", str((certs.site(s) / "node.key").resolve()),
+                       *(["--insecure"] if args.insecure else ["--root-certificates", str(certs.ca.resolve()),
+                                                               "--auth-supernode-private-key", str((certs.site(s) / "node.key").resolve())]),
                        "--node-config", f"rows={n_train} features={n_features} classes=3 epochs={args.local_epochs}"]
             nodes_b.append(launch(f"baseline {s}", command, work / "fed" / f"baseline-{s}.log", work / "fed" / f"baseline-{s}-home"))
         out = work / "flower-baseline.json"
@@ -191,7 +342,7 @@ def main() -> None:
         response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
                                                    override_config=user_config_to_proto(config)))
         stop_b = threading.Event()
-        marks_b = watch_rounds(lambda r: out.exists() and len(json.loads(out.read_text() or "[]")) >= r, relays_b, args.rounds, stop_b)
+        marks_b, _ = watch_rounds(lambda r: out.exists() and len(json.loads(out.read_text() or "[]")) >= r, relays_b, args.rounds, stop_b)
         start = time.perf_counter()
         while run_status(client, response.run_id)[0] != "finished" and time.perf_counter() - start < 7200:
             time.sleep(1)
@@ -200,7 +351,7 @@ def main() -> None:
             node.stop()
         flower = {"rounds": json.loads(out.read_text()) if out.exists() else [], "bytes": {}}
         if out.exists() and args.rounds in marks_b and (args.rounds - 1) in marks_b:
-            flower["bytes"] = {s: marks_b[args.rounds][s] - marks_b[args.rounds - 1][s] for s in sites}
+            flower["bytes"] = {s: sum(marks_b[args.rounds][s]) - sum(marks_b[args.rounds - 1][s]) for s in sites}
         else:
             flower["bytes"] = {s: relays_b[s].total() // args.rounds for s in sites}
     link.stop()
@@ -211,11 +362,22 @@ def main() -> None:
     print(f"workload: 3 sites x {args.patients} patients, {args.rounds} rounds x {args.local_epochs} local epochs, "
           f"{'record-level DP eps=1' if dp else 'no DP'}; work dir {work}")
     print(f"simulation (sequential): round {sim_round:.2f} s (train+aggregate, mean), wall {sim_wall:.1f} s")
-    print(f"deployment (3 SuperNodes, TLS): round {dep_round:.2f} s, wall {deploy_wall:.1f} s "
+    print(f"deployment (3 SuperNodes, {'plaintext' if args.insecure else 'TLS'}): round {dep_round:.2f} s, wall {deploy_wall:.1f} s "
           f"-> ratio {dep_round / sim_round:.2f} (target <= 1.2)")
     for s in sites:
-        print(f"  {s}: {deploy_bytes[s]} bytes in round {args.rounds} on its socket = "
-              f"{deploy_bytes[s] / (2 * model_bytes):.2f} x twice the model ({2 * model_bytes} bytes; target <= 1.1)")
+        print(f"  {s}: {deploy_bytes[s]} bytes in round {args.rounds} on its socket ({deploy_dir[s][1]} to the site, "
+              f"{deploy_dir[s][0]} from it) = {deploy_bytes[s] / (2 * model_bytes):.2f} x twice the model "
+              f"({2 * model_bytes} bytes; target <= 1.1)")
+    if args.insecure:
+        print(f"  bytes in round {args.rounds} by HTTP path (median of the sites; site -> SuperLink / SuperLink -> site):")
+        before_paths = paths[last - 1] if last > 1 else {s: {} for s in sites}
+        names = sorted({p for s in sites for p in paths[last][s]})
+        for name in names:
+            up = sorted(paths[last][s].get(name, (0, 0))[0] - before_paths[s].get(name, (0, 0))[0] for s in sites)[1]
+            down = sorted(paths[last][s].get(name, (0, 0))[1] - before_paths[s].get(name, (0, 0))[1] for s in sites)[1]
+            if up or down:
+                print(f"    {up:8d} / {down:8d}  {name}")
+    print("\n".join(breakdown(work / "timings", sites, args.rounds)))
     if flower:
         rounds_b = flower["rounds"]  # type: ignore[assignment]
         if rounds_b:

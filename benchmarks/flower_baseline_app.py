@@ -75,6 +75,7 @@ def main(grid: Grid, context: Context) -> None:
 @client.train()
 def train(message: Message, context: Context) -> Message:
     cfg = context.node_config
+    torch.set_num_threads(1)  # as fedcore's sites train (execution.threads_per_worker: 1), three to a 2-core machine
     n, n_features, n_classes = int(cfg["rows"]), int(cfg["features"]), int(cfg["classes"])
     generator = torch.Generator().manual_seed(int(message.content["cfg"]["round"]))
     x, y = torch.randn(n, n_features, generator=generator), torch.randint(0, n_classes, (n,), generator=generator)

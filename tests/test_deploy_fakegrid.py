@@ -49,6 +49,8 @@ class FakeGrid:
             for node, name in self.names.items()
         }
         self.drop, self.tamper = drop, tamper
+        self.sent = 0
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.names)
@@ -56,14 +58,23 @@ class FakeGrid:
     def create_message(self, content: RecordDict, kind: str, node: int, group: str) -> Message:
         return Message(content, dst_node_id=node, message_type=kind)
 
-    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        """Each site answers at once; a dropped site never does (its reply stays missing)."""
+        ids = []
         for message in messages:
             name = self.names[message.metadata.dst_node_id]
+            self.sent += 1
+            message_id = f"message-{self.sent}"
+            message.metadata.__dict__["_message_id"] = message_id  # as Flower's grid does when it pushes
+            ids.append(message_id)
             if self.drop(name, message):
                 continue  # that site's SuperNode is gone: no reply within the timeout
-            replies.append(self.tamper(name, message, client_app(message, self.contexts[message.metadata.dst_node_id])))
-        return replies
+            reply = self.tamper(name, message, client_app(message, self.contexts[message.metadata.dst_node_id]))
+            self.replies[reply.metadata.reply_to_message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: set[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +115,7 @@ def _is_train(message: Message, from_round: int) -> bool:
 
 def test_quorum_carries_a_round_without_a_dropped_site(world: tuple[FederationCerts, Path], tmp_path: Path) -> None:
     certs, sites = world
-    run_dir = _run_dir(tmp_path, "rounds: 3, min_sites: 2")
+    run_dir = _run_dir(tmp_path, "rounds: 3, min_sites: 2, round_timeout_s: 1")
     grid = FakeGrid(sites, drop=lambda name, m: name == "hospital-2" and _is_train(m, 2))
     coordinate(grid, run_dir, certs, 10, Log(run_dir))  # type: ignore[arg-type]
     records = _rounds(run_dir)
@@ -117,7 +128,7 @@ def test_quorum_carries_a_round_without_a_dropped_site(world: tuple[FederationCe
 
 def test_below_quorum_stops_naming_the_missing_site_after_retries(world: tuple[FederationCerts, Path], tmp_path: Path) -> None:
     certs, sites = world
-    run_dir = _run_dir(tmp_path, "rounds: 3, round_retries: 2")
+    run_dir = _run_dir(tmp_path, "rounds: 3, round_retries: 2, round_timeout_s: 1")
     asked: list[int] = []
 
     def drop(name: str, message: Message) -> bool:

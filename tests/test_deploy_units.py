@@ -210,3 +210,38 @@ def test_the_cli_reports_bad_input_in_one_line(tmp_path: Path, certs) -> None:
     assert len(done.stderr.strip().splitlines()) == 1 and "cannot reach the SuperLink" in done.stderr
     done = subprocess.run([fedcore, "run", str(spec), "--federation", "nonsense"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--certs" in done.stderr
+
+
+def test_a_site_keeps_its_dp_calibrations_on_its_disk_and_reads_them_back(tmp_path: Path) -> None:
+    """Flower starts a process per message: a site reads its PRV calibration back instead of searching again."""
+    import json
+
+    from fedcore.plugins.privacy import accounting
+
+    budget = {"target_epsilon": 1.0, "delta": 1e-5, "sample_rate": 0.02, "steps": 300, "accountant": "rdp", "eps_error": 0.01}
+    accounting.calibrate_noise_multiplier.cache_clear()
+    fresh = accounting.calibrate_noise_multiplier(**budget)
+    assert not list(tmp_path.iterdir())  # outside the block nothing is kept on disk
+    accounting.calibrate_noise_multiplier.cache_clear()
+    with accounting.calibrations_kept_in(tmp_path):
+        kept = accounting.calibrate_noise_multiplier(**budget, where="privacy[gaussian]")
+    assert kept == fresh
+    (file,) = tmp_path.glob("calibration-*.json")
+    assert json.loads(file.read_text()) == {"noise_multiplier": fresh}
+    # A new process (empty in-memory cache) reads the file: proven by a planted value coming back.
+    file.write_text(json.dumps({"noise_multiplier": 7.5}))
+    accounting.calibrate_noise_multiplier.cache_clear()
+    with accounting.calibrations_kept_in(tmp_path):
+        assert accounting.calibrate_noise_multiplier(**budget) == 7.5
+        other = accounting.calibrate_noise_multiplier(**{**budget, "steps": 301})  # another budget: its own search and file
+    assert other != 7.5 and len(list(tmp_path.glob("calibration-*.json"))) == 2
+    accounting.calibrate_noise_multiplier.cache_clear()
+
+
+def test_an_insecure_supernode_is_started_without_the_node_key_flower_refuses_without_tls(tmp_path: Path) -> None:
+    from fedcore.plugins.deploy.processes import supernode_command
+
+    secure = supernode_command(tmp_path, "127.0.0.1:9092", tmp_path / "site.yaml", "hospital-0", 9094)
+    assert "--auth-supernode-private-key" in secure and "--root-certificates" in secure and "--insecure" not in secure
+    insecure = supernode_command(tmp_path, "127.0.0.1:9092", tmp_path / "site.yaml", "hospital-0", 9094, insecure=True)
+    assert "--insecure" in insecure and "--auth-supernode-private-key" not in insecure and "--root-certificates" not in insecure

@@ -9,6 +9,10 @@ missing column) is replied as one line naming the site and the fix.
 
 from __future__ import annotations
 
+import time
+
+_IMPORT_STARTED = time.time()  # this module's imports (torch, Opacus, fedcore) start here: the timeline's first mark
+
 import json
 import os
 from collections.abc import Callable
@@ -22,14 +26,50 @@ from flwr.client.mod import secaggplus_mod
 
 from fedcore.plugins.deploy import site as site_mod
 from fedcore.plugins.deploy.secagg import secure_train_reply
-from fedcore.plugins.deploy.wire import pack, unpack, update_message
+from fedcore.plugins.deploy.wire import note_timing, pack, unpack, update_message
 from fedcore.errors import FedcoreUserError
 from fedcore.plugins.datasets.preprocessing import FederatedStatistics
+from fedcore.plugins.privacy.accounting import calibrations_kept_in
 from fedcore.registry import PluginManager
-from fedcore.spec import ExperimentSpec, build_components
+from fedcore.spec import ExperimentSpec, build_components, instantiate
 from fedcore.types import GlobalModel
 
 app = ClientApp()
+_IMPORTED = time.time()
+
+
+class _Timeline:
+    """Wall-clock marks of one message at this site, written only when
+    :data:`~fedcore.plugins.deploy.wire.TIMINGS_ENV` names a folder (benchmarks/deployment.py)."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float]] = []
+
+    def start(self) -> None:
+        self.marks = [("handler", time.time())]
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, time.time()))
+
+    def write(self, site: str, kind: str, message: Message) -> None:
+        note_timing(site, {
+            "kind": kind, "pid": os.getpid(), "created": message.metadata.created_at,
+            "process_start": _process_start(), "import_start": _IMPORT_STARTED, "imported": _IMPORTED,
+            "marks": self.marks, "cpu_s": time.process_time(),
+        })
+
+
+def _process_start() -> float | None:
+    """This process's start (epoch seconds, from /proc; None elsewhere)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(l.split()[1]) for l in Path("/proc/stat").read_text().splitlines() if l.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+TIMELINE = _Timeline()
 
 Handler = Callable[[site_mod.LoadedSite, dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]
 
@@ -64,6 +104,16 @@ def _audit(name: str, reply: Message) -> Message:
 
 
 def _handle(message: Message, context: Context, handler: Handler) -> Message:
+    name = str(context.node_config.get("site", "?"))
+    TIMELINE.start()
+    try:
+        return _reply(message, context, handler)
+    finally:
+        TIMELINE.mark("replied")
+        TIMELINE.write(name, message.metadata.message_type, message)
+
+
+def _reply(message: Message, context: Context, handler: Handler) -> Message:
     name = str(context.node_config.get("site", "?"))
     try:
         site = _site_of(context)
@@ -110,10 +160,16 @@ def _study_site(site: site_mod.LoadedSite, meta: dict[str, Any]) -> tuple[site_m
     store = site_mod.SiteStore(site, str(meta["study"]))
     data, _ = store.load_data()
     spec = store.load_spec(str(meta["spec_sha256"]))
+    TIMELINE.mark("data+spec loaded")
     shape = site_mod.StudyShape(**meta["shape"])
     torch.set_num_threads(spec.execution.threads_per_worker)
     components = build_components(spec, PluginManager())
-    return store, spec, site_mod.build_site(spec, components, data, shape, str(meta.get("arm", "main")))
+    TIMELINE.mark("components built")
+    # Each message is a fresh process: a budget calibrated for an earlier message is read back, not searched again.
+    with calibrations_kept_in(site.state_dir / "calibrations"):
+        runtime = site_mod.build_site(spec, components, data, shape, str(meta.get("arm", "main")))
+    TIMELINE.mark("site built (stages, DP calibration)")
+    return store, spec, runtime
 
 
 def _train(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -121,7 +177,10 @@ def _train(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, A
     arm, repeat, round_ = str(meta["arm"]), int(meta["repeat"]), int(meta["round"])
     extras = {k[len("extra:") :]: v for k, v in tensors.items() if k.startswith("extra:")}
     message = GlobalModel(round=round_, weights=store.global_model(tensors.get("global"), str(meta["global_sha256"])))
-    update, privacy, state = site_mod.train_site_round(runtime, store.load_state(arm, repeat), message, extras)
+    previous = store.load_state(arm, repeat)
+    TIMELINE.mark("state loaded")
+    update, privacy, state = site_mod.train_site_round(runtime, previous, message, extras)
+    TIMELINE.mark("trained")
     released = state["released"]
     if "commitment" not in released:  # a replayed release keeps the commitment it was sent with
         committer = store.committer(spec, arm, repeat, int(meta["shape"]["seed"]))
@@ -129,6 +188,7 @@ def _train(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, A
             site.name, "site-update", round_, update.canonical_bytes()
         )
     store.save_state(arm, repeat, state)
+    TIMELINE.mark("state saved")
     statement = site_mod.statement(str(meta["study"]), arm, repeat, round_, site.name, released["commitment"], update.n_samples)
     return {
         "privacy": [p.model_dump(mode="json") for p in privacy],
@@ -142,9 +202,17 @@ def _train(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, A
 
 
 def _evaluate(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    store, _, runtime = _study_site(site, meta)
+    # Evaluation needs the model and the site's splits only: no training stages, no DP calibration, no state.
+    store = site_mod.SiteStore(site, str(meta["study"]))
+    data, _ = store.load_data()
+    spec = store.load_spec(str(meta["spec_sha256"]))
+    shape = site_mod.StudyShape(**meta["shape"])
+    torch.set_num_threads(spec.execution.threads_per_worker)
+    TIMELINE.mark("data+spec loaded")
     weights = store.global_model(tensors["global"], str(meta["global_sha256"]))
-    evaluation = site_mod.evaluate_site(runtime, GlobalModel(round=int(meta["round"]), weights=weights))
+    model = instantiate(spec.model, "model", PluginManager())
+    evaluation = site_mod.evaluate_model(spec, model.build(shape.n_features, shape.n_classes), data, shape.n_classes, weights)
+    TIMELINE.mark("evaluated")
     # Kept: the next round trains from this model, and its message then only names it.
     store.keep_global(weights)
     return {"evaluation": evaluation.model_dump(mode="json"), "stored_global": meta["global_sha256"]}, {}

@@ -27,6 +27,9 @@ def flwr_env(home: Path) -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["FLWR_HOME"] = str(home)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # A SuperNode's SuperExec asks its SuperNode for a ClientApp task every second by default: a local
+    # call (no bytes on the site's link), so asking more often only starts each message's ClientApp sooner.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     return env
 
 
@@ -142,10 +145,10 @@ def supernode_command(
     if retries is not None:
         command += ["--max-retries", str(retries)]
     if insecure:
-        command += ["--insecure"]
+        command += ["--insecure"]  # Flower refuses SuperNode authentication without TLS
     else:
         command += ["--root-certificates", str(site_certs / "ca.crt")]
-    command += ["--auth-supernode-private-key", str(site_certs / "node.key")]
+        command += ["--auth-supernode-private-key", str(site_certs / "node.key")]
     return command
 
 

@@ -34,7 +34,7 @@ from fedcore.components import FederatedData
 from fedcore.plugins.deploy.certs import FederationCerts
 from fedcore.checkpoint import weights_from_state
 from fedcore.plugins.deploy.checkpoint import CoordinatorCheckpoint
-from fedcore.plugins.deploy.wire import MalformedMessage, pack, parse_model, parse_update, unpack
+from fedcore.plugins.deploy.wire import MalformedMessage, message_bytes, note_timing, pack, parse_model, parse_update, unpack
 from fedcore.plugins.deploy.site import global_digest, statement
 from fedcore.plugins.deploy.study import preprocessing_timeout
 from fedcore.engine.runner import EngineChoice
@@ -87,6 +87,27 @@ class RemoteSite:
         return list(self.reports)
 
 
+#: How often the coordinator asks its SuperLink for replies (seconds). Flower's own
+#: ``Grid`` waits 3 s between pulls; the pull is a local call on the coordinator's
+#: machine (no bytes on any site's link), so a short interval costs nothing.
+REPLY_POLL_S = 0.2
+
+
+def exchange(grid: Grid, messages: Sequence[Message], timeout_s: float) -> list[Message]:
+    """Push ``messages`` and pull their replies every :data:`REPLY_POLL_S` until all came or ``timeout_s`` passed."""
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout_s
+    replies: list[Message] = []
+    while waiting:
+        for reply in grid.pull_messages(waiting):
+            waiting.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies
+
+
 class Federation:
     """The connected sites and the one way to talk to them (Flower's grid), every wait bounded."""
 
@@ -109,8 +130,8 @@ class Federation:
             fresh = [n for n in self.grid.get_node_ids() if n not in asked]
             if fresh:
                 asked.update(fresh)
-                for reply in self.grid.send_and_receive(
-                    [self.grid.create_message(pack({}), "query.hello", n, "") for n in fresh], timeout=max(5.0, deadline - time.monotonic())
+                for reply in exchange(
+                    self.grid, [self.grid.create_message(pack({}), "query.hello", n, "") for n in fresh], max(5.0, deadline - time.monotonic())
                 ):
                     node = reply.metadata.src_node_id
                     if not reply.has_content():
@@ -164,10 +185,15 @@ class Federation:
             for s in sites
         ]
         replies: dict[str, Message] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=timeout_s):
+        out = {m.metadata.dst_node_id: (message_bytes(m.content), m.metadata.created_at) for m in messages}
+        sent = time.time()
+        for reply in exchange(self.grid, messages, timeout_s):
             site = by_node.get(reply.metadata.src_node_id)
             if site is None:
                 continue
+            note_timing("coordinator", {"kind": kind, "round": meta.get("round"), "site": site.name, "sent": sent,
+                                        "reply_created": reply.metadata.created_at, "received": time.time(),
+                                        "created": out[site.node_id][1], "bytes_out": out[site.node_id][0], "bytes_in": message_bytes(reply.content)})
             if reply.has_error():
                 self.log(f"site '{site.name}': {kind} failed at the site: {reply.error.reason}")
                 continue
@@ -179,7 +205,7 @@ class Federation:
         by_node = {s.node_id: s for s in self.sites}
         messages = [self.grid.create_message(pack(metas[s.name]), kind, s.node_id, "") for s in self.sites]
         out: dict[str, dict[str, Any]] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=timeout_s):
+        for reply in exchange(self.grid, messages, timeout_s):
             site = by_node.get(reply.metadata.src_node_id)
             if site is None:
                 continue
@@ -622,9 +648,12 @@ def coordinate(
             log(f"repeat {repeat}: resumed after round {done_rounds} (ledger head {state['ledger_head']})")
         try:
             for round_ in range(done_rounds + 1, spec.training.rounds + 1):
+                note_timing("coordinator", {"kind": "round start", "round": round_, "time": time.time()})
                 if not run.run_round(round_, lambda message, extras, r=round_: run.collect(r, message, extras, log)):
                     break
+                note_timing("coordinator", {"kind": "round end", "round": round_, "time": time.time()})
                 checkpoint.save(repeat, round_, run)
+                note_timing("coordinator", {"kind": "checkpointed", "round": round_, "time": time.time()})
                 log(f"repeat {repeat} round {round_} done: sites {', '.join(s.name for s in run.present)}")
         finally:
             result = run.close()

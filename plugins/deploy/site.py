@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedcore.commitments import Committer
 from fedcore.components import FederatedData, SiteData
 from fedcore.engine.resume import request_digest
-from fedcore.engine.site import SiteRuntime
+from fedcore.engine.site import SiteRuntime, evaluate_split_pair
+from fedcore.engine.training import load_weights
 from fedcore.engine.simulation import derive_seed, site_stages
 from fedcore.errors import DataError
 from fedcore.rundir import atomic_write_bytes
@@ -316,9 +317,10 @@ def train_site_round(
     return update, privacy, snapshot
 
 
-def evaluate_site(site: SiteRuntime, message: GlobalModel) -> SiteEvaluation:
-    """The simulation's evaluation of the global model on the site's validation and test splits."""
-    return site.evaluate(message.weights)
+def evaluate_model(spec: ExperimentSpec, module: torch.nn.Module, data: SiteData, n_classes: int, weights: Weights) -> SiteEvaluation:
+    """The simulation's evaluation (:meth:`SiteRuntime.evaluate`) of the global model on the site's validation and test splits."""
+    load_weights(module, weights)
+    return evaluate_split_pair(module, data, n_classes, spec.evaluation.metrics)
 
 
 def global_digest(weights: Weights) -> str:

@@ -24,6 +24,7 @@ evaluate   SiteEvaluation (metrics and confusion counts)                   relea
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,18 @@ from fedcore.types import ClientUpdate, Weights
 #: The largest message a site may send (bytes, tensors and JSON together); larger is refused.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 META = "meta"
+#: When set (benchmarks/deployment.py sets it), the sites and the coordinator append one JSON line per
+#: message to ``<dir>/<who>.jsonl``: when it was created, each process phase, when the reply came back.
+TIMINGS_ENV = "FEDCORE_DEPLOY_TIMINGS"
+
+
+def note_timing(who: str, line: Mapping[str, Any]) -> None:
+    """Append ``line`` to ``who``'s timing file when :data:`TIMINGS_ENV` names a folder; else nothing."""
+    folder = os.environ.get(TIMINGS_ENV)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{who}.jsonl"), "a") as handle:
+            handle.write(json.dumps(line) + "\n")
 
 
 class MalformedMessage(RunFailure):

@@ -16,10 +16,17 @@ Two Opacus defaults are changed on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import inspect
+import json
 import math
+import os
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -94,7 +101,59 @@ def epsilon_of(history: Composition, delta: float, accountant: AccountantName, e
     return value if math.isfinite(value) else math.inf
 
 
+#: A folder that also keeps calibrations across processes (:func:`calibrations_kept_in`); None: this process only.
+_CALIBRATION_FOLDER: Path | None = None
+
+
+@contextlib.contextmanager
+def calibrations_kept_in(folder: Path) -> Iterator[None]:
+    """Within the block, also keep every calibration in ``folder`` (a small JSON file each, keyed by all its inputs).
+
+    A deployed site calibrates in its own state folder: Flower starts a fresh process for
+    each message, and calibrating the same budget again with PRV takes seconds each time.
+    The result is a pure function of the inputs (and of this module's tolerance and
+    Opacus's version, both in the key), so a kept one is the one a fresh search returns.
+    """
+    global _CALIBRATION_FOLDER
+    before, _CALIBRATION_FOLDER = _CALIBRATION_FOLDER, folder
+    try:
+        yield
+    finally:
+        _CALIBRATION_FOLDER = before
+
+
+def _kept_on_disk(search: Callable[..., float]) -> Callable[..., float]:
+    """``search`` (keyword arguments only), also reading and writing results in :data:`_CALIBRATION_FOLDER` when set."""
+    signature = inspect.signature(search)
+
+    @functools.wraps(search)
+    def calibrate(**arguments: Any) -> float:
+        if _CALIBRATION_FOLDER is None:
+            return search(**arguments)
+        from opacus import __version__ as opacus_version
+
+        bound = signature.bind(**arguments)
+        bound.apply_defaults()
+        inputs = {k: v for k, v in bound.arguments.items() if k != "where"}
+        key = json.dumps({**inputs, "rtol": CALIBRATION_RTOL, "opacus": opacus_version}, sort_keys=True, default=repr)
+        kept = _CALIBRATION_FOLDER / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+        if kept.exists():
+            try:
+                return float(json.loads(kept.read_text())["noise_multiplier"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # unreadable: calibrate again and rewrite it
+        noise = search(**arguments)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"noise_multiplier": noise}))
+        os.replace(partial, kept)
+        return noise
+
+    return calibrate
+
+
 @functools.lru_cache(maxsize=128)
+@_kept_on_disk
 def calibrate_noise_multiplier(
     *,
     target_epsilon: float,
@@ -113,7 +172,8 @@ def calibrate_noise_multiplier(
     ``sample_rate``. Searches log(noise) by the Illinois variant of regula falsi, since
     log(epsilon) is close to linear in log(noise): a handful of accountant calls.
     ``eps_error`` is PRV's discretisation error (see :func:`prv_eps_error`). Results are
-    cached: the preflight and the run calibrate the same sites.
+    cached: the preflight and the run calibrate the same sites (and, within
+    :func:`calibrations_kept_in`, processes that calibrate the same budget again).
 
     :raises PrivacyBudgetError: when even ``max_noise_multiplier`` cannot meet the budget.
     """
