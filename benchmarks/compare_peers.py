@@ -138,6 +138,12 @@ def pooled_test(data: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([s.x_test for s in data.sites]), np.concatenate([s.y_test for s in data.sites])
 
 
+def pooled_accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Accuracy of ``model`` on the pooled test split (what fedcore's records call test accuracy)."""
+    with torch.no_grad():
+        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
 def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[int]) -> dict[str, torch.Tensor]:
     """The states' average weighted by the sites' training rows (fedcore's ``fedavg``)."""
     total = float(sum(weights))
@@ -150,7 +156,6 @@ LocalTraining = Callable[[torch.nn.Module, Any, torch.Generator], None]
 def peer_fedavg(label: str, exp: Any, data: Any, seed: int, train: LocalTraining, note: str = "") -> Arm:
     """FedAvg over ``exp``'s rounds, the sites one after another, each trained by ``train``
     (a fresh module from the global weights, the site's generator as fedcore seeds it)."""
-    from flower_baseline_app import test_accuracy
     from fedcore.engine.simulation import derive_seed, initial_module
     from fedcore.spec import build_components
 
@@ -167,7 +172,7 @@ def peer_fedavg(label: str, exp: Any, data: Any, seed: int, train: LocalTraining
             train(local, site, generator)
             states.append({k: v.detach() for k, v in local.state_dict().items()})
         model.load_state_dict(fedavg(states, [len(site.y_train) for site in data.sites]))
-        accuracy = test_accuracy(model, x_test, y_test)
+        accuracy = pooled_accuracy(model, x_test, y_test)
         clock.lap()
     return Arm(label, "1", clock.wall, accuracy, clock.cpu, note)
 

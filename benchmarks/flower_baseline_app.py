@@ -107,14 +107,10 @@ process) and reads ``SIM["result"]``: wall and CPU seconds per round (CPU: the C
 training, measured in the actors, plus this process's) and the final test accuracy."""
 
 
-def test_accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    """Accuracy of ``model`` on the pooled test split (what fedcore's records call test accuracy)."""
-    with torch.no_grad():
-        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
-
-
 @sim_server.main()
 def sim_main(grid: Grid, context: Context) -> None:
+    from compare_peers import pooled_accuracy  # this folder: the simulation runs from compare_peers
+
     cfg = SIM["config"]
     folder = str(cfg["data"])
     model = torch.load(f"{folder}/model.pt", weights_only=False)
@@ -124,7 +120,7 @@ def sim_main(grid: Grid, context: Context) -> None:
     for round_ in range(1, int(cfg["rounds"]) + 1):
         start, start_cpu = time.perf_counter(), time.process_time()
         replies = train_round(grid, nodes, model, {**cfg, "round": round_})
-        accuracy = test_accuracy(model, test["x"], test["y"])
+        accuracy = pooled_accuracy(model, test["x"], test["y"])
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu + sum(float(r.content["cfg"]["cpu"]) for r in replies))
     SIM["result"] = {"seconds": times, "cpu_seconds": cpu, "accuracy": accuracy}
