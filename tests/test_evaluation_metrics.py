@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score, roc_auc_score
 
@@ -254,3 +255,35 @@ def test_confusion_metrics_are_scikit_learns_bit_for_bit() -> None:
 
 def _none_nan(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sites_evaluated_in_one_pass_get_their_own_numbers() -> None:
+    """``evaluate_at_sites`` (all sites' rows in one forward pass) gives each site what it
+    gets evaluated alone (the loss to float rounding), and what scikit-learn and a plain
+    loss give on its rows."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    from fedcore.engine.site import evaluate_at_sites, evaluate_split_pair
+    from fedcore.testing import tiny_federated_data
+
+    data = tiny_federated_data(sites=7, rows=50, features=6, classes=3, seed=2)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    together = evaluate_at_sites(module, data.sites, 3, ALL)
+    for got, alone in zip(together, [evaluate_split_pair(module, site, 3, ALL) for site in data.sites], strict=True):
+        # The loss to float rounding (a matmul over more rows may round a logit differently).
+        for split in ("validation", "test"):
+            a, b = getattr(got, split), getattr(alone, split)
+            assert a.model_copy(update={"loss": 0.0}) == b.model_copy(update={"loss": 0.0})
+            assert a.loss == pytest.approx(b.loss, rel=1e-6)
+        assert got.model_copy(update={"validation": None, "test": None}) == alone.model_copy(update={"validation": None, "test": None})
+    for site, got in zip(data.sites, together, strict=True):
+        with torch.no_grad():
+            logits = module(torch.from_numpy(site.x_test))
+        pred = logits.argmax(dim=1).numpy()
+        assert got.test_confusion == confusion_matrix(site.y_test, pred, labels=[0, 1, 2]).tolist()
+        p, r, f, _ = precision_recall_fscore_support(site.y_test, pred, labels=[0, 1, 2], average="macro", zero_division=0)
+        assert (got.test.precision, got.test.recall, got.test.f1) == (p, r, f)
+        plain = float(F.cross_entropy(logits, torch.from_numpy(site.y_test)))
+        assert got.test.loss == pytest.approx(plain, rel=1e-6)

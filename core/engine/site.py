@@ -181,9 +181,9 @@ def evaluate_at_sites(
 
     The sites' rows of a split go through the module together (``chunk`` rows at a time);
     each site's confusion counts, mean loss and metrics come from vectorized numpy
-    (:func:`fedcore.metrics.metrics_from_confusions`). A row's prediction and loss do not
-    depend on the rows beside it, and each site's loss is the float64 sum of its own rows'
-    losses in row order, so a site gets the same numbers alone or with others.
+    (:func:`fedcore.metrics.metrics_from_confusions`). Each site's loss is the float64 sum
+    of its own rows' losses in row order; a matmul over more rows may round a logit
+    differently, so a site's loss alone and with others agree to float rounding.
     """
     auroc = "auroc" in metrics
     out: list[dict[str, Any]] = [{"site": site.site} for site in sites]

@@ -325,12 +325,13 @@ class StackedTrainer:
             gidx = index + offsets.view(-1, 1, 1)
             if dp[0] is None:
                 # index_select on a flat index gathers several times faster than advanced indexing.
+                # Features are gathered per step and block (a copy of the epoch's rows is as
+                # big as the data); labels and weights, small, for the epoch.
                 flat = gidx.reshape(-1)
-                x_epoch = x_all.index_select(0, flat).view(*gidx.shape, x_all.shape[1])
                 y_epoch = y_all.index_select(0, flat).view(gidx.shape)
                 w_epoch = row_weight.index_select(0, flat).view(gidx.shape) * weight_mask
                 w_epoch = w_epoch / w_epoch.sum(dim=2, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
-                self._run_epoch(x_epoch, y_epoch, w_epoch, active, loss_sum)
+                self._run_epoch(x_all, gidx, y_epoch, w_epoch, active, loss_sum)
             else:
                 # DP weights are the class weights themselves (Opacus sums per-sample losses).
                 self._run_dp_epoch(tasks, noise, x_all, y_all, gidx, row_weight[gidx] * weight_mask, active, loss_sum)  # type: ignore[arg-type]
@@ -387,19 +388,31 @@ class StackedTrainer:
         return index.to(self.device), mask.to(self.device), active
 
     def _run_epoch(
-        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, active: np.ndarray, loss_sum: torch.Tensor
+        self,
+        x_all: torch.Tensor,
+        gidx: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        active: np.ndarray,
+        loss_sum: torch.Tensor,
     ) -> None:
+        """Non-private steps of one epoch; ``gidx (S, steps, B)`` indexes the rows of ``x_all``."""
         active_t = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device)
         all_active = bool(active.all())
+        batch, features = gidx.shape[2], x_all.shape[1]
+
+        def rows(a: int, b: int, t: int) -> torch.Tensor:
+            return x_all.index_select(0, gidx[a:b, t].reshape(-1)).view(b - a, batch, features)
+
         blocks = [
-            (a, b, views, self.step.resolve(views, x[a:b, 0], y[a:b, 0], w[a:b, 0]))
+            (a, b, views, self.step.resolve(views, rows(a, b, 0), y[a:b, 0], w[a:b, 0]))
             for (a, b), views in zip(self.blocks, self._block_views, strict=True)
         ]
         if self._grad is None:
             self._grad = torch.empty_like(self.flat)
         for t in range(active.shape[1]):
             for a, b, views, step in blocks:
-                grads, losses = step(views, x[a:b, t], y[a:b, t], w[a:b, t])
+                grads, losses = step(views, rows(a, b, t), y[a:b, t], w[a:b, t])
                 flat_grads(grads, self._grad[a:b])
                 loss_sum[a:b] += losses if all_active else losses * active_t[a:b, t]
             self._optimizer_step(self._grad, active[:, t])
