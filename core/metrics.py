@@ -194,27 +194,6 @@ def metric_value(metrics: ClassificationMetrics, name: str) -> float | None:
     return None
 
 
-def classification_metrics(
-    y_true: np.ndarray,
-    y_pred: np.ndarray,
-    n_classes: int,
-    loss: float,
-    names: Sequence[str] = (),
-    probabilities: np.ndarray | None = None,
-) -> tuple[ClassificationMetrics, np.ndarray]:
-    """Accuracy and macro precision/recall/F1 of one split, plus its confusion matrix.
-
-    :param names: further metrics (``evaluation.metrics``) for ``scores``, from the
-        predictions themselves (:func:`scores`).
-    :param probabilities: the predicted class probabilities (rows x classes), for AUROC.
-    """
-    conf = confusion_matrices(np.asarray(y_true), np.asarray(y_pred), np.zeros(len(y_true), dtype=np.int64), 1, n_classes)[0]
-    metrics = metrics_from_confusion(conf, loss)
-    if names:
-        metrics = metrics.model_copy(update={"scores": scores(names, y_true, y_pred, probabilities, n_classes)})
-    return metrics, conf
-
-
 def metrics_from_confusions(confs: np.ndarray, losses: Sequence[float]) -> list[ClassificationMetrics]:
     """Metrics of each confusion matrix of ``confs (S, K, K)`` (rows: true class, columns:
     predicted) with its mean loss: accuracy and scikit-learn's macro precision, recall and F1

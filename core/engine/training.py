@@ -168,35 +168,6 @@ class LocalTrainer:
         return TrainingOutcome(steps=steps, mean_loss=float(loss_sum) / max(steps, 1))
 
 
-def predict(module: torch.nn.Module, x: np.ndarray, y: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, float]:
-    """Predicted classes and mean cross-entropy of ``module`` on ``(x, y)``."""
-    preds, _, loss = predict_probabilities(module, x, y, chunk, probabilities=False)
-    return preds, loss
-
-
 def _first(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], n: int | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``n`` batches (all when ``n`` is None)."""
     return batches if n is None else itertools.islice(batches, n)
-
-
-@torch.no_grad()
-def predict_probabilities(
-    module: torch.nn.Module, x: np.ndarray, y: np.ndarray, chunk: int = 65536, probabilities: bool = True
-) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """Predicted classes, class probabilities (softmax; None unless ``probabilities``) and
-    mean cross-entropy of ``module`` on ``(x, y)``."""
-    module.eval()
-    preds: list[torch.Tensor] = []
-    probs: list[torch.Tensor] = []
-    loss = 0.0
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for start in range(0, len(yt), chunk):
-        logits = module(xt[start : start + chunk])
-        loss += float(F.cross_entropy(logits, yt[start : start + chunk], reduction="sum"))
-        preds.append(logits.argmax(dim=1))
-        if probabilities:
-            probs.append(torch.softmax(logits.double(), dim=1))
-    module.train()
-    if not preds:
-        return np.zeros(0, dtype=np.int64), None, float("nan")
-    return torch.cat(preds).numpy(), torch.cat(probs).numpy() if probabilities else None, loss / max(len(yt), 1)
