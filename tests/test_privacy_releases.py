@@ -56,6 +56,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
     """Wraps the seams where a site hands something over (both engines go through them)."""
     box = Captured()
     release, evaluate, init = SiteRuntime.end_round, SiteRuntime.evaluate, simulation.FederatedRun.__init__
+    evaluate_sites = simulation.FederatedRun.evaluate_sites
 
     def capture_release(self, *args: Any, **kwargs: Any) -> ClientUpdate:
         update = release(self, *args, **kwargs)
@@ -66,6 +67,12 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
         evaluation = evaluate(self, *args, **kwargs)
         box.messages.append(("SiteEvaluation", evaluation))
         return evaluation
+
+    def capture_evaluate_sites(self, *args: Any, **kwargs: Any) -> Any:
+        # Federated rounds evaluate every site in one pass (evaluate_at_sites), not site by site.
+        evaluations = evaluate_sites(self, *args, **kwargs)
+        box.messages.extend(("SiteEvaluation", evaluation) for evaluation in evaluations)
+        return evaluations
 
     def capture_init(self, spec: Any, job: Any, *args: Any, **kwargs: Any) -> None:
         data = job.data
@@ -79,6 +86,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> Captured:
 
     monkeypatch.setattr(SiteRuntime, "end_round", capture_release)
     monkeypatch.setattr(SiteRuntime, "evaluate", capture_evaluate)
+    monkeypatch.setattr(simulation.FederatedRun, "evaluate_sites", capture_evaluate_sites)
     monkeypatch.setattr(simulation.FederatedRun, "__init__", capture_init)
     return box
 
