@@ -106,14 +106,14 @@ def _handle(message: Message, context: Context, handler: Handler) -> Message:
     name = str(context.node_config.get("site", "?"))
     TIMELINE.start()
     try:
-        return _reply(message, context, handler)
+        return _reply(message, context, handler, name)
     finally:
         TIMELINE.mark("replied")
         TIMELINE.write(name, message.metadata.message_type, message)
 
 
-def _reply(message: Message, context: Context, handler: Handler) -> Message:
-    name = str(context.node_config.get("site", "?"))
+def _reply(message: Message, context: Context, handler: Handler, name: str) -> Message:
+    """The handler's reply to ``message``; ``name`` (the node's configured site) until the site is loaded."""
     try:
         site = _site_of(context)
         name = site.name
@@ -155,13 +155,20 @@ def _preprocess(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[s
     return {"site": site.name, "n_train": data.n_train, "n_features": int(data.x_train.shape[1])}, {}
 
 
-def _study_site(site: site_mod.LoadedSite, meta: dict[str, Any]) -> tuple[site_mod.SiteStore, ExperimentSpec, Any]:
+def _study_inputs(
+    site: site_mod.LoadedSite, meta: dict[str, Any]
+) -> tuple[site_mod.SiteStore, Any, ExperimentSpec, site_mod.StudyShape]:
+    """The study's store, this site's prepared data, the spec and the study's shape, read from the site's disk."""
     store = site_mod.SiteStore(site, str(meta["study"]))
     data, _ = store.load_data()
     spec = store.load_spec(str(meta["spec_sha256"]))
-    TIMELINE.mark("data+spec loaded")
-    shape = site_mod.StudyShape(**meta["shape"])
     torch.set_num_threads(spec.execution.threads_per_worker)
+    TIMELINE.mark("data+spec loaded")
+    return store, data, spec, site_mod.StudyShape(**meta["shape"])
+
+
+def _study_site(site: site_mod.LoadedSite, meta: dict[str, Any]) -> tuple[site_mod.SiteStore, ExperimentSpec, Any]:
+    store, data, spec, shape = _study_inputs(site, meta)
     components = build_components(spec, PluginManager())
     TIMELINE.mark("components built")
     # Each message is a fresh process: a budget calibrated for an earlier message is read back, not searched again.
@@ -202,12 +209,7 @@ def _train(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, A
 
 def _evaluate(site: site_mod.LoadedSite, meta: dict[str, Any], tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     # Evaluation needs the model and the site's splits only: no training stages, no DP calibration, no state.
-    store = site_mod.SiteStore(site, str(meta["study"]))
-    data, _ = store.load_data()
-    spec = store.load_spec(str(meta["spec_sha256"]))
-    shape = site_mod.StudyShape(**meta["shape"])
-    torch.set_num_threads(spec.execution.threads_per_worker)
-    TIMELINE.mark("data+spec loaded")
+    store, data, spec, shape = _study_inputs(site, meta)
     weights = store.global_model(tensors["global"], str(meta["global_sha256"]))
     model = instantiate(spec.model, "model", PluginManager())
     evaluation = site_mod.evaluate_model(spec, model.build(shape.n_features, shape.n_classes), data, shape.n_classes, weights)

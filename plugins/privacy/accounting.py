@@ -22,7 +22,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any, Literal
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedcore.errors import PrivacyBudgetError
+from fedcore.rundir import atomic_write_bytes
 
 AccountantName = Literal["prv", "rdp"]
 Entry = tuple[float, float, int]
@@ -143,10 +143,8 @@ def _kept_on_disk(search: Callable[..., float]) -> Callable[..., float]:
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # unreadable: calibrate again and rewrite it
         noise = search(**arguments)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        partial = kept.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps({"noise_multiplier": noise}))
-        os.replace(partial, kept)
+        # Not flushed to the disk: a lost or torn file is read as missing and calibrated again.
+        atomic_write_bytes(kept, json.dumps({"noise_multiplier": noise}).encode(), durable=False)
         return noise
 
     return calibrate
