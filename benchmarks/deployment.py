@@ -69,8 +69,8 @@ def breakdown(folder: Path, sites: list[str], round_: int) -> list[str]:
             points = [("coordinator sent", c["sent"])]
             if t["process_start"]:
                 points.append(("ClientApp process started (SuperNode + SuperExec polls)", t["process_start"]))
-            points += [("python + flwr started, task pulled", t["import_start"]),
-                       ("fedcore ClientApp imported (torch, fedcore)", t["imported"])]
+            points += [("python + flwr started, task pulled (0: forked by the warm executor)", t["import_start"]),
+                       ("fedcore ClientApp imported (torch, fedcore; 0: forked warm)", t["imported"])]
             points += [(name, at) for name, at in t["marks"]]
             points.append(("reply at the coordinator (push, SuperNode + ServerApp polls)", c["received"]))
             for (_, before), (name, at) in zip(points, points[1:]):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import stat
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -245,3 +247,50 @@ def test_an_insecure_supernode_is_started_without_the_node_key_flower_refuses_wi
     assert "--auth-supernode-private-key" in secure and "--root-certificates" in secure and "--insecure" not in secure
     insecure = supernode_command(tmp_path, "127.0.0.1:9092", tmp_path / "site.yaml", "hospital-0", 9094, insecure=True)
     assert "--insecure" in insecure and "--auth-supernode-private-key" not in insecure and "--root-certificates" not in insecure
+
+
+def test_a_supernode_with_an_executor_secret_runs_in_process_isolation(tmp_path: Path) -> None:
+    from fedcore.plugins.deploy.processes import site_executor, supernode_command, write_executor_secret
+
+    secret = write_executor_secret(tmp_path / "home" / "superexec.secret")
+    assert len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o077 == 0  # owner-only, random
+    assert secret.read_bytes() != write_executor_secret(tmp_path / "other.secret").read_bytes()
+    command = supernode_command(tmp_path, "127.0.0.1:9092", tmp_path / "site.yaml", "hospital-0", 9094, executor_secret=secret)
+    assert command[command.index("--isolation") + 1] == "process"
+    assert command[command.index("--superexec-auth-secret-file") + 1] == str(secret)
+    assert "--isolation" not in supernode_command(tmp_path, "127.0.0.1:9092", tmp_path / "site.yaml", "hospital-0", 9094)
+    executor = site_executor(9094, secret)(4242)
+    assert executor[1:3] == ["-m", "fedcore.plugins.deploy.executor"]
+    assert executor[executor.index("--runtime-api-address") + 1] == "127.0.0.1:9094"
+    assert executor[executor.index("--supernode-pid") + 1] == "4242"
+
+
+def test_the_warm_executor_forks_clientapp_tasks_only_and_reaps_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResultStatus
+
+    from fedcore.plugins.deploy import executor as executor_mod
+
+    # Flower's SuperExec loop and its executor factory, which the executor replaces, are where the pinned flwr has them.
+    superexec = importlib.import_module(executor_mod.SUPEREXEC_MODULE)
+    assert callable(superexec.get_executor) and callable(superexec.run_superexec)
+
+    def child(spec: ExecutionSpec) -> None:  # fake task body (the real one is Flower's run_clientapp; e2e tests run it)
+        (tmp_path / spec.token).write_text(str(os.getpid()))
+        os._exit(0)
+
+    monkeypatch.setattr(executor_mod, "_run_task", child)
+    spec = dict(runtime_api_address="127.0.0.1:9094", insecure=True, root_certificates_path=None,
+                runtime_dependency_install=False, parent_pid=os.getpid(), suppress_output=False, task_id=1)
+    forks = executor_mod.ForkExecutor()
+    refused = forks.launch(ExecutionSpec(task_type=TaskType.SERVER_APP, token="server", **spec))
+    assert refused.status == LaunchResultStatus.FAILED and "ClientApps only" in str(refused.message)
+    assert forks.launch(ExecutionSpec(task_type=TaskType.CLIENT_APP, token="client", **spec)).status == LaunchResultStatus.ACCEPTED
+    deadline = time.monotonic() + 30
+    while forks.children and time.monotonic() < deadline:
+        forks.reconcile()
+        time.sleep(0.05)
+    assert not forks.children  # reaped
+    assert int((tmp_path / "client").read_text()) != os.getpid() and not (tmp_path / "server").exists()

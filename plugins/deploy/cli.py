@@ -125,7 +125,9 @@ def site() -> None:
 def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, reconnect_s: float) -> None:
     """Run this hospital's SuperNode (in the foreground) with fedcore's ClientApp."""
     from fedcore.plugins.deploy import require_flwr
-    from fedcore.plugins.deploy.processes import check_superlink, flwr_env, free_port, supernode_command
+    from fedcore.plugins.deploy.processes import (
+        check_superlink, flwr_env, free_port, site_executor, supernode_command, write_executor_secret,
+    )
     from fedcore.plugins.deploy.site import load_site_config
     from fedcore.plugins.deploy.study import INSECURE_WARNING
 
@@ -138,16 +140,24 @@ def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, reco
     if insecure:
         click.secho(INSECURE_WARNING, err=True, fg="red", bold=True)
     check_superlink(superlink, None if insecure else certs_dir / "ca.crt", f"site '{loaded.name}'")
-    command = supernode_command(certs_dir.resolve(), superlink, loaded.source, loaded.name, free_port(), insecure, wait_s=reconnect_s)
     home = loaded.state_dir / "flwr-home"
-    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    secret = write_executor_secret(home / "superexec.secret").resolve()
+    command = supernode_command(
+        certs_dir.resolve(), superlink, loaded.source, loaded.name, port, insecure, wait_s=reconnect_s, executor_secret=secret
+    )
     process = subprocess.Popen(command, env=flwr_env(home))  # noqa: S603
+    executor = subprocess.Popen(site_executor(port, secret)(process.pid), env=flwr_env(home))  # noqa: S603 - exits with the SuperNode
     signal.signal(signal.SIGTERM, lambda *_: process.terminate())
     try:
         code = process.wait()
     except KeyboardInterrupt:
         process.terminate()
         code = process.wait(30)
+    try:
+        executor.wait(10)
+    except subprocess.TimeoutExpired:
+        executor.kill()
     if code not in (0, -signal.SIGTERM):
         raise RunFailure(
             f"site '{loaded.name}': its SuperNode stopped (exit {code}); if the SuperLink refused it, register this site's "

@@ -1,8 +1,9 @@
 """fedcore's ClientApp: what a hospital's SuperNode runs for each coordinator message.
 
-Flower starts a fresh ClientApp process per message, so every handler reads the
-site's state from the site's own disk and writes it back (atomically) before it
-replies. The site's data file comes from the SuperNode's ``--node-config
+Every message runs in a fresh ClientApp process (forked from fedcore's warm
+executor, :mod:`fedcore.plugins.deploy.executor`, or started by Flower's own
+SuperExec), so every handler reads the site's state from the site's own disk and
+writes it back (atomically) before it replies. The site's data file comes from the SuperNode's ``--node-config
 data=...``; nothing in it is ever sent. A user error at the site (bad file,
 missing column) is replied as one line naming the site and the fix.
 """
@@ -57,6 +58,12 @@ class _Timeline:
             "process_start": _process_start(), "import_start": _IMPORT_STARTED, "imported": _IMPORTED,
             "marks": self.marks, "cpu_s": time.process_time(),
         })
+
+
+def forked() -> None:
+    """In a ClientApp process forked from fedcore's warm executor: this message imported nothing, its timeline starts now."""
+    global _IMPORT_STARTED, _IMPORTED
+    _IMPORT_STARTED = _IMPORTED = time.time()
 
 
 def _process_start() -> float | None:

@@ -19,10 +19,12 @@ from fedcore.plugins.deploy.processes import (
     FlowerProcess,
     free_port,
     launch,
+    site_executor,
     superlink_command,
     supernode_command,
     wait_listening,
     wait_log,
+    write_executor_secret,
 )
 from fedcore.errors import DataError, RunFailure
 
@@ -53,11 +55,15 @@ def start_supernode(
     port: int | None = None,
     prefix: Sequence[str] = (),
 ) -> FlowerProcess:
-    """One hospital's SuperNode: its own key, its own data file (read only at the site), its own FLWR_HOME."""
+    """One hospital's SuperNode: its own key, its own data file (read only at the site), its own FLWR_HOME,
+    and fedcore's warm executor beside it (:mod:`fedcore.plugins.deploy.executor`)."""
     if not data.is_file():
         raise DataError(f"site '{site}' has no site file", where=str(data), hint="write its site.yaml (see docs/deployment.md)")
-    command = supernode_command(certs.site(site).resolve(), superlink, data.resolve(), site, port or free_port(), insecure)
-    return launch(f"SuperNode of '{site}'", command, state / f"{site}.log", state / f"{site}-home", prefix)
+    port = port or free_port()
+    home = state / f"{site}-home"
+    secret = write_executor_secret(home / "superexec.secret")
+    command = supernode_command(certs.site(site).resolve(), superlink, data.resolve(), site, port, insecure, executor_secret=secret.resolve())
+    return launch(f"SuperNode of '{site}'", command, state / f"{site}.log", home, prefix, companion=site_executor(port, secret.resolve()))
 
 
 @dataclass

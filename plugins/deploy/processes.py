@@ -14,8 +14,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.errors import DataError, RunFailure
@@ -30,6 +30,9 @@ def flwr_env(home: Path) -> dict[str, str]:
     # A SuperNode's SuperExec asks its SuperNode for a ClientApp task every second by default: a local
     # call (no bytes on the site's link), so asking more often only starts each message's ClientApp sooner.
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+    # Flower reports usage events to telemetry.flower.ai unless told not to: a hospital's node and the
+    # coordinator talk to each other only (set FLWR_TELEMETRY_ENABLED=1 yourself to opt in).
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     return env
 
 
@@ -61,6 +64,8 @@ class FlowerProcess:
     what: str
     popen: subprocess.Popen[bytes]
     log: Path
+    #: processes that serve this one and exit when it does (a SuperNode's executor)
+    companions: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -70,21 +75,9 @@ class FlowerProcess:
         return self.popen.poll() is None
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM to its process group, SIGKILL after ``timeout_s``."""
-        if self.popen.poll() is not None:
-            return
-        try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(10)
+        """SIGTERM to its process group (then its companions'), SIGKILL after ``timeout_s``."""
+        for popen in (self.popen, *self.companions):
+            _stop_group(popen, timeout_s)
 
     def kill(self) -> None:
         """SIGKILL the process itself (a crash, as a dropout test wants); its children follow their parent."""
@@ -93,15 +86,51 @@ class FlowerProcess:
             self.popen.wait(10)
 
 
-def launch(what: str, command: list[str], log: Path, home: Path, prefix: Sequence[str] = ()) -> FlowerProcess:
-    """Start ``command`` in its own session, output to ``log``; ``prefix`` wraps it (e.g. ``ip netns exec NS``)."""
+def _stop_group(popen: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM to ``popen``'s process group, SIGKILL after ``timeout_s``."""
+    if popen.poll() is not None:
+        return
+    try:
+        os.killpg(popen.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        popen.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        popen.wait(10)
+
+
+def launch(
+    what: str,
+    command: list[str],
+    log: Path,
+    home: Path,
+    prefix: Sequence[str] = (),
+    companion: Callable[[int], list[str]] | None = None,
+) -> FlowerProcess:
+    """Start ``command`` in its own session, output to ``log``; ``prefix`` wraps it (e.g. ``ip netns exec NS``).
+
+    ``companion(pid)``, when given, is the command of a process that serves this one (a SuperNode's
+    executor): started next, with the same environment and log; it exits by itself when this one is
+    gone, and :meth:`FlowerProcess.stop` stops it too.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     home.mkdir(parents=True, exist_ok=True)
+    env = flwr_env(home)
     with open(log, "ab") as handle:
         popen = subprocess.Popen(  # noqa: S603 - our own argument list, no shell
-            [*prefix, *command], stdout=handle, stderr=subprocess.STDOUT, env=flwr_env(home), start_new_session=True, cwd=home
+            [*prefix, *command], stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=home
         )
-    return FlowerProcess(what, popen, log)
+        companions = []
+        if companion is not None:
+            companions.append(subprocess.Popen(  # noqa: S603
+                [*prefix, *companion(popen.pid)], stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=home
+            ))
+    return FlowerProcess(what, popen, log, companions)
 
 
 def superlink_command(
@@ -132,16 +161,23 @@ def supernode_command(
     insecure: bool = False,
     retries: int | None = None,
     wait_s: float = 900.0,
+    executor_secret: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` for one hospital: TLS to the SuperLink, its own auth key, its own data file.
 
     A hospital's node outlives a coordinator restart: it keeps reconnecting for up
-    to ``wait_s`` seconds (``retries`` bounds the attempts too, when given).
+    to ``wait_s`` seconds (``retries`` bounds the attempts too, when given). With
+    ``executor_secret`` it runs in Flower's ``process`` isolation: its ClientApps are
+    started by fedcore's warm executor (:mod:`fedcore.plugins.deploy.executor`, see
+    :func:`site_executor`), which must present that secret; without it, by Flower's own
+    SuperExec (a fresh ``flwr-clientapp`` process per message).
     """
     command = [
         "flower-supernode", "--superlink", superlink, "--port", str(port),
         "--node-config", f"data='{data}' site='{site}'", "--max-wait-time", str(wait_s),
     ]
+    if executor_secret is not None:
+        command += ["--isolation", "process", "--superexec-auth-secret-file", str(executor_secret)]
     if retries is not None:
         command += ["--max-retries", str(retries)]
     if insecure:
@@ -150,6 +186,22 @@ def supernode_command(
         command += ["--root-certificates", str(site_certs / "ca.crt")]
         command += ["--auth-supernode-private-key", str(site_certs / "node.key")]
     return command
+
+
+def write_executor_secret(path: Path) -> Path:
+    """A fresh random secret (owner-only file) that the SuperNode and its executor share; its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(os.urandom(32))
+    return path
+
+
+def site_executor(port: int, secret: Path) -> Callable[[int], list[str]]:
+    """The warm executor's command for the SuperNode with Runtime API ``port`` and pid given (a :func:`launch` companion)."""
+    from fedcore.plugins.deploy.executor import executor_command
+
+    return lambda supernode_pid: executor_command(f"127.0.0.1:{port}", secret, supernode_pid)
 
 
 def wait_listening(process: FlowerProcess, host: str, port: int, timeout_s: float) -> None:
