@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import zlib
+import lzma
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ pytest.importorskip("flwr", reason="the deploy extra (flwr) is not installed")
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from fedcore.plugins.deploy.wire import (  # noqa: E402
+    LZMA_FILTERS,
     META,
     MalformedMessage,
     encode_weights,
@@ -108,7 +109,7 @@ def test_bad_compressed_bytes_are_refused_naming_the_site() -> None:
     model = _paper_mlp()
     update = _update(model.scale(0.01))
     blob = bytes(update_message(update, {})[META]["w:delta"])  # type: ignore[arg-type]
-    for bad in (blob[:-9], blob[: len(blob) // 2], b"not a zlib stream", b"", blob + b"trailing", blob[:2] + bytes(50) + blob[52:]):
+    for bad in (blob[:-9], blob[: len(blob) // 2], b"not an lzma stream", b"", blob + b"trailing", blob[:2] + bytes(50) + blob[52:]):
         with pytest.raises(MalformedMessage, match="site 'hospital-1' sent a malformed message"):
             parse_update(_tampered(update, w__delta=bad), "hospital-1", model)
 
@@ -141,8 +142,8 @@ def test_a_declared_size_lie_is_refused_naming_the_site() -> None:
 
 def test_a_compression_bomb_or_an_oversized_declaration_is_refused_without_inflating_it() -> None:
     update = _update(Weights(arrays={"w": np.zeros(6, dtype=np.float32)}))
-    # 100 MiB of zeros (above MAX_MESSAGE_BYTES) squeezed into ~100 KB, declared as the 24 bytes it claims to be: inflation stops at 25 bytes
-    bomb = zlib.compress(bytes(100 * 1024 * 1024), 9)
+    # 100 MiB of zeros (above MAX_MESSAGE_BYTES) squeezed into ~15 KB, declared as the 24 bytes it claims to be: inflation stops at 25 bytes
+    bomb = lzma.compress(bytes(100 * 1024 * 1024), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
     with pytest.raises(MalformedMessage, match="site 'hospital-1'.*do not inflate to the 24 bytes"):
         unpack(_tampered(update, w__delta=bomb), "hospital-1")
     # ... or declared as what it inflates to: above the limit on the decoded size, refused before inflating

@@ -29,8 +29,8 @@ evaluate   SiteEvaluation (metrics and confusion counts)                   relea
 from __future__ import annotations
 
 import json
+import lzma
 import os
-import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,14 +62,18 @@ class MalformedMessage(RunFailure):
     """A site sent a message that does not decode to what the protocol expects."""
 
 
-#: How a tensor group's buffer is compressed: each array's bytes grouped by byte plane (byte-shuffle), then zlib.
-CODEC = "shuffle-zlib"
+#: How a tensor group's buffer is compressed: each array's bytes grouped by byte plane (byte-shuffle), then
+#: LZMA2 as a raw stream (no container: the layout gives the size; the digests that matter are over the
+#: decoded arrays). ``lc=lp=pb=0``: shuffled floats have no structure by byte position. On the paper MLP this
+#: is 0.86 of the raw size (zlib: 0.89); only the exponent planes compress. The 1 MiB dictionary bounds the
+#: memory a decoder needs.
+LZMA_FILTERS = ({"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 1 << 20, "lc": 0, "lp": 0, "pb": 0},)
 #: Numpy kinds a tensor group may declare (bool, signed and unsigned integers, floats); anything else is refused.
 _KINDS = frozenset("biuf")
 
 
 def _planes(raw: bytes, itemsize: int) -> bytes:
-    """``raw``'s bytes grouped by plane: byte 0 of every item, then byte 1, ... (lossless; zlib compresses the exponent plane)."""
+    """``raw``'s bytes grouped by plane: byte 0 of every item, then byte 1, ... (lossless; the exponent planes then compress)."""
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes()
 
 
@@ -80,8 +84,9 @@ def _unplanes(planes: bytes, itemsize: int) -> bytes:
 def encode_weights(weights: Weights) -> tuple[list[list[Any]], bytes]:
     """A tensor group as one compressed buffer and its layout (``[name, dtype, shape]`` per array, in order).
 
-    The buffer is :data:`CODEC` over each array's little-endian C-order bytes; :func:`decode_weights`
-    rebuilds the arrays bit for bit, so digests of their canonical bytes are the same on both sides.
+    The buffer is LZMA2 (:data:`LZMA_FILTERS`) over the byte planes of each array's little-endian
+    C-order bytes; :func:`decode_weights` rebuilds the arrays bit for bit, so digests of their
+    canonical bytes are the same on both sides.
     """
     layout: list[list[Any]] = []
     planes: list[bytes] = []
@@ -89,7 +94,7 @@ def encode_weights(weights: Weights) -> tuple[list[list[Any]], bytes]:
         little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))  # 0-d arrays come back 1-d
         layout.append([name, little.dtype.str, list(np.shape(array))])
         planes.append(_planes(little.tobytes(), little.dtype.itemsize))
-    return layout, zlib.compress(b"".join(planes), 6)
+    return layout, lzma.compress(b"".join(planes), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
 
 
 def _declared(layout: Any) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
@@ -121,12 +126,12 @@ def decode_weights(layout: Any, blob: bytes) -> Weights:
     """The tensor group :func:`encode_weights` made; ``blob`` must inflate to exactly the declared size.
 
     Decompression stops one byte past the declared size, so a stream that would inflate further
-    (a zip bomb) costs no more memory than the layout declares; it, a short or corrupt stream and
+    (a compression bomb) costs no more memory than the layout declares; it, a short or corrupt stream and
     trailing bytes all raise ``ValueError``.
     """
     arrays = _declared(layout)
     size = sum(n for *_, n in arrays)
-    inflater = zlib.decompressobj()
+    inflater = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
     planes = inflater.decompress(blob, size + 1)
     if len(planes) != size or not inflater.eof or inflater.unused_data:
         raise ValueError(f"tensor bytes do not inflate to the {size} bytes their layout declares")
