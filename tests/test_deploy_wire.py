@@ -142,7 +142,7 @@ def test_a_declared_size_lie_is_refused_naming_the_site() -> None:
 
 def test_a_compression_bomb_or_an_oversized_declaration_is_refused_without_inflating_it() -> None:
     update = _update(Weights(arrays={"w": np.zeros(6, dtype=np.float32)}))
-    # 100 MiB of zeros (above MAX_MESSAGE_BYTES) squeezed into ~15 KB, declared as the 24 bytes it claims to be: inflation stops at 25 bytes
+    # 100 MiB of zeros (above MAX_MESSAGE_BYTES) squeezed into 15 KB, declared as the 24 bytes it claims to be: inflation stops at 25 bytes
     bomb = lzma.compress(bytes(100 * 1024 * 1024), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
     with pytest.raises(MalformedMessage, match="site 'hospital-1'.*do not inflate to the 24 bytes"):
         unpack(_tampered(update, w__delta=bomb), "hospital-1")
@@ -166,3 +166,41 @@ def test_the_site_audit_sees_through_the_compression() -> None:
     assert delta.to_bytes() in audit and b'"note\\": \\"x\\"' in audit
     layout, _ = encode_weights(delta)
     assert layout == [["w", "<f4", [64]]]
+
+
+def test_a_secagg_round_carries_fedcore_s_groups_in_the_fitins_config_and_replies_the_update_as_parameters() -> None:
+    """The site half of a SecAgg+ round on a ``FitIns`` built as the coordinator's strategy builds it
+    (Flower's mod, which masks the reply's parameters, is not run here: tests/test_deploy_e2e.py runs it)."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.app import Message
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedcore.plugins.deploy.secagg import secure_train_reply
+    from fedcore.plugins.deploy.wire import encode_items
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    model, extra = _paper_mlp(), Weights(arrays={"c": np.arange(3.0)})
+    config = encode_items({"round": 2, "global_sha256": model.sha256()}, {"global": model, "extra:cv": extra})
+    message = Message(compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([]), config), True), dst_node_id=5, message_type="train")
+    message.metadata.__dict__["_message_id"] = "m1"  # as Flower's grid does when it pushes
+    seen: dict = {}
+    update = _update(model.scale(0.5))
+
+    def train(meta: dict, tensors: dict) -> tuple[dict, ClientUpdate]:
+        seen.update(meta=meta, tensors=tensors)
+        return {"signature": "s"}, update
+
+    reply = compat.recorddict_to_fitres(secure_train_reply(message, train).content, True)
+    assert seen["meta"] == {"round": 2, "global_sha256": model.sha256()}
+    assert {k: v.to_bytes() for k, v in seen["tensors"].items()} == {"global": model.to_bytes(), "extra:cv": extra.to_bytes()}
+    sent = parameters_to_ndarrays(reply.parameters)
+    assert [a.tobytes() for a in sent] == [a.tobytes() for a in update.delta.arrays.values()]
+    assert json.loads(str(reply.metrics["fedcore"]))["signature"] == "s"
+    # a site that holds the model gets the round without it; a corrupt group is refused naming the coordinator
+    held = encode_items({"round": 2}, {"extra:cv": extra})
+    assert "w:global" not in held and "w:extra:cv" in held
+    broken = {**config, "w:global": b"\x00" * 10}
+    message = Message(compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([]), broken), True), dst_node_id=5, message_type="train")
+    with pytest.raises(MalformedMessage, match="site 'coordinator' sent a malformed message"):
+        secure_train_reply(message, train)

@@ -144,12 +144,11 @@ def decode_weights(layout: Any, blob: bytes) -> Weights:
     return Weights(arrays=out)
 
 
-def pack(meta: Mapping[str, Any], tensors: Mapping[str, Weights] | None = None) -> RecordDict:
-    """A message: JSON metadata plus named tensor groups, all in one ``ConfigRecord``.
+def encode_items(meta: Mapping[str, Any], tensors: Mapping[str, Weights] | None = None) -> dict[str, Any]:
+    """The fields of a message's one record: ``json`` (the metadata), ``layout`` and ``w:<group>`` per tensor group.
 
-    One record keeps Flower's object tree at three objects (message, record dict, record): Flower's
-    transport moves each object with its own request, about 1.3 KB of headers each. Each tensor group
-    is one compressed buffer (:func:`encode_weights`) under ``w:<group>``, its layout under ``layout``.
+    Each tensor group is one compressed buffer (:func:`encode_weights`); ``layout`` holds every group's
+    layout as JSON. Also the config of a SecAgg+ round's ``FitIns`` (:mod:`fedcore.plugins.deploy.secagg`).
     """
     items: dict[str, Any] = {"json": json.dumps(meta, sort_keys=True, default=str)}
     layouts: dict[str, list[list[Any]]] = {}
@@ -157,7 +156,16 @@ def pack(meta: Mapping[str, Any], tensors: Mapping[str, Weights] | None = None) 
         layouts[name], items[f"w:{name}"] = encode_weights(weights)
     if layouts:
         items["layout"] = json.dumps(layouts, separators=(",", ":"))
-    return RecordDict({META: ConfigRecord(items)})
+    return items
+
+
+def pack(meta: Mapping[str, Any], tensors: Mapping[str, Weights] | None = None) -> RecordDict:
+    """A message: JSON metadata plus named tensor groups, all in one ``ConfigRecord`` (:func:`encode_items`).
+
+    One record keeps Flower's object tree at three objects (message, record dict, record): Flower's
+    transport moves each object with its own HTTP request, about 1.3 KB of headers each.
+    """
+    return RecordDict({META: ConfigRecord(encode_items(meta, tensors))})
 
 
 def message_bytes(content: RecordDict) -> int:
@@ -175,40 +183,53 @@ def _too_big(site: str, size: int, max_bytes: int, how: str = "") -> MalformedMe
     )
 
 
-def unpack(content: RecordDict, site: str, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[str, Any], dict[str, Weights]]:
-    """The metadata and tensor groups of a message from ``site``; malformed or oversized is refused.
+def _malformed(site: str, exc: Exception) -> MalformedMessage:
+    return MalformedMessage(
+        f"site '{site}' sent a malformed message ({type(exc).__name__}: {str(exc)[:120]}): refused "
+        "(check that site's fedcore version)"
+    )
 
-    The limit applies to the message as sent and again to its decoded size (from the layout,
-    before anything is inflated).
-    """
+
+def decode_items(
+    items: Mapping[str, Any], site: str, max_bytes: int = MAX_MESSAGE_BYTES
+) -> tuple[dict[str, Any], dict[str, Weights]]:
+    """The metadata and tensor groups :func:`encode_items` made; the decoded size (from the layout, before
+    anything is inflated) must stay within ``max_bytes``. Anything else is a :class:`MalformedMessage`."""
     try:
-        size = message_bytes(content)
-        if size > max_bytes:
-            raise _too_big(site, size, max_bytes)
-        if list(content) != [META]:
-            raise ValueError(f"records {sorted(content)}, expected ['{META}']")
-        record = content[META]
-        meta = json.loads(str(record["json"]))
+        meta = json.loads(str(items["json"]))
         if not isinstance(meta, dict):
             raise ValueError("metadata is not an object")
-        layouts = json.loads(str(record["layout"])) if "layout" in record else {}
+        layouts = json.loads(str(items["layout"])) if "layout" in items else {}
         if not isinstance(layouts, dict):
             raise ValueError("tensor layout is not an object")
-        unknown = set(record) - {"json", "layout", *(f"w:{name}" for name in layouts)}
+        unknown = set(items) - {"json", "layout", *(f"w:{name}" for name in layouts)}
         if unknown:
             raise ValueError(f"unexpected fields {sorted(unknown)}")
-        decoded = len(str(record["json"])) + sum(declared_bytes(layout) for layout in layouts.values())
+        decoded = len(str(items["json"])) + sum(declared_bytes(layout) for layout in layouts.values())
         if decoded > max_bytes:
             raise _too_big(site, decoded, max_bytes, " once decoded")
-        tensors = {name: decode_weights(layout, bytes(record[f"w:{name}"])) for name, layout in layouts.items()}  # type: ignore[arg-type]
+        tensors = {name: decode_weights(layout, bytes(items[f"w:{name}"])) for name, layout in layouts.items()}
     except MalformedMessage:
         raise
     except Exception as exc:  # any decoding failure is the site's message, not our bug
-        raise MalformedMessage(
-            f"site '{site}' sent a malformed message ({type(exc).__name__}: {str(exc)[:120]}): refused "
-            "(check that site's fedcore version)"
-        ) from exc
+        raise _malformed(site, exc) from exc
     return meta, tensors
+
+
+def unpack(content: RecordDict, site: str, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[dict[str, Any], dict[str, Weights]]:
+    """The metadata and tensor groups of a message from ``site``; malformed or oversized is refused.
+
+    The limit applies to the message as sent and again to its decoded size (:func:`decode_items`).
+    """
+    try:
+        size = message_bytes(content)
+        if list(content) != [META] or not isinstance(content[META], ConfigRecord):
+            raise ValueError(f"records {sorted(content)}, expected one ConfigRecord '{META}'")
+    except Exception as exc:  # Flower's own accounting refuses some values (an empty bytes field)
+        raise _malformed(site, exc) from exc
+    if size > max_bytes:
+        raise _too_big(site, size, max_bytes)
+    return decode_items(content[META], site, max_bytes)
 
 
 def plain_bytes(content: RecordDict) -> bytes:
