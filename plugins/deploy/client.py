@@ -81,8 +81,8 @@ def _site_of(context: Context) -> site_mod.LoadedSite:
     return site_mod.load_site_config(Path(str(path)))
 
 
-#: When set, every reply this site sends is also written, byte for byte (JSON and tensors), under this
-#: directory: a hospital's own audit of what leaves it (the tests read it to look for planted canaries).
+#: When set, every reply this site sends is also written under this directory, decoded (JSON, and each tensor
+#: group as its canonical bytes): a hospital's own audit of what leaves it (the tests look in it for planted canaries).
 AUDIT_ENV = "FEDCORE_SITE_AUDIT_DIR"
 
 
