@@ -14,20 +14,19 @@ import time
 
 _IMPORT_STARTED = time.time()  # this module's imports (torch, Opacus, fedcore) start here: the timeline's first mark
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.client.mod import secaggplus_mod
 
 from fedcore.plugins.deploy import site as site_mod
 from fedcore.plugins.deploy.secagg import secure_train_reply
-from fedcore.plugins.deploy.wire import note_timing, pack, unpack, update_message
+from fedcore.plugins.deploy.wire import note_timing, pack, plain_bytes, unpack, update_message
 from fedcore.errors import FedcoreUserError
 from fedcore.plugins.datasets.preprocessing import FederatedStatistics
 from fedcore.plugins.privacy.accounting import calibrations_kept_in
@@ -89,23 +88,17 @@ def _site_of(context: Context) -> site_mod.LoadedSite:
     return site_mod.load_site_config(Path(str(path)))
 
 
-#: When set, every reply this site sends is also written, byte for byte (JSON and tensors), under this
-#: directory: a hospital's own audit of what leaves it (the tests read it to look for planted canaries).
+#: When set, every reply this site sends is also written under this directory, decoded (JSON, and each tensor
+#: group as its canonical bytes): a hospital's own audit of what leaves it (the tests look in it for planted canaries).
 AUDIT_ENV = "FEDCORE_SITE_AUDIT_DIR"
 
 
 def _audit(name: str, reply: Message) -> Message:
     folder = os.environ.get(AUDIT_ENV)
     if folder:
-        chunks = []
-        for record in reply.content.values():
-            if isinstance(record, ConfigRecord):
-                chunks.append(json.dumps({k: v.hex() if isinstance(v, bytes) else v for k, v in record.items()}, default=str).encode())
-            elif isinstance(record, ArrayRecord):
-                chunks += [array.numpy().tobytes() for array in record.values()]
         Path(folder).mkdir(parents=True, exist_ok=True)
         with open(Path(folder) / f"{name}-{os.getpid()}.bin", "ab") as handle:
-            handle.write(b"".join(chunks))
+            handle.write(plain_bytes(reply.content))  # decoded: a canary inside compressed tensors would not show
     return reply
 
 

@@ -3,7 +3,12 @@
 The coordinator half (:func:`secure_round`) runs Flower's ``SecAggPlusWorkflow``
 with a minimal legacy ``Strategy`` that hands out fedcore's round (global model,
 broadcast extras, round metadata) as ``FitIns`` and captures the revealed
-weighted mean; the site half (:func:`secure_train_reply`) is the ClientApp's
+weighted mean. The round travels in the ``FitIns`` config in fedcore's wire
+format (:func:`~fedcore.plugins.deploy.wire.encode_items`: compressed tensor
+groups, the global model left out for a site that holds it), its parameters
+empty; only the update goes back as ``FitRes`` parameters, one float array per
+tensor, which the mod quantizes and masks (compression cannot apply to masked
+vectors); the site half (:func:`secure_train_reply`) is the ClientApp's
 ``train`` under Flower's ``secaggplus_mod``: it trains exactly as without
 secure aggregation and returns its released update as ``FitRes`` parameters,
 which the mod masks (and strips) before anything leaves the site. What the
@@ -15,7 +20,7 @@ aggregation), never the update.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +38,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
+from fedcore.plugins.deploy.wire import decode_items, encode_items
 from fedcore.types import ClientUpdate, SecureSum, Weights
 
 META_KEY = "fedcore"
@@ -54,9 +60,9 @@ class SealedUpdate(ClientUpdate):
 class _RoundStrategy(Strategy):
     """The legacy strategy SecAgg+ expects: fedcore's round as FitIns, the revealed mean captured."""
 
-    def __init__(self, proxies: Sequence[ClientProxy], config: dict[str, Any], parameters: Parameters) -> None:
+    def __init__(self, proxies: Sequence[ClientProxy], configs: Mapping[int, dict[str, Any]], parameters: Parameters) -> None:
         self.proxies = list(proxies)
-        self.config = config
+        self.configs = configs  # by node id
         self.parameters = parameters
         self.results: list[tuple[ClientProxy, FitRes]] = []
 
@@ -64,7 +70,7 @@ class _RoundStrategy(Strategy):
         return self.parameters
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        return [(proxy, FitIns(self.parameters, dict(self.config))) for proxy in self.proxies]
+        return [(proxy, FitIns(self.parameters, dict(self.configs[proxy.node_id]))) for proxy in self.proxies]
 
     def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> tuple[Parameters | None, dict[str, Any]]:
         self.results = list(results)
@@ -89,15 +95,18 @@ def secure_round(
     global_weights: Weights,
     extras: Mapping[str, Weights],
     settings: Any,
+    holding: Collection[int] = (),
 ) -> tuple[SecureSum | None, dict[int, dict[str, Any]]]:
-    """Run one SecAgg+ round; the revealed sum (None if the protocol halted) and each site's plain metadata by node."""
+    """Run one SecAgg+ round; the revealed sum (None if the protocol halted) and each site's plain metadata by node.
+
+    :param holding: nodes that hold ``global_weights`` already (their message names it by digest in ``meta``).
+    """
     names = list(global_weights.arrays)
-    config: dict[str, Any] = {META_KEY: json.dumps({**meta, "names": names})}
-    for name, weights in extras.items():
-        config[f"extra:{name}"] = weights.to_bytes()
-    parameters = ndarrays_to_parameters([np.asarray(global_weights[n]) for n in names])
+    broadcast = {f"extra:{name}": weights for name, weights in extras.items()}
+    sent, named = encode_items(meta, {"global": global_weights, **broadcast}), encode_items(meta, broadcast)
+    parameters = ndarrays_to_parameters([])
     proxies = [GridClientProxy(node, grid, grid.run.run_id) for node in node_ids]
-    strategy = _RoundStrategy(proxies, config, parameters)
+    strategy = _RoundStrategy(proxies, {node: named if node in holding else sent for node in node_ids}, parameters)
     legacy = LegacyContext(context, strategy=strategy, client_manager=SimpleClientManager())
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: round_})
     legacy.state.array_records["parameters"] = compat.parameters_to_arrayrecord(parameters, keep_input=True)
@@ -129,14 +138,9 @@ def secure_round(
 def secure_train_reply(message: Message, train: Callable[[dict[str, Any], dict[str, Weights]], tuple[dict[str, Any], ClientUpdate]]) -> Message:
     """At the site, inside ``secaggplus_mod``: fedcore's training of the round, replied as ``FitRes`` for masking."""
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
-    meta = json.loads(str(fitins.config[META_KEY]))
-    names = list(meta.pop("names"))
-    arrays = parameters_to_ndarrays(fitins.parameters)
-    tensors: dict[str, Weights] = {"global": Weights(arrays=dict(zip(names, arrays, strict=True)))}
-    for key, value in fitins.config.items():
-        if key.startswith("extra:"):
-            tensors[key] = Weights.from_bytes(bytes(value))  # type: ignore[arg-type]
+    meta, tensors = decode_items(fitins.config, "coordinator")
     reply_meta, update = train(meta, tensors)
+    names = update.delta.names
     plain = {
         **reply_meta,
         "site": update.site,

@@ -425,6 +425,7 @@ class DeployedRun(FederatedRun):
         summed, metas = secure_round(
             self.federation.grid, self.federation.context, [s.node_id for s in self.federation.sites], round_,
             round_meta, message.weights, extras, settings,
+            holding={s.node_id for s in self.federation.sites if self.held.get(s.name) == round_meta["global_sha256"]},
         )
         if summed is None:
             log(f"round {round_}: SecAgg+ halted (too few sites answered every stage)")
