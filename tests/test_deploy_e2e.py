@@ -336,6 +336,28 @@ def test_site_start_refuses_wrong_certs_and_unreachable_superlink(tmp_path: Path
 
 
 
+def test_site_start_stops_its_supernode_when_its_executor_dies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from fedcore.cli import cli
+    from fedcore.plugins.deploy import processes
+
+    certs, sites = make_world(tmp_path, [], patients=60)
+    fed = LocalFederation(certs, tmp_path / "fed", port=free_port())
+    try:
+        fed.start_link()
+        # An executor that cannot start (exit 3): the real SuperNode would take messages nobody runs.
+        monkeypatch.setattr(processes, "site_executor", lambda port, secret: lambda pid: [sys.executable, "-c", "raise SystemExit(3)"])
+        started = time.monotonic()
+        result = CliRunner().invoke(cli, ["site", "start", "--superlink", fed.address, "--certs", str(certs.site("hospital-0")),
+                                          "--data", str(sites / "hospital-0.yaml")])
+        assert result.exit_code == 1, result.output
+        assert "site 'hospital-0': its ClientApp executor stopped (exit 3), so its SuperNode was stopped too" in result.stderr
+        assert time.monotonic() - started < 60
+    finally:
+        fed.stop()
+
+
 def test_coordinator_killed_mid_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     certs, sites = make_world(tmp_path, [], patients=150)
     fed = LocalFederation(certs, tmp_path / "fed", port=free_port())

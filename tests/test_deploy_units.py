@@ -294,3 +294,17 @@ def test_the_warm_executor_forks_clientapp_tasks_only_and_reaps_them(tmp_path: P
         time.sleep(0.05)
     assert not forks.children  # reaped
     assert int((tmp_path / "client").read_text()) != os.getpid() and not (tmp_path / "server").exists()
+
+
+def test_a_supernode_whose_executor_died_is_not_alive(tmp_path: Path) -> None:
+    from fedcore.plugins.deploy.processes import launch
+
+    node = launch("node", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "node.log", tmp_path / "home",
+                  companion=lambda pid: [sys.executable, "-c", f"import sys; sys.exit(0 if {pid} > 0 else 1)"])
+    try:
+        assert node.popen.poll() is None and len(node.companions) == 1
+        node.companions[0].wait(30)
+        assert not node.alive()  # the node runs, but nobody would run its messages
+    finally:
+        node.stop()
+    assert node.popen.poll() is not None

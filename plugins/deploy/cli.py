@@ -148,16 +148,32 @@ def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, reco
     )
     process = subprocess.Popen(command, env=flwr_env(home))  # noqa: S603
     executor = subprocess.Popen(site_executor(port, secret)(process.pid), env=flwr_env(home))  # noqa: S603 - exits with the SuperNode
-    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    executor_code = None
     try:
-        code = process.wait()
+        while (code := process.poll()) is None:
+            if executor.poll() is not None and process.poll() is None:  # nobody would run the messages this node takes
+                executor_code = executor.returncode
+                process.terminate()
+                code = process.wait(30)
+                break
+            time.sleep(0.5)
     except KeyboardInterrupt:
         process.terminate()
         code = process.wait(30)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if executor.poll() is None:  # it would follow its SuperNode by itself, once its imports are done
+        executor.terminate()
     try:
         executor.wait(10)
     except subprocess.TimeoutExpired:
         executor.kill()
+    if executor_code is not None:
+        raise RunFailure(
+            f"site '{loaded.name}': its ClientApp executor stopped (exit {executor_code}), so its SuperNode was stopped too; "
+            "its output is above (check this site's install: python -c 'import fedcore.plugins.deploy.client')"
+        )
     if code not in (0, -signal.SIGTERM):
         raise RunFailure(
             f"site '{loaded.name}': its SuperNode stopped (exit {code}); if the SuperLink refused it, register this site's "

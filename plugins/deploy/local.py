@@ -18,6 +18,7 @@ from fedcore.plugins.deploy.control import control_client, register_sites
 from fedcore.plugins.deploy.processes import (
     FlowerProcess,
     free_port,
+    last_line,
     launch,
     site_executor,
     superlink_command,
@@ -105,7 +106,8 @@ class LocalFederation:
         for site, node in self.nodes.items():
             if not node.alive():
                 self.stop()
-                raise RunFailure(f"the SuperNode of '{site}' exited at start (code {node.popen.returncode}; log: {node.log})")
+                what = "SuperNode" if node.popen.returncode is not None else "ClientApp executor"
+                raise RunFailure(f"the {what} of '{site}' exited at start ({last_line(node.log)}; log: {node.log})")
         self.write_state()
 
     def write_state(self) -> None:

@@ -72,7 +72,8 @@ class FlowerProcess:
         return self.popen.pid
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        """It runs, and so do its companions (a SuperNode whose executor died would take messages it never runs)."""
+        return self.popen.poll() is None and all(c.poll() is None for c in self.companions)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM to its process group (then its companions'), SIGKILL after ``timeout_s``."""
