@@ -125,9 +125,7 @@ def site() -> None:
 def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, reconnect_s: float) -> None:
     """Run this hospital's SuperNode (in the foreground) with fedcore's ClientApp."""
     from fedcore.plugins.deploy import require_flwr
-    from fedcore.plugins.deploy.processes import (
-        check_superlink, flwr_env, free_port, site_executor, supernode_command, write_executor_secret,
-    )
+    from fedcore.plugins.deploy.processes import check_superlink, flwr_env, supernode_with_executor
     from fedcore.plugins.deploy.site import load_site_config
     from fedcore.plugins.deploy.study import INSECURE_WARNING
 
@@ -141,13 +139,9 @@ def site_start(superlink: str, certs_dir: Path, data: Path, insecure: bool, reco
         click.secho(INSECURE_WARNING, err=True, fg="red", bold=True)
     check_superlink(superlink, None if insecure else certs_dir / "ca.crt", f"site '{loaded.name}'")
     home = loaded.state_dir / "flwr-home"
-    port = free_port()
-    secret = write_executor_secret(home / "superexec.secret").resolve()
-    command = supernode_command(
-        certs_dir.resolve(), superlink, loaded.source, loaded.name, port, insecure, wait_s=reconnect_s, executor_secret=secret
-    )
+    command, executor_of = supernode_with_executor(certs_dir.resolve(), superlink, loaded.source, loaded.name, home, insecure, wait_s=reconnect_s)
     process = subprocess.Popen(command, env=flwr_env(home))  # noqa: S603
-    executor = subprocess.Popen(site_executor(port, secret)(process.pid), env=flwr_env(home))  # noqa: S603 - exits with the SuperNode
+    executor = subprocess.Popen(executor_of(process.pid), env=flwr_env(home))  # noqa: S603 - exits with the SuperNode
     previous = signal.signal(signal.SIGTERM, lambda *_: process.terminate())
     executor_code = None
     try:

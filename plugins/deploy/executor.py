@@ -5,7 +5,7 @@ which starts a fresh ``flwr-clientapp`` process for every message: Python,
 Flower, then fedcore's ClientApp (torch, Opacus, fedcore) are imported again
 each time, about 12 s of a message on this 2-core machine with three sites at
 once. fedcore runs the SuperNode with ``--isolation process`` and this
-executor beside it, in the SuperNode's process group:
+executor beside it (:func:`fedcore.plugins.deploy.processes.supernode_with_executor`):
 
 - it imports Flower and fedcore's ClientApp once, at start;
 - it runs Flower's own SuperExec loop (:func:`flwr.supercore.superexec.run_superexec.run_superexec`:
@@ -29,6 +29,10 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # Flower is imported by the executor's process itself (main), not by whoever builds its command
+    from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
 
 #: The Flower module whose executor factory this module replaces (pinned flwr; checked at start).
 SUPEREXEC_MODULE = "flwr.supercore.superexec.run_superexec"
@@ -50,13 +54,13 @@ class ForkExecutor:
                           root_certificates_path: str | None = None) -> None:
         """No capacity gate: return at once."""
 
-    def launch(self, spec: object) -> object:
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
         """Fork a child that runs Flower's ``run_clientapp`` for ``spec``'s token; the parent returns at once."""
         from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor import LaunchResult
 
-        if getattr(spec, "task_type", None) != TaskType.CLIENT_APP:
-            return LaunchResult.failed(f"fedcore's site executor runs ClientApps only, not '{getattr(spec, 'task_type', '?')}'")
+        if spec.task_type != TaskType.CLIENT_APP:
+            return LaunchResult.failed(f"fedcore's site executor runs ClientApps only, not '{spec.task_type}'")
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -79,7 +83,7 @@ class ForkExecutor:
         """Nothing to release: a running child stops by itself when this process is gone."""
 
 
-def _run_task(spec: object) -> None:
+def _run_task(spec: ExecutionSpec) -> None:
     """In the forked child: run the task's ClientApp with Flower's own code, then leave with its exit code."""
     code = 1
     try:
@@ -89,14 +93,13 @@ def _run_task(spec: object) -> None:
         from fedcore.plugins.deploy import client
 
         client.forked()
-        insecure = bool(getattr(spec, "insecure"))
         run_clientapp(
-            runtime_api_address=str(getattr(spec, "runtime_api_address")),
-            token=str(getattr(spec, "token")),
-            insecure=insecure,
-            certificates=validate_and_resolve_root_certificates(getattr(spec, "root_certificates_path"), insecure),
-            parent_pid=getattr(spec, "parent_pid"),
-            runtime_dependency_install=bool(getattr(spec, "runtime_dependency_install")),
+            runtime_api_address=spec.runtime_api_address,
+            token=spec.token,
+            insecure=spec.insecure,
+            certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+            parent_pid=spec.parent_pid,
+            runtime_dependency_install=spec.runtime_dependency_install,
         )
         code = 0
     except SystemExit as exc:  # run_clientapp ends with flwr_exit (sys.exit)

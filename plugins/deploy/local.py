@@ -17,15 +17,12 @@ from fedcore.plugins.deploy.certs import FederationCerts
 from fedcore.plugins.deploy.control import control_client, register_sites
 from fedcore.plugins.deploy.processes import (
     FlowerProcess,
-    free_port,
     last_line,
     launch,
-    site_executor,
     superlink_command,
-    supernode_command,
+    supernode_with_executor,
     wait_listening,
     wait_log,
-    write_executor_secret,
 )
 from fedcore.errors import DataError, RunFailure
 
@@ -60,11 +57,9 @@ def start_supernode(
     and fedcore's warm executor beside it (:mod:`fedcore.plugins.deploy.executor`)."""
     if not data.is_file():
         raise DataError(f"site '{site}' has no site file", where=str(data), hint="write its site.yaml (see docs/deployment.md)")
-    port = port or free_port()
     home = state / f"{site}-home"
-    secret = write_executor_secret(home / "superexec.secret")
-    command = supernode_command(certs.site(site).resolve(), superlink, data.resolve(), site, port, insecure, executor_secret=secret.resolve())
-    return launch(f"SuperNode of '{site}'", command, state / f"{site}.log", home, prefix, companion=site_executor(port, secret.resolve()))
+    command, executor = supernode_with_executor(certs.site(site).resolve(), superlink, data.resolve(), site, home, insecure, port)
+    return launch(f"SuperNode of '{site}'", command, state / f"{site}.log", home, prefix, companion=executor)
 
 
 @dataclass

@@ -205,6 +205,24 @@ def site_executor(port: int, secret: Path) -> Callable[[int], list[str]]:
     return lambda supernode_pid: executor_command(f"127.0.0.1:{port}", secret, supernode_pid)
 
 
+def supernode_with_executor(
+    site_certs: Path,
+    superlink: str,
+    data: Path,
+    site: str,
+    home: Path,
+    insecure: bool = False,
+    port: int | None = None,
+    wait_s: float = 900.0,
+) -> tuple[list[str], Callable[[int], list[str]]]:
+    """A hospital's SuperNode command (Runtime API on ``port``, a free one by default) and its warm
+    executor's (a :func:`launch` companion), sharing a fresh secret in ``home``."""
+    port = port or free_port()
+    secret = write_executor_secret(home / "superexec.secret").resolve()
+    command = supernode_command(site_certs, superlink, data, site, port, insecure, wait_s=wait_s, executor_secret=secret)
+    return command, site_executor(port, secret)
+
+
 def wait_listening(process: FlowerProcess, host: str, port: int, timeout_s: float) -> None:
     """Wait until ``host:port`` accepts connections; fail if the process dies or time runs out."""
     deadline = time.monotonic() + timeout_s

@@ -239,9 +239,8 @@ def plain_bytes(content: RecordDict) -> bytes:
     for record in content.values():
         if isinstance(record, ConfigRecord):
             chunks.append(json.dumps({k: v.hex() if isinstance(v, bytes) else v for k, v in record.items()}, default=str).encode())
-            if "layout" in record:
-                layouts = json.loads(str(record["layout"]))
-                chunks += [decode_weights(layouts[name], bytes(record[f"w:{name}"])).to_bytes() for name in layouts]  # type: ignore[arg-type]
+            if "layout" in record:  # one of fedcore's records (encode_items)
+                chunks += [weights.to_bytes() for weights in decode_items(record, "this site")[1].values()]
         elif isinstance(record, ArrayRecord):
             chunks += [array.numpy().tobytes() for array in record.values()]
     return b"".join(chunks)
