@@ -126,10 +126,17 @@ class DeviceGaussianNoise:
     def __init__(self, keys: Sequence[bytes], width: int, dtype: torch.dtype, device: torch.device | str) -> None:
         self.width = width
         self.dtype = dtype
-        self.device = torch.device(device)
-        self._generators = [
-            torch.Generator(device=self.device).manual_seed(int.from_bytes(key[:8], "little")) for key in keys
-        ]
+        self.device = torch.empty(0, device=device).device  # with its index: "cuda" is cuda:0
+        self.generators = [torch.Generator(device=self.device) for _ in keys]
+        self.reseed(keys)
+
+    def reseed(self, keys: Sequence[bytes]) -> None:
+        """Restart every stream from a new key, keeping the same generator objects (a CUDA
+        graph that registered them then replays with the new streams)."""
+        if len(keys) != len(self.generators):
+            raise ValueError(f"{len(keys)} keys for {len(self.generators)} noise streams")
+        for generator, key in zip(self.generators, keys, strict=True):
+            generator.manual_seed(int.from_bytes(key[:8], "little"))
 
     def draw(self, out: torch.Tensor, std: Sequence[float], rows: Sequence[bool] | np.ndarray | None = None) -> torch.Tensor:
         """Fill ``out`` (S, P) on the device with row ``i`` ~ ``N(0, std[i]^2)``.
@@ -139,9 +146,9 @@ class DeviceGaussianNoise:
         :param rows: which rows draw (default all); the others are zeroed and their
             generators do not advance.
         """
-        if out.shape != (len(self._generators), self.width) or out.dtype != self.dtype or out.device != self.device:
-            raise ValueError(f"noise goes into a {self.dtype} tensor of shape ({len(self._generators)}, {self.width}) on {self.device}")
-        for i, generator in enumerate(self._generators):
+        if out.shape != (len(self.generators), self.width) or out.dtype != self.dtype or out.device != self.device:
+            raise ValueError(f"noise goes into a {self.dtype} tensor of shape ({len(self.generators)}, {self.width}) on {self.device}")
+        for i, generator in enumerate(self.generators):
             if rows is None or rows[i]:
                 out[i].normal_(0.0, float(std[i]), generator=generator)
             else:
