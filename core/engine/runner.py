@@ -104,16 +104,26 @@ def plan_jobs(experiment: Experiment, engines: dict[str, EngineChoice]) -> list[
 
 
 _DATA_CACHE: dict[tuple[str, int], FederatedData] = {}
+#: the preprocessed data a process keeps for its next jobs: a repeat's federated and
+#: centralized trainings (and its audits) use the same data, loaded once
+_DATA_CACHE_BYTES = 1 << 30
+
+
+def _data_bytes(data: FederatedData) -> int:
+    return sum(
+        a.nbytes for s in data.sites for a in (s.x_train, s.y_train, s.x_val, s.y_val, s.x_test, s.y_test)
+    )
 
 
 def load_data(spec: ExperimentSpec, seed: int, plugins: PluginManager) -> FederatedData:
-    """Load (once per process) the data of a spec's data settings and seed."""
+    """Load (once per process, within :data:`_DATA_CACHE_BYTES`) the data of a spec's data settings and seed."""
     key = (spec.data.model_dump_json(), seed)
     if key not in _DATA_CACHE:
-        if len(_DATA_CACHE) > 4:
-            _DATA_CACHE.clear()
-        dataset = build_components(spec, plugins).dataset
-        _DATA_CACHE[key] = dataset.load(seed)
+        data = build_components(spec, plugins).dataset.load(seed)
+        size = _data_bytes(data)
+        while _DATA_CACHE and sum(map(_data_bytes, _DATA_CACHE.values())) + size > _DATA_CACHE_BYTES:
+            del _DATA_CACHE[next(iter(_DATA_CACHE))]  # the oldest first
+        _DATA_CACHE[key] = data
     return _DATA_CACHE[key]
 
 
