@@ -1,9 +1,9 @@
 """The paper workload on a CUDA device: captured steps (CUDA graphs) against eager ones, and the
 full ``specs/paper.yaml`` timed on the GPU.
 
-    python benchmarks/gpu.py                         # steps, then the paper spec with 1 and 2 workers
+    python benchmarks/gpu.py                         # steps, then the paper spec (1 worker x 8 threads, 2 x 4)
     python benchmarks/gpu.py --skip-paper            # the step timings only
-    python benchmarks/gpu.py --workers 1 --profile   # one paper run, and a profiled one
+    python benchmarks/gpu.py --runs 1x1 --profile    # one paper run, and a profiled one
 
 Prints, in one run:
 
@@ -12,7 +12,8 @@ Prints, in one run:
   Adam) for the shapes ``specs/paper.yaml`` trains: 30 copies with DP-SGD (10 repeats x 3
   sites), 30 without, 10 centralized copies; each eager (the step's FX graph and Adam
   launched from Python) and as replays of a captured CUDA graph, alternating, and their ratio;
-- ``fedcore run specs/paper.yaml --set execution.device=cuda`` for each ``--workers``: wall
+- ``fedcore run specs/paper.yaml --set execution.device=cuda`` for each of ``--runs``
+  (worker processes x torch threads each: the threads evaluate the models on the CPU): wall
   seconds, CPU seconds and peak RSS of the run's processes, and the report's Table I
   (to compare with the CPU run's in ``docs/speed.md``);
 - with ``--profile``: the same run in this process under cProfile, its top functions by
@@ -98,13 +99,13 @@ def table_one(report: Path) -> str:
     return "\n".join(block)
 
 
-def paper_run(workers: int, out: Path, extra: list[str]) -> dict[str, object]:
+def paper_run(workers: int, threads: int, out: Path, extra: list[str]) -> dict[str, object]:
     """``fedcore run specs/paper.yaml`` on the GPU in a child process: wall, CPU, peak RSS, Table I."""
-    run_dir = out / f"paper-cuda-w{workers}"
+    run_dir = out / f"paper-cuda-w{workers}x{threads}"
     command = [
         sys.executable, "-c", "import sys; from fedcore.cli import main; sys.exit(main())",
-        "run", str(PAPER), "--set", "execution.device=cuda", "--workers", str(workers), "--no-progress",
-        "--out", str(run_dir), *extra,
+        "run", str(PAPER), "--set", "execution.device=cuda", "--set", f"execution.threads_per_worker={threads}",
+        "--workers", str(workers), "--no-progress", "--out", str(run_dir), *extra,
     ]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -112,7 +113,7 @@ def paper_run(workers: int, out: Path, extra: list[str]) -> dict[str, object]:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    result: dict[str, object] = {"workers": workers, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mib": after.ru_maxrss // 1024}
+    result: dict[str, object] = {"workers": workers, "threads": threads, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mib": after.ru_maxrss // 1024}
     if done.returncode != 0:
         result["error"] = (done.stdout + done.stderr)[-3000:]
         return result
@@ -148,7 +149,8 @@ def profiled_run(out: Path, top: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts for the paper runs")
+    parser.add_argument("--runs", default="1x8,2x4", help="paper runs as WORKERSxTHREADS, comma-separated")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="a spec override for the paper runs")
     parser.add_argument("--skip-steps", action="store_true")
     parser.add_argument("--skip-paper", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also one profiled paper run in this process")
@@ -172,10 +174,10 @@ def main() -> None:
         results["steps"] = steps
     if not args.skip_paper:
         runs = []
-        for workers in (int(w) for w in args.workers.split(",")):
-            run = paper_run(workers, args.out, [])
+        for workers, threads in (map(int, r.split("x")) for r in args.runs.split(",")):
+            run = paper_run(workers, threads, args.out, [a for o in args.overrides for a in ("--set", o)])
             runs.append(run)
-            print(f"paper spec on the GPU, --workers {workers}: {run.get('wall_s')} s wall, {run.get('cpu_s')} CPU s, "
+            print(f"paper spec on the GPU, {workers} worker(s) x {threads} thread(s): {run.get('wall_s')} s wall, {run.get('cpu_s')} CPU s, "
                   f"peak RSS {run.get('peak_rss_mib')} MiB (run's own total: {run.get('run_seconds')} s)", flush=True)  # fmt: skip
             print(run.get("table_one") or run.get("error"), flush=True)
         results["paper"] = runs

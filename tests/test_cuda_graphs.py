@@ -115,3 +115,17 @@ def test_a_run_on_the_gpu_matches_the_cpu_run() -> None:
     cpu, gpu = runs["cpu"].final_weights, runs["cuda"].final_weights
     assert cpu is not None and gpu is not None
     assert gpu.allclose(cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_on_a_gpu_one_process_trains_and_evaluates_with_more_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker processes would take turns on the GPU: a cuda run defaults to one, evaluating on up to 8 threads."""
+    from conftest import TINY_SPEC
+    from fedcore.engine.runner import default_workers
+    from fedcore.spec import ExecutionSpec, load_experiment
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert ExecutionSpec().torch_threads() == 1
+    assert ExecutionSpec(device="cuda").torch_threads() == 8
+    assert ExecutionSpec(device="cuda", threads_per_worker=3).torch_threads() == 3
+    experiment = load_experiment(text=TINY_SPEC, overrides=["execution.device=cuda", "repeats=4"])
+    assert default_workers(experiment, [[object()]] * 8) == 1  # decided before any data is read

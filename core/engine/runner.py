@@ -324,7 +324,11 @@ def default_workers(experiment: Experiment, units: list[list[Job]]) -> int:
     """Workers for ``units``: as many as the work pays for (see :func:`processes.default_workers`).
 
     The training rows of each arm come from its first repeat's data, which the preflight loaded.
+    On a GPU, one: worker processes would take turns on the device (``specs/paper.yaml`` on an
+    H200: 77 s with one worker, 122 s with two).
     """
+    if experiment.spec.execution.device == "cuda":
+        return 1
     seed, plugins = experiment.spec.seed, experiment.plugins
     rows = {arm.label: sum(s.n_train for s in load_data(arm.spec, seed, plugins).sites) for arm in experiment.arms}
     work = sum(_job_work(job, rows[job.arm]) for unit in units for job in unit)
@@ -582,7 +586,7 @@ def _train_and_report(
             bars.round_done()
 
         if workers <= 1:
-            torch.set_num_threads(spec.execution.threads_per_worker)
+            torch.set_num_threads(spec.execution.torch_threads())
             for unit in units:
                 try:
                     results += execute_unit(unit, run_dir, plugins, on_round)
@@ -592,7 +596,7 @@ def _train_and_report(
                 for _ in unit:
                     bars.job_done()
         else:
-            results = _run_parallel(units, run_dir, workers, spec.execution.threads_per_worker, on_round, bars)
+            results = _run_parallel(units, run_dir, workers, spec.execution.torch_threads(), on_round, bars)
     total = time.perf_counter() - started
     if resume is not None:
         results = [*resume.finished, *results]  # ``total`` is this session's wall time

@@ -162,7 +162,7 @@ def _study_inputs(
     store = site_mod.SiteStore(site, str(meta["study"]))
     data, _ = store.load_data()
     spec = store.load_spec(str(meta["spec_sha256"]))
-    torch.set_num_threads(spec.execution.threads_per_worker)
+    torch.set_num_threads(spec.execution.torch_threads())
     TIMELINE.mark("data+spec loaded")
     return store, data, spec, site_mod.StudyShape(**meta["shape"])
 
