@@ -164,6 +164,7 @@ class ByteRelay:
         self.http = http
         self.sent = 0  # site -> SuperLink
         self.received = 0  # SuperLink -> site
+        self.connections = 0  # TCP connections the site opened (each a TLS handshake with TLS)
         self.paths: dict[str, list[int]] = {}  # HTTP path -> [site -> SuperLink, SuperLink -> site]
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -174,10 +175,10 @@ class ByteRelay:
         with self.lock:
             return self.sent + self.received
 
-    def both(self) -> tuple[int, int]:
-        """(site -> SuperLink, SuperLink -> site) bytes so far."""
+    def both(self) -> tuple[int, int, int]:
+        """(site -> SuperLink bytes, SuperLink -> site bytes, connections opened) so far."""
         with self.lock:
-            return self.sent, self.received
+            return self.sent, self.received, self.connections
 
     def by_path(self) -> dict[str, tuple[int, int]]:
         with self.lock:
@@ -190,6 +191,8 @@ class ByteRelay:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.connections += 1
             counter = HttpCounter(self.paths, self.lock) if self.http else None
             threading.Thread(target=self._pump, args=(conn, upstream, "sent", counter, 0), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, conn, "received", counter, 1), daemon=True).start()
@@ -214,9 +217,9 @@ class ByteRelay:
 
 def watch_rounds(
     done: "callable[[int], bool]", relays: dict[str, ByteRelay], rounds: int, stop: threading.Event
-) -> tuple[dict[int, dict[str, tuple[int, int]]], dict[int, dict[str, dict[str, tuple[int, int]]]]]:
+) -> tuple[dict[int, dict[str, tuple[int, int, int]]], dict[int, dict[str, dict[str, tuple[int, int]]]]]:
     """Relay totals (and per-path totals, ``--insecure``) at the moment each round is seen done (polled every 0.2 s)."""
-    marks: dict[int, dict[str, tuple[int, int]]] = {}
+    marks: dict[int, dict[str, tuple[int, int, int]]] = {}
     paths: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
 
     def run() -> None:
@@ -289,6 +292,7 @@ def main() -> None:
     client = control_client(f"127.0.0.1:{port}", None if args.insecure else certs.ca)
     register_sites(client, certs)
     relays = {s: ByteRelay(("127.0.0.1", port), http=args.insecure) for s in sites}
+    print("relay ports: " + ", ".join(f"{s} {relay.port}" for s, relay in relays.items()), flush=True)
     nodes = [start_supernode(certs, s, work / "sites" / f"{s}.yaml", f"127.0.0.1:{relays[s].port}", work / "fed", insecure=args.insecure)
              for s in sites]
     (work / "deploy.yaml").write_text(spec_text("deployed", "{use: site-tables}", args.rounds, args.local_epochs, dp))
@@ -305,9 +309,9 @@ def main() -> None:
     deploy_wall = time.perf_counter() - start
     deploy_rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     last = args.rounds
-    before = marks[last - 1] if last > 1 else {s: (0, 0) for s in sites}
-    deploy_dir = {s: (marks[last][s][0] - before[s][0], marks[last][s][1] - before[s][1]) for s in sites}
-    deploy_bytes = {s: sum(deploy_dir[s]) for s in sites}
+    before = marks[last - 1] if last > 1 else {s: (0, 0, 0) for s in sites}
+    deploy_dir = {s: tuple(now - then for now, then in zip(marks[last][s], before[s])) for s in sites}
+    deploy_bytes = {s: deploy_dir[s][0] + deploy_dir[s][1] for s in sites}
 
     # 3. a plain Flower app with the same loop (no fedcore code in it)
     flower: dict[str, object] = {}
@@ -351,7 +355,7 @@ def main() -> None:
             node.stop()
         flower = {"rounds": json.loads(out.read_text()) if out.exists() else [], "bytes": {}}
         if out.exists() and args.rounds in marks_b and (args.rounds - 1) in marks_b:
-            flower["bytes"] = {s: sum(marks_b[args.rounds][s]) - sum(marks_b[args.rounds - 1][s]) for s in sites}
+            flower["bytes"] = {s: sum(marks_b[args.rounds][s][:2]) - sum(marks_b[args.rounds - 1][s][:2]) for s in sites}
         else:
             flower["bytes"] = {s: relays_b[s].total() // args.rounds for s in sites}
     link.stop()
@@ -366,8 +370,8 @@ def main() -> None:
           f"-> ratio {dep_round / sim_round:.2f} (target <= 1.2)")
     for s in sites:
         print(f"  {s}: {deploy_bytes[s]} bytes in round {args.rounds} on its socket ({deploy_dir[s][1]} to the site, "
-              f"{deploy_dir[s][0]} from it) = {deploy_bytes[s] / (2 * model_bytes):.2f} x twice the model "
-              f"({2 * model_bytes} bytes; target <= 1.1)")
+              f"{deploy_dir[s][0]} from it; {deploy_dir[s][2]} connections opened) = {deploy_bytes[s] / (2 * model_bytes):.2f} x "
+              f"twice the model ({2 * model_bytes} bytes; target <= 1.1)")
     if args.insecure:
         print(f"  bytes in round {args.rounds} by HTTP path (median of the sites; site -> SuperLink / SuperLink -> site):")
         before_paths = paths[last - 1] if last > 1 else {s: {} for s in sites}
