@@ -67,14 +67,15 @@ def answer(request):
 private, public = generate_key_pairs()
 client = FleetHttpClient("https://127.0.0.1:9", verify=False,
                          interceptors=[RuntimeVersionHttpInterceptor("SuperNode"), NodeAuthHttpInterceptor(private, public)])
-expiry = client._client._transport._pool._keepalive_expiry
+pool = client._client._transport._pool
+expiry, most = pool._keepalive_expiry, pool._max_connections
 client._client._transport = httpx.MockTransport(answer)
 client.PullMessages(PullMessagesRequest())
-print(json.dumps({"headers": sorted(seen), "expiry": expiry, "pulls": constant.FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS,
+print(json.dumps({"headers": sorted(seen), "expiry": expiry, "connections": most, "pulls": constant.FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS,
                   "pushes": constant.FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES}))
 """
     )
-    assert result["expiry"] == transport.KEEPALIVE_S > 5
+    assert result["expiry"] == transport.KEEPALIVE_S > 5 and result["connections"] == 1
     assert result["pulls"] == result["pushes"] == 1
     headers = set(result["headers"])
     assert not headers & set(transport.DROPPED_REQUEST_HEADERS)

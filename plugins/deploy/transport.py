@@ -8,8 +8,9 @@ and a signature in its headers. Measured on a paper round (docs/deployment.md,
 - httpx closes a connection idle for 5 s, and so does uvicorn; a site trains for
   longer than that, so every heartbeat during training and the reply after it
   opened a new TCP connection with a full TLS handshake (about 2 KB each);
-- Flower pulls and pushes a message's objects two at a time, which opened a
-  second connection (and handshake) beside the first;
+- Flower pulls and pushes a message's objects two at a time, and sends its
+  heartbeats from a thread of their own: either opened a second connection (and
+  handshake) beside the first when two requests met;
 - every request carried httpx's ``Accept-Encoding``, ``Connection`` and
   ``User-Agent`` headers, every response uvicorn's ``Date`` and ``Server``
   headers (about 140 bytes a request; nothing reads them).
@@ -20,8 +21,10 @@ version runs unchanged, with a warning): connections stay open while idle for
 :data:`KEEPALIVE_S` s at the SuperNode and :data:`SERVER_KEEPALIVE_S` s at the
 SuperLink (longer than the SuperNode's, so the site closes first and never sends on
 a connection the SuperLink is closing; Flower's heartbeats, every 17-23 s, keep it
-in use); objects go one at a time (Flower's own ``FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS``
-and ``..._PUSHES``); the five headers are left out. Everything else is Flower's:
+in use); a SuperNode has one connection, which its requests take in turn (they are
+short; a heartbeat waits for the request in flight), and pulls or pushes a message's
+objects one at a time (Flower's own ``FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS`` and
+``..._PUSHES``); the five headers are left out. Everything else is Flower's:
 TLS with the federation's CA, SuperNode authentication on every request, retries,
 heartbeats, the messages. A connection the SuperLink dropped while idle is noticed
 by httpx before reuse (or fails the request, which Flower retries), as before.
@@ -73,7 +76,7 @@ def tune_supernode() -> None:
             verify=kwargs.get("verify", True),
             timeout=kwargs.get("timeout", 30.0),
             follow_redirects=True,
-            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S),
+            limits=httpx.Limits(max_connections=1, keepalive_expiry=KEEPALIVE_S),
         )
         for header in DROPPED_REQUEST_HEADERS:
             del self._client.headers[header]
