@@ -3,7 +3,7 @@
 flwr 1.42's Fleet API is protobuf over HTTP/1.1: httpx at the SuperNode, uvicorn
 at the SuperLink, every request over TLS with the node's public key, a timestamp
 and a signature in its headers. Measured on a paper round (docs/deployment.md,
-"Cost"), about a sixth of a site's bytes were HTTP headers and TLS handshakes:
+"Cost"), about a fifth of a site's bytes were HTTP headers and TLS:
 
 - httpx closes a connection idle for 5 s, and so does uvicorn; a site trains for
   longer than that, so every heartbeat during training and the reply after it
