@@ -1,7 +1,7 @@
 """Deployment over local SuperNodes against the sequential simulation of the same spec, in one run.
 
     .venv/bin/python benchmarks/deployment.py [--patients 50000] [--rounds 2] [--local-epochs 5] [--no-dp]
-        [--skip-flower] [--insecure]
+        [--skip-flower] [--insecure] [--trace-http]
 
 The paper workload (3 sites x 50,000 rows, one repeat, 2 rounds; the paper's
 MLP, Adam, batch 32, record-level DP at epsilon 1) is run three ways on this
@@ -19,7 +19,9 @@ time at the sites (median of the sites: Flower's polls and process start, the
 imports, each step of fedcore's handler, the reply's way back; from the lines
 the ClientApp and ServerApp write when ``FEDCORE_DEPLOY_TIMINGS`` is set) and
 fedcore's own payload per message. With ``--insecure`` (plaintext, no SuperNode
-authentication) the relays also count the bytes per Flower HTTP path.
+authentication) the relays also count the bytes per Flower HTTP path; with
+``--trace-http`` the SuperNodes log each request's plaintext bytes
+(``benchmarks/http_trace/sitecustomize.py``), which counts them per path with TLS on.
 
 Targets: deployed round <= 1.2 x the simulation's; bytes per site per round
 <= 1.1 x twice the model's float32 size.
@@ -164,6 +166,7 @@ class ByteRelay:
         self.http = http
         self.sent = 0  # site -> SuperLink
         self.received = 0  # SuperLink -> site
+        self.connections = 0  # TCP connections the site opened (each a TLS handshake with TLS)
         self.paths: dict[str, list[int]] = {}  # HTTP path -> [site -> SuperLink, SuperLink -> site]
         self.lock = threading.Lock()
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -174,10 +177,10 @@ class ByteRelay:
         with self.lock:
             return self.sent + self.received
 
-    def both(self) -> tuple[int, int]:
-        """(site -> SuperLink, SuperLink -> site) bytes so far."""
+    def both(self) -> tuple[int, int, int]:
+        """(site -> SuperLink bytes, SuperLink -> site bytes, connections opened) so far."""
         with self.lock:
-            return self.sent, self.received
+            return self.sent, self.received, self.connections
 
     def by_path(self) -> dict[str, tuple[int, int]]:
         with self.lock:
@@ -190,6 +193,8 @@ class ByteRelay:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.connections += 1
             counter = HttpCounter(self.paths, self.lock) if self.http else None
             threading.Thread(target=self._pump, args=(conn, upstream, "sent", counter, 0), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, conn, "received", counter, 1), daemon=True).start()
@@ -214,10 +219,12 @@ class ByteRelay:
 
 def watch_rounds(
     done: "callable[[int], bool]", relays: dict[str, ByteRelay], rounds: int, stop: threading.Event
-) -> tuple[dict[int, dict[str, tuple[int, int]]], dict[int, dict[str, dict[str, tuple[int, int]]]]]:
-    """Relay totals (and per-path totals, ``--insecure``) at the moment each round is seen done (polled every 0.2 s)."""
-    marks: dict[int, dict[str, tuple[int, int]]] = {}
+) -> tuple[dict[int, dict[str, tuple[int, int, int]]], dict[int, dict[str, dict[str, tuple[int, int]]]], dict[int, float]]:
+    """Relay totals (and per-path totals, ``--insecure``) at the moment each round is seen done (polled every 0.2 s),
+    and that moment (epoch seconds)."""
+    marks: dict[int, dict[str, tuple[int, int, int]]] = {}
     paths: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
+    times: dict[int, float] = {}
 
     def run() -> None:
         while not stop.is_set() and len(marks) < rounds:
@@ -225,10 +232,27 @@ def watch_rounds(
                 if r not in marks and done(r):
                     marks[r] = {s: relay.both() for s, relay in relays.items()}
                     paths[r] = {s: relay.by_path() for s, relay in relays.items()}
+                    times[r] = time.time()
             time.sleep(0.2)
 
     threading.Thread(target=run, daemon=True).start()
-    return marks, paths
+    return marks, paths, times
+
+
+def traced_paths(folder: Path, ports: dict[str, int], start: float, end: float) -> dict[str, dict[str, list[int]]]:
+    """Per site, per Flower path: [requests, plaintext bytes up, plaintext bytes down] that ended in (start, end]
+    (from the lines ``benchmarks/http_trace/sitecustomize.py`` writes; the site's requests go to its relay's port)."""
+    sites = {port: site for site, port in ports.items()}
+    out: dict[str, dict[str, list[int]]] = {site: {} for site in ports}
+    for path in folder.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            event = json.loads(line)
+            if event["port"] in sites and start < event["t"] <= end:
+                row = out[sites[event["port"]]].setdefault(event["path"], [0, 0, 0])
+                row[0] += 1
+                row[1] += event["up"]
+                row[2] += event["down"]
+    return out
 
 
 def spec_text(name: str, data: str, rounds: int, epochs: int, dp: bool, extra: str = "") -> str:
@@ -253,6 +277,8 @@ def main() -> None:
     parser.add_argument("--skip-flower", action="store_true", help="skip the plain Flower baseline")
     parser.add_argument("--insecure", action="store_true",
                         help="plaintext federation (no TLS, no SuperNode auth), so the relays also count bytes per HTTP path")
+    parser.add_argument("--trace-http", action="store_true",
+                        help="the SuperNodes log each request's plaintext bytes: bytes per Flower path with TLS on")
     args = parser.parse_args()
 
     from fedcore.plugins.deploy.certs import make_certs
@@ -284,17 +310,22 @@ def main() -> None:
 
     # 2. the deployment, each site's traffic through its own relay; the sites and the coordinator note timings
     os.environ[TIMINGS_ENV] = str(work / "timings")
+    if args.trace_http:  # the Flower processes started from here on import benchmarks/http_trace/sitecustomize.py
+        (work / "http-trace").mkdir()
+        os.environ["FEDCORE_HTTP_TRACE"] = str(work / "http-trace")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent / "http_trace"), os.environ.get("PYTHONPATH")]))
     port = free_port()
     link = start_superlink(certs, work / "fed", "127.0.0.1", port, insecure=args.insecure)
     client = control_client(f"127.0.0.1:{port}", None if args.insecure else certs.ca)
     register_sites(client, certs)
     relays = {s: ByteRelay(("127.0.0.1", port), http=args.insecure) for s in sites}
+    print("relay ports: " + ", ".join(f"{s} {relay.port}" for s, relay in relays.items()), flush=True)
     nodes = [start_supernode(certs, s, work / "sites" / f"{s}.yaml", f"127.0.0.1:{relays[s].port}", work / "fed", insecure=args.insecure)
              for s in sites]
     (work / "deploy.yaml").write_text(spec_text("deployed", "{use: site-tables}", args.rounds, args.local_epochs, dp))
     log = work / "deployed" / "coordinator.log"
     stop = threading.Event()
-    marks, paths = watch_rounds(lambda r: log.exists() and f"round {r} done" in log.read_text(), relays, args.rounds, stop)
+    marks, paths, times = watch_rounds(lambda r: log.exists() and f"round {r} done" in log.read_text(), relays, args.rounds, stop)
     start = time.perf_counter()
     try:
         run_dir = run_study(work / "deploy.yaml", (), f"127.0.0.1:{port}", certs.root, work / "deployed", insecure=args.insecure)
@@ -305,9 +336,9 @@ def main() -> None:
     deploy_wall = time.perf_counter() - start
     deploy_rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     last = args.rounds
-    before = marks[last - 1] if last > 1 else {s: (0, 0) for s in sites}
-    deploy_dir = {s: (marks[last][s][0] - before[s][0], marks[last][s][1] - before[s][1]) for s in sites}
-    deploy_bytes = {s: sum(deploy_dir[s]) for s in sites}
+    before = marks[last - 1] if last > 1 else {s: (0, 0, 0) for s in sites}
+    deploy_dir = {s: tuple(now - then for now, then in zip(marks[last][s], before[s])) for s in sites}
+    deploy_bytes = {s: deploy_dir[s][0] + deploy_dir[s][1] for s in sites}
 
     # 3. a plain Flower app with the same loop (no fedcore code in it)
     flower: dict[str, object] = {}
@@ -342,7 +373,7 @@ def main() -> None:
         response = client.StartRun(StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
                                                    override_config=user_config_to_proto(config)))
         stop_b = threading.Event()
-        marks_b, _ = watch_rounds(lambda r: out.exists() and len(json.loads(out.read_text() or "[]")) >= r, relays_b, args.rounds, stop_b)
+        marks_b, _, _ = watch_rounds(lambda r: out.exists() and len(json.loads(out.read_text() or "[]")) >= r, relays_b, args.rounds, stop_b)
         start = time.perf_counter()
         while run_status(client, response.run_id)[0] != "finished" and time.perf_counter() - start < 7200:
             time.sleep(1)
@@ -351,7 +382,7 @@ def main() -> None:
             node.stop()
         flower = {"rounds": json.loads(out.read_text()) if out.exists() else [], "bytes": {}}
         if out.exists() and args.rounds in marks_b and (args.rounds - 1) in marks_b:
-            flower["bytes"] = {s: sum(marks_b[args.rounds][s]) - sum(marks_b[args.rounds - 1][s]) for s in sites}
+            flower["bytes"] = {s: sum(marks_b[args.rounds][s][:2]) - sum(marks_b[args.rounds - 1][s][:2]) for s in sites}
         else:
             flower["bytes"] = {s: relays_b[s].total() // args.rounds for s in sites}
     link.stop()
@@ -366,8 +397,8 @@ def main() -> None:
           f"-> ratio {dep_round / sim_round:.2f} (target <= 1.2)")
     for s in sites:
         print(f"  {s}: {deploy_bytes[s]} bytes in round {args.rounds} on its socket ({deploy_dir[s][1]} to the site, "
-              f"{deploy_dir[s][0]} from it) = {deploy_bytes[s] / (2 * model_bytes):.2f} x twice the model "
-              f"({2 * model_bytes} bytes; target <= 1.1)")
+              f"{deploy_dir[s][0]} from it; {deploy_dir[s][2]} connections opened) = {deploy_bytes[s] / (2 * model_bytes):.2f} x "
+              f"twice the model ({2 * model_bytes} bytes; target <= 1.1)")
     if args.insecure:
         print(f"  bytes in round {args.rounds} by HTTP path (median of the sites; site -> SuperLink / SuperLink -> site):")
         before_paths = paths[last - 1] if last > 1 else {s: {} for s in sites}
@@ -377,6 +408,16 @@ def main() -> None:
             down = sorted(paths[last][s].get(name, (0, 0))[1] - before_paths[s].get(name, (0, 0))[1] for s in sites)[1]
             if up or down:
                 print(f"    {up:8d} / {down:8d}  {name}")
+    if args.trace_http and last > 1:
+        traced = traced_paths(work / "http-trace", {s: relays[s].port for s in sites}, times[last - 1], times[last])
+        print(f"  requests in round {args.rounds} by Flower path, plaintext bytes (median of the sites; "
+              "site -> SuperLink / SuperLink -> site):")
+        for name in sorted({p for rows in traced.values() for p in rows}):
+            count, up, down = (sorted(traced[s].get(name, [0, 0, 0])[i] for s in sites)[1] for i in range(3))
+            print(f"    {count:3d} requests {up:8d} / {down:8d}  {name}")
+        plain = sorted(sum(up + down for _, up, down in traced[s].values()) for s in sites)[1]
+        print(f"    plaintext {plain} of {sorted(deploy_bytes.values())[1]} bytes on the socket: "
+              f"{sorted(deploy_bytes.values())[1] - plain} bytes of TLS (handshakes, records)")
     print("\n".join(breakdown(work / "timings", sites, args.rounds)))
     if flower:
         rounds_b = flower["rounds"]  # type: ignore[assignment]

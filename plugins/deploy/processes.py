@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.errors import DataError, RunFailure
+from fedcore.plugins.deploy import transport
 
 
 def flwr_env(home: Path) -> dict[str, str]:
@@ -137,8 +138,9 @@ def launch(
 def superlink_command(
     certs_dir: Path | None, database: Path, host: str, port: int, insecure: bool = False
 ) -> list[str]:
-    """``flower-superlink`` with TLS (unless ``insecure``), SuperNode authentication and a database that survives restarts."""
-    command = ["flower-superlink", "--database", str(database), "--host", host, "--port", str(port)]
+    """``flower-superlink`` with TLS (unless ``insecure``), SuperNode authentication and a database that survives restarts
+    (through :mod:`fedcore.plugins.deploy.transport`: idle connections kept open, fewer header bytes)."""
+    command = [*transport.command("flower-superlink"), "--database", str(database), "--host", host, "--port", str(port)]
     command += ["--disable-runtime-dependency-installation"]
     if insecure:
         command += ["--insecure"]
@@ -171,10 +173,11 @@ def supernode_command(
     ``executor_secret`` it runs in Flower's ``process`` isolation: its ClientApps are
     started by fedcore's warm executor (:mod:`fedcore.plugins.deploy.executor`, see
     :func:`site_executor`), which must present that secret; without it, by Flower's own
-    SuperExec (a fresh ``flwr-clientapp`` process per message).
+    SuperExec (a fresh ``flwr-clientapp`` process per message). It runs through
+    :mod:`fedcore.plugins.deploy.transport` (one connection kept open, fewer header bytes).
     """
     command = [
-        "flower-supernode", "--superlink", superlink, "--port", str(port),
+        *transport.command("flower-supernode"), "--superlink", superlink, "--port", str(port),
         "--node-config", f"data='{data}' site='{site}'", "--max-wait-time", str(wait_s),
     ]
     if executor_secret is not None:
