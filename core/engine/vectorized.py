@@ -245,13 +245,17 @@ class StackedTrainer:
         if t.optimizer == "sgd":
             self._sgd_step(grad, active)
             return
-        uniform = bool(active.all()) and bool((self.counts == self.counts[0]).all())
+        uniform = self._in_step(active)
         self.counts += active
         if uniform:
             # One fused kernel over all rows: bit-identical to S fused per-model Adams.
             self._fused_adam(grad, int(self.counts[0]))
             return
         self._masked_adam(grad, active)
+
+    def _in_step(self, active: np.ndarray) -> bool:
+        """Every copy steps (``active``) from the same step count: one fused Adam serves all rows."""
+        return bool(active.all()) and bool((self.counts == self.counts[0]).all())
 
     def _fused_adam(self, grad: torch.Tensor, step: int) -> None:
         self._step.fill_(float(step))
@@ -456,12 +460,7 @@ class StackedTrainer:
     def _graphable(self, active: np.ndarray) -> bool:
         """Whether this epoch runs as replays of a captured step: on CUDA, Adam, every copy
         stepping every step from the same step count (else the eager per-step path)."""
-        return (
-            self.cuda_graphs
-            and self.training.optimizer in ("adam", "adamw")
-            and bool(active.all())
-            and bool((self.counts == self.counts[0]).all())
-        )
+        return self.cuda_graphs and self.training.optimizer in ("adam", "adamw") and self._in_step(active)
 
     def _replay_epoch(
         self,
@@ -476,13 +475,12 @@ class StackedTrainer:
         buffers = self._graphs.get(key)
         if buffers is None:
             buffers = self._graphs[key] = EpochBuffers.like(inputs, self.n_copies)
-            buffers.load(inputs)
+        buffers.load(inputs)
+        if buffers.step is None:  # built on loaded buffers: compiling the step runs it once
             buffers.step = ReplayedStep(build(buffers), generators, capture=self.device.type == "cuda")
-        else:
-            buffers.load(inputs)
         steps = int(inputs["index"].shape[1])
         self._step.fill_(float(self.counts[0]))
-        buffers.step.run(steps)  # type: ignore[union-attr]
+        buffers.step.run(steps)
         self.counts += steps
         return buffers.loss
 
