@@ -48,12 +48,12 @@ def timed_run(spec: Path, sets: list[str], workers: int | None) -> float:
 
 
 def compare(label: str, spec: Path, sets: list[str], cores: int, trials: int) -> None:
-    from fedcore.engine.runner import default_workers, execution_units, plan_jobs, preflight
+    from fedcore.engine.runner import default_workers, execution_units, plan_jobs, preflight, unit_cost_model
     from fedcore.spec import load_experiment
 
     experiment = load_experiment(spec, sets)
-    jobs = plan_jobs(experiment)
-    chosen = default_workers(experiment, execution_units(jobs, preflight(experiment), cores))
+    jobs = plan_jobs(experiment, preflight(experiment))
+    chosen = default_workers(experiment, execution_units(jobs, cores, unit_cost_model(experiment)))
     # Interleaved trials, best of each: a shared machine's load hits every configuration alike.
     times: dict[int | None, list[float]] = {1: [], cores: [], None: []}
     for _ in range(trials):

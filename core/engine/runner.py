@@ -178,12 +178,17 @@ def choose_engine(spec: ExperimentSpec, components: Any, data: FederatedData, pl
     return EngineChoice("sequential", reason) if reason is not None else EngineChoice("vectorized")
 
 
-def execution_units(jobs: list[Job], workers: int) -> list[list[Job]]:
+def execution_units(jobs: list[Job], workers: int, cost: UnitCost | None = None) -> list[list[Job]]:
     """Jobs grouped into what one process runs at once.
 
-    Repeats of a vectorized arm train together (one stacked computation), split
-    into ``workers`` chunks so both cores stay busy; everything else runs one job at a time.
+    Repeats of a vectorized arm train together (one stacked computation); everything else
+    runs one job at a time. A stacked group is split in two (its repeats alternating) only
+    while that shortens the run by ``cost``'s estimate with ``workers`` processes: a split
+    lets both cores work, yet each half pays the per-step overhead that the whole group
+    paid once (``specs/paper.yaml`` on 2 cores: its federated and centralized groups on one
+    core each, not each split over both).
     """
+    cost = cost or _unit_cost_by_epochs
     units: list[list[Job]] = []
     groups: dict[tuple[str, str], list[Job]] = {}
     for job in jobs:
@@ -191,10 +196,60 @@ def execution_units(jobs: list[Job], workers: int) -> list[list[Job]]:
             groups.setdefault((job.mode, job.arm), []).append(job)
         else:
             units.append([job])
-    for group in groups.values():
-        chunks = max(1, min(workers, len(group)))
-        units += [group[i::chunks] for i in range(chunks)]
-    return units
+    units += groups.values()
+    best = makespan(units, workers, cost)
+    while True:
+        splits = [
+            [*units[:i], unit[0::2], unit[1::2], *units[i + 1 :]]
+            for i, unit in enumerate(units)
+            if len(unit) > 1 and unit[0].engine.vectorized
+        ]
+        scored = sorted(((makespan(s, workers, cost), n, s) for n, s in enumerate(splits)), key=lambda t: t[:2])
+        if not scored or scored[0][0] >= best * (1 - 1e-9):
+            return units
+        best, _, units = scored[0]
+
+
+#: estimated seconds (relative) of a unit of jobs trained together
+UnitCost = Callable[[list[Job]], float]
+
+
+def makespan(units: list[list[Job]], workers: int, cost: UnitCost) -> float:
+    """The estimated end of the last worker when ``units``, longest first, go to whichever worker is free first."""
+    loads = [0.0] * max(1, workers)
+    for unit_cost in sorted((cost(u) for u in units), reverse=True):
+        loads[loads.index(min(loads))] += unit_cost
+    return max(loads)
+
+
+#: per-step overhead of a stacked step, in copies' worth of arithmetic (paper MLP, 2-core CPU:
+#: a non-private step of S copies takes ~(S + 4) x, a DP-SGD step ~1.3 (S + 8) x one copy's rows)
+_STEP_OVERHEAD = {False: 4.0, True: 8.0}
+_DP_ROW_COST = 1.3
+
+
+def unit_cost_model(experiment: Experiment) -> UnitCost:
+    """Estimated cost of a unit: its copies' training rows x epochs, with each step's fixed
+    overhead shared by the copies that step together (``rows x epochs x (1 + overhead / S)``)."""
+    shape = {}
+    for arm in experiment.arms:
+        data = load_data(arm.spec, experiment.spec.seed, experiment.plugins)
+        shape[arm.label] = (sum(s.n_train for s in data.sites), len(data.sites))
+
+    def cost(unit: list[Job]) -> float:
+        rows, sites = shape[unit[0].arm]
+        if not unit[0].engine.vectorized:
+            return sum(_job_work(job, rows) for job in unit)
+        dp = _private(unit[0])
+        copies = len(unit) * (sites if unit[0].mode == "federated" else 1)
+        row_cost = _DP_ROW_COST if dp else 1.0
+        return sum(_row_epochs(job, rows) for job in unit) * row_cost * (1 + _STEP_OVERHEAD[dp] / copies)
+
+    return cost
+
+
+def _unit_cost_by_epochs(unit: list[Job]) -> float:
+    return float(sum(_job_cost(job) for job in unit))
 
 
 def _save_checkpoint(job: Job, result: RunResult, run_dir: Path, data: FederatedData) -> None:
@@ -566,10 +621,11 @@ def _train_and_report(
         if len(experiment.arms) > 1:
             arms_yaml = {arm.label: json.loads(arm.spec.model_dump_json()) for arm in experiment.arms}
             (run_dir / "arms.json").write_text(json.dumps(arms_yaml, indent=1))
+    cost = unit_cost_model(experiment)
     if jobs and not (workers or spec.execution.workers):
-        workers = default_workers(experiment, execution_units(jobs, os.cpu_count() or 1))
+        workers = default_workers(experiment, execution_units(jobs, os.cpu_count() or 1, cost))
     workers = min(workers or spec.execution.workers or 1, len(jobs))
-    units = execution_units(jobs, workers)
+    units = execution_units(jobs, workers, cost)
     show = spec.execution.progress if progress is None else progress
     rundir.call_observers(plugins, "fedcore_run_start", spec=spec, run_dir=run_dir, n_runs=len(jobs))
     started = time.perf_counter()
@@ -596,7 +652,7 @@ def _train_and_report(
                 for _ in unit:
                     bars.job_done()
         else:
-            results = _run_parallel(units, run_dir, workers, spec.execution.torch_threads(), on_round, bars)
+            results = _run_parallel(units, run_dir, workers, spec.execution.torch_threads(), on_round, bars, cost)
     total = time.perf_counter() - started
     if resume is not None:
         results = [*resume.finished, *results]  # ``total`` is this session's wall time
@@ -613,6 +669,7 @@ def _run_parallel(
     threads: int,
     on_round: Callable[[RoundRecord], None],
     bars: Progress,
+    cost: UnitCost,
 ) -> list[RunResult]:
     ctx = mp.get_context("spawn")
     manager = SyncManager(ctx=ctx)
@@ -638,7 +695,7 @@ def _run_parallel(
             max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(events, threads, os.getpid())
         ) as pool:
             # Longest units first keeps both cores busy until the end.
-            ordered = sorted(units, key=lambda u: -sum(_job_cost(j) for j in u))
+            ordered = sorted(units, key=cost, reverse=True)
             futures: dict[Future[list[RunResult]], list[Job]] = {
                 pool.submit(_worker_run, unit, str(run_dir)): unit for unit in ordered
             }
@@ -671,13 +728,22 @@ def _job_info(unit: list[Job]) -> dict[str, Any]:
 
 def _job_work(job: Job, rows: int) -> float:
     """Training rows × epochs of a job (× 2 under DP: per-sample gradients)."""
+    return _row_epochs(job, rows) * (2 if _private(job) else 1)
+
+
+def _private(job: Job) -> bool:
+    """Whether the job trains with DP (the baselines train without the arm's privacy stages)."""
+    return bool(job.spec.privacy) and job.mode == "federated"
+
+
+def _row_epochs(job: Job, rows: int) -> float:
     spec = job.spec
     epochs = spec.baseline_epochs if job.mode in ("centralized", "local") else spec.training.rounds * spec.training.local_epochs
-    return float(rows * epochs * (2 if spec.privacy else 1))
+    return float(rows * epochs)
 
 
 def _job_cost(job: Job) -> int:
     spec = job.spec
     if job.mode in ("centralized", "local"):
         return spec.baseline_epochs
-    return spec.training.rounds * spec.training.local_epochs * (2 if spec.privacy else 1)
+    return spec.training.rounds * spec.training.local_epochs * (2 if _private(job) else 1)

@@ -1,0 +1,46 @@
+"""How a run's trainings are grouped into worker processes (fedcore.engine.runner.execution_units)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedcore.engine import runner
+from fedcore.spec import load_experiment
+
+PAPER = Path(__file__).resolve().parents[1] / "specs" / "paper.yaml"
+
+
+def units_of(overrides: list[str], workers: int) -> list[tuple[str, int]]:
+    experiment = load_experiment(PAPER, ["data.settings.patients_per_site=200", *overrides])
+    jobs = runner.plan_jobs(experiment, runner.preflight(experiment))
+    units = runner.execution_units(jobs, workers, runner.unit_cost_model(experiment))
+    trained = sorted(job.key for unit in units for job in unit)
+    assert trained == sorted(job.key for job in jobs)  # every training once
+    return sorted((unit[0].mode, len(unit)) for unit in units)
+
+
+def test_two_stacked_groups_on_two_cores_stay_whole() -> None:
+    # Splitting would make each half pay the per-step overhead the whole group pays once.
+    assert units_of([], 2) == [("centralized", 10), ("federated", 10)]
+
+
+def test_a_lone_group_is_split_to_fill_the_cores() -> None:
+    assert units_of(["baseline.centralized=false"], 2) == [("federated", 5), ("federated", 5)]
+
+
+def test_more_cores_split_further() -> None:
+    assert units_of([], 4) == [("centralized", 5), ("centralized", 5), ("federated", 5), ("federated", 5)]
+
+
+def test_one_worker_never_splits() -> None:
+    assert units_of(["baseline.centralized=false"], 1) == [("federated", 10)]
+
+
+@pytest.mark.parametrize(
+    ("costs", "workers", "expected"), [([5.0, 4.0, 3.0], 2, 7.0), ([5.0, 4.0, 3.0], 1, 12.0), ([1.0], 3, 1.0)]
+)
+def test_makespan_places_the_longest_units_first(costs: list[float], workers: int, expected: float) -> None:
+    units = [[cost] for cost in costs]
+    assert runner.makespan(units, workers, lambda unit: unit[0]) == expected  # type: ignore[arg-type, return-value]
