@@ -21,7 +21,16 @@ from fedcore.engine.vectorized import (
     run_repeats_vectorized,
     unsupported_reason,
 )
-from fedcore.engine.vectorized_step import CompiledStep, ParamLayout, make_train_step
+from fedcore.engine.vectorized_step import (
+    CompiledStep,
+    ParamLayout,
+    make_autograd_train_step,
+    make_ghost_dp_step,
+    make_mlp_dp_step,
+    make_mlp_train_step,
+    make_train_step,
+    mlp_layers,
+)
 from fedcore.plugins.aggregators.fedavg import FedAvg
 from fedcore.spec import TrainingSpec, build_components, load_experiment
 from fedcore.testing import tiny_federated_data
@@ -113,6 +122,55 @@ def test_every_compile_level_computes_the_same_step() -> None:
         assert step.level(layout.views(flat), x, y, w) == backend
     for backend in ("fx", "script"):
         torch.testing.assert_close(outputs[backend], outputs["eager"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("activation", [torch.nn.ReLU, torch.nn.Tanh])
+def test_the_written_out_mlp_steps_equal_autograd(activation: type[torch.nn.Module]) -> None:
+    """A plain MLP's hand-written backward pass (non-private and DP ghost clipping) against
+    autograd through vmap, in float64, with padding rows and per-copy weights."""
+    torch.manual_seed(2)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(5, 9), activation(), torch.nn.Linear(9, 7), activation(), torch.nn.Linear(7, 3)
+    ).double()
+    layout = ParamLayout.of(module)
+    views = layout.views(torch.randn(4, layout.size, dtype=torch.float64))
+    x, y = torch.randn(4, 10, 5, dtype=torch.float64), torch.randint(0, 3, (4, 10))
+    w = torch.rand(4, 10, dtype=torch.float64)
+    w[:, 7:] = 0  # padding rows
+    (grads, losses), (want, want_losses) = (
+        factory(module, layout)(views, x, y, w)  # type: ignore[misc]
+        for factory in (make_mlp_train_step, make_autograd_train_step)
+    )
+    torch.testing.assert_close(losses, want_losses, rtol=1e-12, atol=0)
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+    clip, noise = torch.tensor([0.1, 0.5, 1.0, 100.0], dtype=torch.float64), torch.randn(4, layout.size, dtype=torch.float64)
+    scale = (w > 0).double() / 8
+    (dp, dp_losses), (dp_want, dp_want_losses) = (
+        factory(module, layout)(views, x, y, w, clip, noise.clone(), scale)  # type: ignore[misc]
+        for factory in (make_mlp_dp_step, make_ghost_dp_step)
+    )
+    torch.testing.assert_close(dp, dp_want, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(dp_losses, dp_want_losses, rtol=1e-12, atol=0)
+
+
+def test_only_plain_mlps_take_the_written_out_step() -> None:
+    from fedcore.plugins.models import MLP, MLPSettings
+
+    def layers(*modules: torch.nn.Module) -> list[object] | None:
+        module = torch.nn.Sequential(*modules)
+        return mlp_layers(module, ParamLayout.of(module))
+
+    plugin = MLP(MLPSettings(hidden=[8, 4])).build(5, 3)
+    assert len(mlp_layers(plugin, ParamLayout.of(plugin)) or []) == 3
+    sigmoid = MLP(MLPSettings(hidden=[4], binary_output="sigmoid")).build(5, 2)
+    assert mlp_layers(sigmoid, ParamLayout.of(sigmoid)) is None
+    assert layers(torch.nn.Linear(5, 3)) is not None  # logistic regression
+    assert layers(torch.nn.Linear(5, 4), torch.nn.GELU(), torch.nn.Linear(4, 3)) is None
+    assert layers(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(4, 3)) is None
+    assert layers(torch.nn.Linear(5, 4, bias=False), torch.nn.ReLU(), torch.nn.Linear(4, 3)) is None
+    assert layers(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3)) is None
+    assert layers(torch.nn.Linear(5, 4), torch.nn.ReLU()) is None  # no logits layer last
 
 
 def _tiny(spec_overrides: list[str]):

@@ -88,6 +88,12 @@ def make_train_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..
     a fresh ``(S, P)`` result every step costs page faults on a new allocation (for
     thousands of copies, more than the copy itself).
     """
+    mlp = make_mlp_train_step(module, layout)
+    return mlp if mlp is not None else make_autograd_train_step(module, layout)
+
+
+def make_autograd_train_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..., tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """The generic :func:`make_train_step`: autograd through ``vmap`` over copies, any module vmap can run."""
     names = layout.names
 
     def copy_loss(params: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -119,16 +125,21 @@ def make_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..., 
     i.e. Opacus's ``(clipped_sum + N(0, (sigma C)^2)) / B`` with ``noise`` (S, P) drawn
     already divided by ``B`` by the caller, from each site's own generator. Scaling the
     per-row factors instead of the (S, P) sum saves two passes over every parameter per
-    step. ``loss_sums`` is ``sum_i w_i * nll_i`` over the real rows; the caller divides by
+    step. A step may write its result into ``noise`` (the caller refills it before each
+    step and reads only the returned tensor). ``loss_sums`` is ``sum_i w_i * nll_i`` over the real rows; the caller divides by
     the number of real rows (the privacy plugin logs that mean).
 
     Models made only of ``nn.Linear`` layers on 2-D inputs take the ghost-norm path
     (:func:`make_ghost_dp_step`, what Opacus calls fast gradient clipping): per-sample
-    gradients are never materialised. Any other module gets per-sample gradients from
+    gradients are never materialised; a plain MLP takes the same path written out by hand
+    (:func:`make_mlp_dp_step`). Any other module gets per-sample gradients from
     ``vmap(grad)`` (Opacus's functorch fallback, generic but memory-bound).
     """
-    ghost = make_ghost_dp_step(module, layout)
-    return ghost if ghost is not None else make_vmap_dp_step(module, layout)
+    for factory in (make_mlp_dp_step, make_ghost_dp_step):
+        step = factory(module, layout)
+        if step is not None:
+            return step
+    return make_vmap_dp_step(module, layout)
 
 
 def make_vmap_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
@@ -248,6 +259,140 @@ def make_ghost_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable
     return vmap(copy_step)
 
 
+# ------------------------------------------------ plain MLPs: the step written out
+
+
+@dataclass(frozen=True)
+class _Dense:
+    """One ``nn.Linear`` of a plain MLP: its parameters' indexes in the layout and the activation after it."""
+
+    weight: int
+    bias: int
+    activation: type[torch.nn.Module] | None
+
+
+_ACTIVATIONS = (torch.nn.ReLU, torch.nn.Tanh)
+
+
+def mlp_layers(module: torch.nn.Module, layout: ParamLayout) -> list[_Dense] | None:
+    """The layers of a plain MLP -- an ``nn.Sequential`` of ``nn.Linear`` layers with biases,
+    each but the last followed by one ``ReLU`` or ``Tanh`` -- whose parameters are all of
+    ``layout``'s; None for any other module."""
+    if type(module) is not torch.nn.Sequential:
+        return None
+    index = {name: i for i, name in enumerate(layout.names)}
+    layers: list[_Dense] = []
+    for name, sub in module.named_children():
+        if type(sub) is torch.nn.Linear and sub.bias is not None and (not layers or layers[-1].activation is not None):
+            layers.append(_Dense(index[f"{name}.weight"], index[f"{name}.bias"], None))
+        elif type(sub) in _ACTIVATIONS and layers and layers[-1].activation is None:
+            layers[-1] = _Dense(layers[-1].weight, layers[-1].bias, type(sub))
+        else:
+            return None
+    if not layers or layers[-1].activation is not None or len(layout.names) != 2 * len(layers):
+        return None
+    return layers
+
+
+def _mlp_forward(layers: Sequence[_Dense], params: Sequence[torch.Tensor], x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each layer's input ``(S, B, in)`` and the logits ``(S, B, C)`` of S copies (``nn.Linear`` is ``addmm``)."""
+    inputs: list[torch.Tensor] = []
+    a = x
+    for layer in layers:
+        inputs.append(a)
+        z = torch.baddbmm(params[layer.bias].unsqueeze(1), a, params[layer.weight].transpose(1, 2))
+        a = z if layer.activation is None else torch.relu(z) if layer.activation is torch.nn.ReLU else torch.tanh(z)
+    return inputs, a
+
+
+def _activation_backward(grad: torch.Tensor, out: torch.Tensor, activation: type[torch.nn.Module] | None) -> torch.Tensor:
+    """The gradient at an activation's input from the one at its output ``out`` (what autograd computes)."""
+    if activation is torch.nn.ReLU:
+        return torch.ops.aten.threshold_backward(grad, out, 0)
+    return torch.ops.aten.tanh_backward(grad, out)
+
+
+def _nll_and_delta(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`weighted_nll` per copy ``(S,)`` and its gradient at every row's logits,
+    ``w_i (softmax(z_i) - onehot(y_i))`` ``(S, B, C)``."""
+    logp = torch.log_softmax(logits, dim=-1)
+    target = torch.zeros_like(logp).scatter_(-1, y.unsqueeze(-1), w.unsqueeze(-1))  # w_i at class y_i
+    losses = -(target * logp).sum(dim=(1, 2))
+    return losses, torch.exp(logp) * w.unsqueeze(-1) - target
+
+
+def _mlp_deltas(layers: Sequence[_Dense], params: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], delta: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's output gradient ``(S, B, out)``, back from the logits' ``delta``."""
+    deltas = [delta] * len(layers)
+    for i in range(len(layers) - 1, 0, -1):
+        delta = _activation_backward(torch.bmm(delta, params[layers[i].weight]), inputs[i], layers[i - 1].activation)
+        deltas[i - 1] = delta
+    return deltas
+
+
+def make_mlp_train_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..., tuple[tuple[torch.Tensor, ...], torch.Tensor]] | None:
+    """:func:`make_train_step` for a plain MLP (:func:`mlp_layers`; None otherwise), the backward pass written out.
+
+    The same arithmetic as autograd through ``vmap``, in about half the operations (no
+    batching-rule views, bias copies or the loss's gather/scatter round trip): for a small
+    MLP a step's time is mostly per-operation overhead.
+    """
+    layers = mlp_layers(module, layout)
+    if layers is None:
+        return None
+
+    def step(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        inputs, logits = _mlp_forward(layers, params, x)
+        losses, delta = _nll_and_delta(logits, y, w)
+        grads: list[torch.Tensor] = list(params)
+        for layer, a, d in zip(layers, inputs, _mlp_deltas(layers, params, inputs, delta), strict=True):
+            grads[layer.weight] = torch.bmm(d.transpose(1, 2), a)
+            grads[layer.bias] = d.sum(dim=1)
+        return tuple(grads), losses
+
+    return step
+
+
+def make_mlp_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """:func:`make_ghost_dp_step` for a plain MLP (:func:`mlp_layers`; None otherwise), written out over the S copies.
+
+    Row i's squared gradient norm is ``sum over layers of ||delta_i||^2 (||a_i||^2 + 1)``
+    (weight and bias); the clipped, ``row_scale``-weighted sum of a layer's weight
+    gradients is ``(factor * delta)^T a``, added into ``noise`` in place (the result is
+    that buffer).
+    """
+    layers = mlp_layers(module, layout)
+    if layers is None:
+        return None
+
+    def step(
+        params: list[torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+        clip: torch.Tensor,
+        noise: torch.Tensor,
+        row_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, logits = _mlp_forward(layers, params, x)
+        losses, delta = _nll_and_delta(logits, y, w)
+        deltas = _mlp_deltas(layers, params, inputs, delta)
+        norms2 = torch.linalg.vecdot(deltas[0], deltas[0]) * (torch.linalg.vecdot(x, x) + 1.0)
+        for d, a in zip(deltas[1:], inputs[1:], strict=True):
+            norms2 = norms2 + torch.linalg.vecdot(d, d) * (torch.linalg.vecdot(a, a) + 1.0)
+        factor = ((clip.unsqueeze(1) / (norms2.sqrt() + 1e-6)).clamp(max=1.0) * row_scale).unsqueeze(-1)
+        # Each layer's clipped sum goes straight into the noise buffer (one pass over it,
+        # where concatenating the layers and adding the noise took three new (S, P) tensors).
+        out = layout.views(noise)
+        for layer, a, d in zip(layers, inputs, deltas, strict=True):
+            scaled = d * factor
+            out[layer.weight].baddbmm_(scaled.transpose(1, 2), a)
+            out[layer.bias].add_(scaled.sum(dim=1))
+        return noise, losses
+
+    return step
+
+
 def clip_and_sum(per_sample: torch.Tensor, max_norm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``sum_i mask_i * g_i * min(1, C / (||g_i|| + 1e-6))`` for ``per_sample (S, K, P)``, ``C (S,)``.
 
@@ -350,6 +495,20 @@ def _fuse_baddbmm(graph: torch.fx.Graph, node: torch.fx.Node, out: Any) -> bool:
     return False
 
 
+def _copies(args: Sequence[Any]) -> list[Any]:
+    """``args`` with every tensor (also inside lists) replaced by a copy of the same strides."""
+    return torch.utils._pytree.tree_map(lambda a: _strided_copy(a) if isinstance(a, torch.Tensor) else a, list(args))
+
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    # A parameter view of an (S, P) buffer keeps its row stride: the traced graph then sees
+    # the layouts the real calls will have.
+    if t._base is not None and t.dim() >= 1:
+        base = t._base.clone()
+        return base.as_strided(t.shape, t.stride(), t.storage_offset())
+    return t.clone()
+
+
 def _outputs_close(a: Any, b: Any) -> bool:
     flat_a = [t for t in torch.utils._pytree.tree_leaves(a) if isinstance(t, torch.Tensor)]
     flat_b = [t for t in torch.utils._pytree.tree_leaves(b) if isinstance(t, torch.Tensor)]
@@ -398,10 +557,12 @@ class CompiledStep:
             return "eager", self.fn
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        reference = self.fn(*args)
+        # Every call made while compiling gets its own copy of the arguments: a step may
+        # write into one of them (the DP steps' noise buffer).
+        reference = self.fn(*_copies(args))
         try:
-            gm = simplify_graph(make_fx(self.fn)(*args))
-            if not _outputs_close(gm(*args), reference):
+            gm = simplify_graph(make_fx(self.fn)(*_copies(args)))
+            if not _outputs_close(gm(*_copies(args)), reference):
                 raise RuntimeError("captured graph disagrees with eager")
         except Exception:  # noqa: BLE001 - any capture failure means: run eagerly
             if self.backend in ("script", "fx"):
@@ -414,8 +575,8 @@ class CompiledStep:
                 # TorchScript is deprecated upstream, yet its interpreter is still the
                 # cheapest way to run a fixed small graph on CPU; "fx" is the fallback.
                 warnings.simplefilter("ignore")
-                scripted = torch.jit.trace(gm, tuple(args), check_trace=False, strict=False)
-            if not _outputs_close(scripted(*args), reference):
+                scripted = torch.jit.trace(gm, tuple(_copies(args)), check_trace=False, strict=False)
+            if not _outputs_close(scripted(*_copies(args)), reference):
                 raise RuntimeError("scripted graph disagrees with eager")
         except Exception:  # noqa: BLE001
             if self.backend == "script":
