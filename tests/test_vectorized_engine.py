@@ -154,6 +154,30 @@ def test_the_written_out_mlp_steps_equal_autograd(activation: type[torch.nn.Modu
     torch.testing.assert_close(dp_losses, dp_want_losses, rtol=1e-12, atol=0)
 
 
+def test_one_graph_serves_every_batch_width_when_it_holds_no_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The written-out DP step compiles once for all Poisson batch widths; autograd's graph
+    (it holds fixed-size views) is checked before reuse. Every width computes what eager does."""
+    torch.manual_seed(3)
+    module = _mlp().double()
+    layout = ParamLayout.of(module)
+    views = layout.views(torch.randn(3, layout.size, dtype=torch.float64))
+    for factory, compiles_expected in ((make_mlp_dp_step, 1), (make_ghost_dp_step, None)):
+        step = CompiledStep(factory(module, layout))  # type: ignore[arg-type]
+        compiled: list[int] = []
+        real_compile = step._compile
+        monkeypatch.setattr(step, "_compile", lambda args, real=real_compile: compiled.append(1) or real(args))
+        for width in (8, 12, 4):
+            x, y = torch.randn(3, width, 5, dtype=torch.float64), torch.randint(0, 3, (3, width))
+            w = torch.ones(3, width, dtype=torch.float64)
+            args = (views, x, y, w, torch.ones(3, dtype=torch.float64), torch.randn(3, layout.size, dtype=torch.float64), w / 4)
+            want = step.fn(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
+            got = step(*args)
+            assert step.level(*args) == "script"
+            for g, e in zip(got, want, strict=True):
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
+        assert compiles_expected is None or len(compiled) == compiles_expected, factory.__name__
+
+
 def test_only_plain_mlps_take_the_written_out_step() -> None:
     from fedcore.plugins.models import MLP, MLPSettings
 
