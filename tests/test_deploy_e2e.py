@@ -373,7 +373,10 @@ def test_coordinator_killed_mid_run_resumes_from_its_checkpoint(tmp_path: Path) 
             assert process.poll() is None, process.communicate()
             time.sleep(0.5)
         assert fed.superlink is not None
-        os.killpg(fed.superlink.pid, signal.SIGKILL)  # the coordinator's SuperLink and its ServerApp, mid-run
+        # The coordinator's SuperLink, mid-run. Flower starts its SuperExec and the ServerApp in a session of their
+        # own: they outlive it by seconds, and the stale ServerApp may finish the old run at the restarted SuperLink
+        # while the sites fetch that run's last messages (fedcore.plugins.deploy.transport.drop_messages_of_stopped_runs).
+        os.killpg(fed.superlink.pid, signal.SIGKILL)
         fed.superlink.popen.wait(30)
         _, err = process.communicate(timeout=300)
         assert process.returncode == 1 and "--resume" in err, err

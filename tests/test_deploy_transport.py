@@ -129,3 +129,59 @@ def test_the_real_superlink_keeps_an_idle_connection_and_sends_no_date_or_server
             assert _response_head(sock).startswith("http/1.1 ")
     finally:
         link.stop()
+
+
+#: Flower's own SuperNode receiving one message (its real ``_pull_and_store_message``, node state and object
+#: store) from a fake Fleet API that refuses ``{refused}`` because the message's run stopped meanwhile, as the
+#: SuperLink does (HTTP 403, ``RunNotRunningException``). The fake stands in for the SuperLink only.
+_RECEIVE_FROM_A_STOPPED_RUN = """
+import json
+import numpy as np
+from fedcore.plugins.deploy import transport
+if {adjusted}:
+    transport.tune_supernode()
+from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.common.constant import Status
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run, RunNotRunningException
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode import start_client_internal
+from flwr.supernode.nodestate import NodeStateFactory
+
+factory = NodeStateFactory(ObjectStoreFactory())
+state, store = factory.state(), factory.objectstore_factory.store()
+state.set_node_id(7)
+state.store_run(Run.create_empty(42))  # a run the node knows: its earlier messages were received
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0  # as in the coordinator that sent it
+message = Message(RecordDict({{"global": ArrayRecord([np.ones(3)])}}), dst_node_id=7, message_type="train.fedcore")
+message.metadata.__dict__["_message_id"] = message.object_id
+contents = {{k: v.deflate() for k, v in get_all_nested_objects(message).items()}}
+
+def stopped(*_):
+    raise RunNotRunningException
+
+calls = {{"pull_object": lambda run_id, object_id: contents[object_id], "confirm_message_received": lambda run_id, object_id: None}}
+calls["{refused}"] = stopped
+pulled = start_client_internal._pull_and_store_message(
+    state=state, object_store=store, node_config={{}}, receive=lambda: (message, get_object_tree(message)),
+    get_run=None, get_fab=None, trusted_entities=None, **calls,
+)
+tasks = state.get_tasks()
+print(json.dumps({{"pulled": pulled, "statuses": [[t.status.status, t.status.sub_status] for t in tasks],
+                  "stored": len(state.get_messages_legacy(is_reply=False))}}))
+"""
+
+
+@pytest.mark.parametrize("refused", ["pull_object", "confirm_message_received"])
+def test_a_supernode_drops_a_message_whose_run_stopped_while_it_was_received(refused: str) -> None:
+    from flwr.common.constant import Status, SubStatus
+
+    flower = _python(_RECEIVE_FROM_A_STOPPED_RUN.format(adjusted=False, refused=refused))
+    # Flower 1.42 as it is: the message stays, and its task waits for an executor to run it; its reply would
+    # take the push turn of the next message (a resumed coordinator waited for ever for that site's hello).
+    assert flower["pulled"] is None and flower["stored"] == 1 and flower["statuses"] == [[Status.PENDING, ""]]
+    adjusted = _python(_RECEIVE_FROM_A_STOPPED_RUN.format(adjusted=True, refused=refused))
+    # Through fedcore's launcher: Flower's own clean-up, as for any message that could not be received.
+    assert adjusted["pulled"] is None and adjusted["stored"] == 0
+    assert adjusted["statuses"] == [[Status.FINISHED, SubStatus.FAILED]]

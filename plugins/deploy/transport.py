@@ -28,6 +28,11 @@ objects one at a time (Flower's own ``FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS`` an
 TLS with the federation's CA, SuperNode authentication on every request, retries,
 heartbeats, the messages. A connection the SuperLink dropped while idle is noticed
 by httpx before reuse (or fails the request, which Flower retries), as before.
+
+One fix rides along at the SuperNode (:func:`drop_messages_of_stopped_runs`): a message
+whose run stops while the node receives it is dropped with its task, as Flower drops
+any other message it could not receive, instead of being run and answered in the
+place of the next message.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ def command(program: str) -> list[str]:
 
 
 def tune_supernode() -> None:
-    """In a SuperNode's process, before Flower is imported: one connection, kept open, without unread headers."""
+    """In a SuperNode's process, before Flower is imported: one connection, kept open, without unread headers
+    (and :func:`drop_messages_of_stopped_runs`)."""
     for name, value in SEQUENTIAL_OBJECTS.items():
         os.environ.setdefault(name, value)  # read by flwr.supercore.constant when it is imported
     import httpx
@@ -82,6 +88,47 @@ def tune_supernode() -> None:
             del self._client.headers[header]
 
     ProtobufClient.__init__ = __init__  # type: ignore[method-assign]
+    drop_messages_of_stopped_runs()
+
+
+class RunStoppedWhileReceiving(Exception):
+    """The run of a message a SuperNode was receiving stopped meanwhile (see :func:`drop_messages_of_stopped_runs`)."""
+
+
+def drop_messages_of_stopped_runs() -> None:
+    """In a SuperNode's process: a message whose run stops while the node receives it is dropped, with its task.
+
+    flwr 1.42's SuperNode creates a received message's task and stores the message, then pulls its
+    objects and confirms receipt. When the SuperLink refuses either because the run stopped meanwhile
+    (HTTP 403, raised as ``RunNotRunningException``, a ``BaseException``), Flower skips its own clean-up,
+    which catches ``Exception`` only: the task still runs, and its reply takes the push turn of the next
+    message (a node pushes after each pull), whose reply then waits at the node until another message
+    comes. A coordinator's run stops that way when it is resumed after a crash (its stale ServerApp, or
+    the SuperLink's heartbeat check, finishes the old run while the sites fetch its last messages), and
+    the resumed coordinator waited for a site's answer it would never get. Raised as an ``Exception``,
+    Flower's own clean-up runs: the message and its objects are deleted and its task is finished as
+    failed (its token revoked), as for any other message that could not be received.
+    """
+    from flwr.supercore.run import RunNotRunningException
+    from flwr.supernode import start_client_internal as node
+
+    flower_pull = node._pull_and_store_message
+
+    def as_error(call: Callable[..., Any]) -> Callable[..., Any]:
+        def checked(run_id: int, *args: Any) -> Any:
+            try:
+                return call(run_id, *args)
+            except RunNotRunningException:
+                raise RunStoppedWhileReceiving(f"run {run_id} stopped while this node received the message") from None
+
+        return checked
+
+    def _pull_and_store_message(**kwargs: Any) -> int | None:
+        for name in ("pull_object", "confirm_message_received"):
+            kwargs[name] = as_error(kwargs[name])
+        return flower_pull(**kwargs)
+
+    node._pull_and_store_message = _pull_and_store_message
 
 
 def tune_superlink() -> None:
