@@ -365,15 +365,10 @@ def make_mlp_dp_step(module: torch.nn.Module, layout: ParamLayout) -> Callable[.
     if layers is None:
         return None
 
-    def step(
-        params: list[torch.Tensor],
-        x: torch.Tensor,
-        y: torch.Tensor,
-        w: torch.Tensor,
-        clip: torch.Tensor,
-        noise: torch.Tensor,
-        row_scale: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(  # the signature of make_dp_step's steps
+        params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+        clip: torch.Tensor, noise: torch.Tensor, row_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         inputs, logits = _mlp_forward(layers, params, x)
         losses, delta = _nll_and_delta(logits, y, w)
         deltas = _mlp_deltas(layers, params, inputs, delta)
