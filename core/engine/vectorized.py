@@ -55,7 +55,7 @@ from fedcore.engine.simulation import (
 from fedcore.engine.site import SiteRound
 from fedcore.engine.stages import StagePlan
 from fedcore.engine.training import load_weights, weights_of
-from fedcore.engine.vectorized_step import Backend, ParamLayout, flat_grads, shared_step
+from fedcore.engine.vectorized_step import Backend, ParamLayout, flat_grads, mlp_layers, shared_step
 from fedcore.errors import PrivacyBudgetError
 from fedcore.noise import DeviceGaussianNoise, GaussianNoise
 from fedcore.sampling import poisson_batches
@@ -66,7 +66,8 @@ RoundCallback = Callable[[RoundRecord], None]
 
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
-#: DP batches are padded to a multiple of this, so few graph shapes are compiled
+#: DP batches are padded to a multiple of this, so few graph shapes are compiled (a plain
+#: MLP's step compiles once for every width and takes its batches unpadded)
 _DP_PAD = 4
 #: ... and to a multiple of this in captured steps (a CUDA graph per width; padding is free on a GPU)
 _GRAPH_DP_PAD = 16
@@ -199,6 +200,7 @@ class StackedTrainer:
         self._grad: torch.Tensor | None = None
         self.step = shared_step("train", self.module, self.layout, backend)
         self.dp_step = shared_step("dp", self.module, self.layout, backend)
+        self._dp_pad = 1 if mlp_layers(self.module, self.layout) is not None else _DP_PAD
         self._adam_kwargs: dict[str, Any] = dict(
             lr=training.learning_rate, beta1=_ADAM_BETAS[0], beta2=_ADAM_BETAS[1], weight_decay=training.weight_decay,
             eps=_ADAM_EPS, amsgrad=False, maximize=False,
@@ -401,7 +403,7 @@ class StackedTrainer:
             for i, generator in enumerate(sampling)
         ]
         widest = max(1, max(int(d.shape[1]) for d in draws))
-        width = -(-widest // _DP_PAD) * _DP_PAD
+        width = -(-widest // self._dp_pad) * self._dp_pad
         index = torch.zeros(self.n_copies, most, width, dtype=torch.long)
         mask = torch.zeros(self.n_copies, most, width, dtype=self.dtype)
         for i, d in enumerate(draws):
@@ -572,7 +574,7 @@ class StackedTrainer:
         # Real rows come first in every padded batch: each step computes only as many rows
         # as its largest batch needs (rounded up, so few step shapes get compiled).
         largest = real.sum(dim=2).amax(dim=0).cpu().numpy().astype(np.int64)
-        widths = np.maximum(_DP_PAD, -(-largest // _DP_PAD) * _DP_PAD).tolist()
+        widths = np.maximum(self._dp_pad, -(-largest // self._dp_pad) * self._dp_pad).tolist()
         # One (S, P) noise buffer, refilled right before each step: it is still in cache when
         # the step reads it (a buffer of many steps is read back from memory, ~0.3 ms a step).
         buffer = torch.empty(self.n_copies, self.layout.size, dtype=self.dtype, device=self.device)
