@@ -178,7 +178,7 @@ def choose_engine(spec: ExperimentSpec, components: Any, data: FederatedData, pl
     return EngineChoice("sequential", reason) if reason is not None else EngineChoice("vectorized")
 
 
-def execution_units(jobs: list[Job], workers: int, cost: UnitCost | None = None) -> list[list[Job]]:
+def execution_units(jobs: list[Job], workers: int, cost: UnitCost) -> list[list[Job]]:
     """Jobs grouped into what one process runs at once.
 
     Repeats of a vectorized arm train together (one stacked computation); everything else
@@ -188,7 +188,6 @@ def execution_units(jobs: list[Job], workers: int, cost: UnitCost | None = None)
     paid once (``specs/paper.yaml`` on 2 cores: its federated and centralized groups on one
     core each, not each split over both).
     """
-    cost = cost or _unit_cost_by_epochs
     units: list[list[Job]] = []
     groups: dict[tuple[str, str], list[Job]] = {}
     for job in jobs:
@@ -246,10 +245,6 @@ def unit_cost_model(experiment: Experiment) -> UnitCost:
         return sum(_row_epochs(job, rows) for job in unit) * row_cost * (1 + _STEP_OVERHEAD[dp] / copies)
 
     return cost
-
-
-def _unit_cost_by_epochs(unit: list[Job]) -> float:
-    return float(sum(_job_cost(job) for job in unit))
 
 
 def _save_checkpoint(job: Job, result: RunResult, run_dir: Path, data: FederatedData) -> None:
@@ -740,10 +735,3 @@ def _row_epochs(job: Job, rows: int) -> float:
     spec = job.spec
     epochs = spec.baseline_epochs if job.mode in ("centralized", "local") else spec.training.rounds * spec.training.local_epochs
     return float(rows * epochs)
-
-
-def _job_cost(job: Job) -> int:
-    spec = job.spec
-    if job.mode in ("centralized", "local"):
-        return spec.baseline_epochs
-    return spec.training.rounds * spec.training.local_epochs * (2 if _private(job) else 1)
