@@ -40,6 +40,7 @@ import torch
 from torch.optim.adam import adam as functional_adam
 
 from fedcore.components import DPStep, FederatedData
+from fedcore.engine.cpu import flush_denormals, huge_page_empty
 from fedcore.engine.cuda_graphs import EpochBuffers, ReplayedStep
 from fedcore.engine.simulation import (
     FederatedRun,
@@ -329,8 +330,8 @@ class StackedTrainer:
         dp = [task.dp for task in tasks]
         if any(d is not None for d in dp) and not all(d is not None for d in dp):
             raise ValueError("DP-SGD must apply to every copy trained together or to none")
-        x_all = torch.cat([task.x for task in tasks]).to(device=self.device, dtype=self.dtype)
-        y_all = torch.cat([task.y for task in tasks]).to(self.device)
+        x_all = self._stacked([task.x for task in tasks], self.dtype)
+        y_all = self._stacked([task.y for task in tasks], tasks[0].y.dtype)
         sizes = np.array([len(task.y) for task in tasks], dtype=np.int64)
         offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), device=self.device)
         row_weight = self._row_weights(tasks, y_all)
@@ -342,28 +343,42 @@ class StackedTrainer:
         if dp[0] is not None:
             noise = self._noise_streams([t.dp.noise_key(t.round) for t in tasks])  # type: ignore[union-attr]
             sampling = [t.dp.sampling_generator(t.round) for t in tasks]  # type: ignore[union-attr]
-        for _ in range(epochs):
-            if dp[0] is None:
-                plan = self._shuffled_plan(tasks, sizes)
-            else:
-                plan = self._poisson_plan(sampling, sizes, dp)  # type: ignore[arg-type]
-            index, weight_mask, active = plan
-            gidx = index + offsets.view(-1, 1, 1)
-            if dp[0] is None:
-                # index_select on a flat index gathers several times faster than advanced indexing.
-                # Features are gathered per step and block (a copy of the epoch's rows is as
-                # big as the data); labels and weights, small, for the epoch.
-                flat = gidx.reshape(-1)
-                y_epoch = y_all.index_select(0, flat).view(gidx.shape)
-                w_epoch = row_weight.index_select(0, flat).view(gidx.shape) * weight_mask
-                w_epoch = w_epoch / w_epoch.sum(dim=2, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
-                self._run_epoch(x_all, gidx, y_epoch, w_epoch, active, loss_sum)
-            else:
-                # DP weights are the class weights themselves (Opacus sums per-sample losses).
-                self._run_dp_epoch(tasks, noise, x_all, y_all, gidx, row_weight[gidx] * weight_mask, active, loss_sum)  # type: ignore[arg-type]
-            steps += active.sum(axis=1)
+        # Flushing denormals: see fedcore.engine.cpu (Adam's decaying moments).
+        with flush_denormals():
+            for _ in range(epochs):
+                if dp[0] is None:
+                    plan = self._shuffled_plan(tasks, sizes)
+                else:
+                    plan = self._poisson_plan(sampling, sizes, dp)  # type: ignore[arg-type]
+                index, weight_mask, active = plan
+                gidx = index + offsets.view(-1, 1, 1)
+                if dp[0] is None:
+                    # index_select on a flat index gathers several times faster than advanced indexing.
+                    # Features are gathered per step and block (a copy of the epoch's rows is as
+                    # big as the data); labels and weights, small, for the epoch.
+                    flat = gidx.reshape(-1)
+                    y_epoch = y_all.index_select(0, flat).view(gidx.shape)
+                    w_epoch = row_weight.index_select(0, flat).view(gidx.shape) * weight_mask
+                    w_epoch = w_epoch / w_epoch.sum(dim=2, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
+                    self._run_epoch(x_all, gidx, y_epoch, w_epoch, active, loss_sum)
+                else:
+                    # DP weights are the class weights themselves (Opacus sums per-sample losses).
+                    self._run_dp_epoch(tasks, noise, x_all, y_all, gidx, row_weight[gidx] * weight_mask, active, loss_sum)  # type: ignore[arg-type]
+                steps += active.sum(axis=1)
         mean = (loss_sum.cpu().numpy() / np.maximum(steps, 1)).tolist()
         return [CopyOutcome(int(s), float(m)) for s, m in zip(steps, mean, strict=True)]
+
+    def _stacked(self, parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The copies' rows one after another, on the device; on the CPU in huge pages (a
+        step gathers rows at random from them)."""
+        if self.device.type != "cpu":
+            return torch.cat(list(parts)).to(device=self.device, dtype=dtype)
+        out = huge_page_empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype)
+        start = 0
+        for part in parts:
+            out[start : start + len(part)].copy_(part)
+            start += len(part)
+        return out
 
     def _row_weights(self, tasks: Sequence[CopyTask], y_all: torch.Tensor) -> torch.Tensor:
         parts = []
