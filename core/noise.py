@@ -22,7 +22,9 @@ the reproducible research mode.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -104,6 +106,35 @@ class GaussianNoise:
             values[~drawing] = 0.0
         return out
 
+    def per_step(self, std: Sequence[float], rows: np.ndarray, ahead: bool = True) -> Iterator[torch.Tensor]:
+        """Step ``t``'s noise for every step of ``rows (S, steps)`` (which rows draw at each),
+        each a fresh :meth:`draw` into one of two ``(S, P)`` buffers.
+
+        With ``ahead`` (and more than one CPU for this process) a helper thread draws step
+        ``t + 1``'s noise while the caller computes step ``t``: numpy's ufuncs and OpenSSL
+        run without the GIL, so the drawing overlaps the training step on another core. The
+        values are the same either way (each stream's draws happen in step order); the caller
+        must be done with a step's buffer when it asks for the next step's.
+
+        :param std: one standard deviation per row.
+        :param rows: which rows draw at each step (a column per step).
+        :param ahead: draw one step ahead in a helper thread.
+        """
+        n_steps = rows.shape[1]
+        buffers = [torch.empty(len(self._encryptors), self.width, dtype=self.dtype) for _ in range(min(2, n_steps))]
+        if not ahead or n_steps < 2 or len(os.sched_getaffinity(0)) < 2:
+            for t in range(n_steps):
+                yield self.draw(buffers[0], std, rows[:, t])
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="fedcore-noise") as drawer:
+            pending = drawer.submit(self.draw, buffers[0], std, rows[:, 0])
+            for t in range(n_steps):
+                out = pending.result()
+                if t + 1 < n_steps:
+                    # Into the buffer of step t - 1, which the caller finished with.
+                    pending = drawer.submit(self.draw, buffers[(t + 1) % 2], std, rows[:, t + 1])
+                yield out
+
     def sample(self, std: float) -> torch.Tensor:
         """One draw of a single-stream sampler as a new ``(P,)`` tensor."""
         out = torch.empty(1, self.width, dtype=self.dtype)
@@ -154,6 +185,17 @@ class DeviceGaussianNoise:
             else:
                 out[i].zero_()
         return out
+
+    def per_step(self, std: Sequence[float], rows: np.ndarray, ahead: bool = True) -> Iterator[torch.Tensor]:
+        """:meth:`GaussianNoise.per_step` on the device (drawn in turn: the device works asynchronously already).
+
+        :param std: one standard deviation per row.
+        :param rows: which rows draw at each step (a column per step).
+        :param ahead: ignored.
+        """
+        buffer = torch.empty(len(self.generators), self.width, dtype=self.dtype, device=self.device)
+        for t in range(rows.shape[1]):
+            yield self.draw(buffer, std, rows[:, t])
 
 
 def add_noise(arrays: Mapping[str, np.ndarray], std: float, key: bytes) -> dict[str, np.ndarray]:

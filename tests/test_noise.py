@@ -100,3 +100,19 @@ def test_the_device_sampler_draws_each_row_at_its_scale_and_skips_rows_that_do_n
     torch.testing.assert_close(fresh[0], draws[0].float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="shape"):
         noise.draw(torch.empty(3, 20_000), [1.0] * 3)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_per_step_draws_what_draw_after_draw_gives(ahead: bool) -> None:
+    """Drawing one step ahead in a helper thread changes nothing but when the values are made."""
+    rows = np.random.default_rng(0).random((3, 9)) < 0.8
+    std = [0.5, 2.0, 1.0]
+    inline = GaussianNoise(KEYS, 11, torch.float32)
+    expected = [inline.draw(torch.empty(3, 11), std, rows[:, t]).clone() for t in range(9)]
+    got = []
+    for t, out in enumerate(GaussianNoise(KEYS, 11, torch.float32).per_step(std, rows, ahead=ahead)):
+        got.append(out.clone())
+        out.add_(float(t))  # the caller writes into the step's buffer, as the DP step does
+    assert len(got) == 9
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)

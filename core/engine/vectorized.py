@@ -590,12 +590,13 @@ class StackedTrainer:
         # as its largest batch needs (rounded up, so few step shapes get compiled).
         largest = real.sum(dim=2).amax(dim=0).cpu().numpy().astype(np.int64)
         widths = np.maximum(self._dp_pad, -(-largest // self._dp_pad) * self._dp_pad).tolist()
-        # One (S, P) noise buffer, refilled right before each step: it is still in cache when
-        # the step reads it (a buffer of many steps is read back from memory, ~0.3 ms a step).
-        buffer = torch.empty(self.n_copies, self.layout.size, dtype=self.dtype, device=self.device)
-        for t in range(active.shape[1]):
-            # A copy not stepping draws nothing: its stream never depends on its companions.
-            noise = noise_streams.draw(buffer, std, active[:, t])
+        # Each step's noise is drawn right before it (a buffer of many steps would be read
+        # back from memory, ~0.3 ms a step), by a helper thread while the step before runs:
+        # on the paper's two cores, the federated group then takes more of the CPU than the
+        # centralized one, which needs less. A copy not stepping draws nothing: its stream
+        # never depends on its companions.
+        noises = noise_streams.per_step(std, active)
+        for t, noise in enumerate(noises):
             k = widths[t]
             # Each step gathers its own rows at its own width (gathering the whole epoch
             # at its widest batch copies more), by index_select: ~5x faster than x[rows].
