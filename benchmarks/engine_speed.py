@@ -225,7 +225,7 @@ def main() -> None:
         ratios, walls = dp_overhead_pairs(exp, exp_dp, data, seed, args.trials)
         print(f"DP-SGD overhead, 1 repeat, median of {len(ratios)} alternating pairs of rounds, CPU seconds: "
               f"{float(np.median(ratios)):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; target <= 1.5)")
-        print(f"  the same in wall seconds (noise drawn one step ahead on the other core): "
+        print(f"  the same in wall seconds: "
               f"{float(np.median(walls)):.2f}x (range {min(walls):.2f}-{max(walls):.2f})")
         return
     vectorized_round(exp, datas, seeds)

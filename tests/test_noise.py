@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
-from fedcore.noise import DeviceGaussianNoise, GaussianNoise
+from fedcore.noise import AHEAD_MIN_BYTES, DeviceGaussianNoise, GaussianNoise
 
 KEYS = [bytes(range(16)), bytes(range(16, 32)), bytes(range(32, 48))]
 
@@ -107,12 +109,27 @@ def test_per_step_draws_what_draw_after_draw_gives(ahead: bool) -> None:
     """Drawing one step ahead in a helper thread changes nothing but when the values are made."""
     rows = np.random.default_rng(0).random((3, 9)) < 0.8
     std = [0.5, 2.0, 1.0]
-    inline = GaussianNoise(KEYS, 11, torch.float32)
-    expected = [inline.draw(torch.empty(3, 11), std, rows[:, t]).clone() for t in range(9)]
+    width = AHEAD_MIN_BYTES // 4 // 3 + 1  # big enough to be drawn ahead
+    inline = GaussianNoise(KEYS, width, torch.float32)
+    expected = [inline.draw(torch.empty(3, width), std, rows[:, t]).clone() for t in range(9)]
     got = []
-    for t, out in enumerate(GaussianNoise(KEYS, 11, torch.float32).per_step(std, rows, ahead=ahead)):
+    for t, out in enumerate(GaussianNoise(KEYS, width, torch.float32).per_step(std, rows, ahead=ahead)):
         got.append(out.clone())
         out.add_(float(t))  # the caller writes into the step's buffer, as the DP step does
     assert len(got) == 9
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the helper thread needs a second CPU")
+def test_only_a_large_buffer_is_drawn_ahead() -> None:
+    rows = np.ones((3, 4), dtype=bool)
+
+    def helper_running(width: int) -> bool:
+        seen = False
+        for _ in GaussianNoise(KEYS, width, torch.float32).per_step([1.0] * 3, rows):
+            seen |= any(t.name.startswith("fedcore-noise") for t in threading.enumerate())
+        return seen
+
+    assert helper_running(AHEAD_MIN_BYTES // 4 // 3 + 1)
+    assert not helper_running(1000)
