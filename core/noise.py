@@ -129,7 +129,8 @@ class GaussianNoise:
         n_steps = rows.shape[1]
         buffers = [torch.empty(len(self._encryptors), self.width, dtype=self.dtype) for _ in range(min(2, n_steps))]
         small = len(self._encryptors) * self.width * self._angle.itemsize < AHEAD_MIN_BYTES
-        if not ahead or small or n_steps < 2 or len(os.sched_getaffinity(0)) < 2:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if not ahead or small or n_steps < 2 or cpus < 2:
             for t in range(n_steps):
                 yield self.draw(buffers[0], std, rows[:, t])
             return
