@@ -60,10 +60,10 @@ def test_a_large_tensor_is_huge_page_aligned_and_usable() -> None:
     assert float(t.sum()) == 2.0 * t.numel()
 
 
-def test_small_tensors_and_other_dtypes_are_plain() -> None:
+def test_small_tensors_are_plain_and_any_dtype_works() -> None:
     assert huge_page_empty((10, 3), torch.float32).shape == (10, 3)
     b = huge_page_empty((HUGE_PAGE, 4), torch.bfloat16)
-    assert b.dtype == torch.bfloat16 and b.shape == (HUGE_PAGE, 4)
+    assert b.dtype == torch.bfloat16 and b.shape == (HUGE_PAGE, 4) and b.data_ptr() % HUGE_PAGE == 0
 
 
 def _anon_huge_kb() -> int:

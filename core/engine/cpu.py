@@ -23,12 +23,10 @@ import mmap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
 #: the x86-64 huge page; an allocation smaller than a few of them gains nothing
 HUGE_PAGE = 2 << 20
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64, torch.int32: np.int32}
 
 
 @contextmanager
@@ -46,19 +44,18 @@ def flush_denormals() -> Iterator[None]:
 def huge_page_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor whose memory the kernel is asked to back with
     transparent huge pages (``madvise(MADV_HUGEPAGE)``; a plain ``torch.empty`` where the
-    tensor is small, the dtype has no numpy twin or the platform has no such advice).
+    tensor is small or the platform has no such advice).
 
     :param shape: the tensor's shape.
     :param dtype: its dtype.
     """
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if advice is None or dtype not in _NUMPY or nbytes < 4 * HUGE_PAGE:
+    nbytes = math.prod(shape) * dtype.itemsize
+    if advice is None or nbytes < 4 * HUGE_PAGE:
         return torch.empty(tuple(shape), dtype=dtype)
     # Private: a shared anonymous mapping is shmem, which gets no anonymous huge pages.
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(advice)  # before the first touch: the page faults then map huge pages
-    raw = np.frombuffer(region, dtype=np.uint8)
-    start = -raw.ctypes.data % HUGE_PAGE  # the first 2 MB boundary inside the mapping
-    array = raw[start : start + nbytes].view(_NUMPY[dtype]).reshape(tuple(shape))
-    return torch.from_numpy(array)  # keeps the array, and through it the mapping, alive
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds the mapping for the tensor's life
+    start = -raw.data_ptr() % HUGE_PAGE  # the first 2 MB boundary inside the mapping
+    return raw[start : start + nbytes].view(dtype).view(tuple(shape))

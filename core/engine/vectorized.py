@@ -373,12 +373,7 @@ class StackedTrainer:
         step gathers rows at random from them)."""
         if self.device.type != "cpu":
             return torch.cat(list(parts)).to(device=self.device, dtype=dtype)
-        out = huge_page_empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype)
-        start = 0
-        for part in parts:
-            out[start : start + len(part)].copy_(part)
-            start += len(part)
-        return out
+        return torch.cat(list(parts), out=huge_page_empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype))
 
     def _row_weights(self, tasks: Sequence[CopyTask], y_all: torch.Tensor) -> torch.Tensor:
         parts = []
