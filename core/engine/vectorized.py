@@ -42,6 +42,7 @@ from torch.optim.adam import adam as functional_adam
 from fedcore.components import DPStep, FederatedData
 from fedcore.engine.cpu import flush_denormals, huge_page_empty
 from fedcore.engine.cuda_graphs import EpochBuffers, ReplayedStep
+from fedcore.engine.native import NativeMLPStep
 from fedcore.engine.simulation import (
     FederatedRun,
     RunJob,
@@ -201,6 +202,8 @@ class StackedTrainer:
         self._grad: torch.Tensor | None = None
         self.step = shared_step("train", self.module, self.layout, backend)
         self.dp_step = shared_step("dp", self.module, self.layout, backend)
+        #: a plain MLP's step in C++ on the CPU (:mod:`fedcore.engine.native`), where it builds; ``backend="auto"`` only
+        self.native = NativeMLPStep.of(self.module, self.layout, dtype, self.device) if backend == "auto" else None
         self._dp_pad = 1 if mlp_layers(self.module, self.layout) is not None else _DP_PAD
         self._adam_kwargs: dict[str, Any] = dict(
             lr=training.learning_rate, beta1=_ADAM_BETAS[0], beta2=_ADAM_BETAS[1], weight_decay=training.weight_decay,
@@ -363,7 +366,9 @@ class StackedTrainer:
                     self._run_epoch(x_all, gidx, y_epoch, w_epoch, active, loss_sum)
                 else:
                     # DP weights are the class weights themselves (Opacus sums per-sample losses).
-                    self._run_dp_epoch(tasks, noise, x_all, y_all, gidx, row_weight[gidx] * weight_mask, active, loss_sum)  # type: ignore[arg-type]
+                    self._run_dp_epoch(
+                        tasks, noise, x_all, y_all, gidx, row_weight[gidx] * weight_mask, weight_mask.sum(dim=2), active, loss_sum  # type: ignore[arg-type]
+                    )
                 steps += active.sum(axis=1)
         mean = (loss_sum.cpu().numpy() / np.maximum(steps, 1)).tolist()
         return [CopyOutcome(int(s), float(m)) for s, m in zip(steps, mean, strict=True)]
@@ -438,6 +443,16 @@ class StackedTrainer:
             return
         active_t = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device)
         all_active = bool(active.all())
+        if self._grad is None:
+            self._grad = torch.empty_like(self.flat)
+        if self.native is not None:
+            step_losses = []
+            for t, (index_t, y_t, w_t) in enumerate(zip(gidx.unbind(1), y.unbind(1), w.unbind(1), strict=True)):
+                step_losses.append(self.native.train(self.flat, x_all, index_t, y_t, w_t, self._grad))
+                self._optimizer_step(self._grad, active[:, t])
+            if step_losses:
+                loss_sum += (torch.stack(step_losses, dim=1) * active_t).sum(dim=1)
+            return
         batch, features = gidx.shape[2], x_all.shape[1]
 
         def rows(a: int, b: int, t: int) -> torch.Tensor:
@@ -447,8 +462,6 @@ class StackedTrainer:
             (a, b, views, self.step.resolve(views, rows(a, b, 0), y[a:b, 0], w[a:b, 0]))
             for (a, b), views in zip(self.blocks, self._block_views, strict=True)
         ]
-        if self._grad is None:
-            self._grad = torch.empty_like(self.flat)
         for t in range(active.shape[1]):
             for a, b, views, step in blocks:
                 grads, losses = step(views, rows(a, b, t), y[a:b, t], w[a:b, t])
@@ -549,10 +562,12 @@ class StackedTrainer:
         y_all: torch.Tensor,
         gidx: torch.Tensor,
         w: torch.Tensor,
+        sizes: torch.Tensor,
         active: np.ndarray,
         loss_sum: torch.Tensor,
     ) -> None:
-        """DP-SGD steps of one epoch; ``gidx (S, steps, width)`` indexes the rows of ``x_all``."""
+        """DP-SGD steps of one epoch; ``gidx (S, steps, width)`` indexes the rows of ``x_all``,
+        of which the first ``sizes (S, steps)`` are each copy's Poisson batch."""
         dp = [task.dp for task in tasks]
         clip = torch.tensor([d.max_grad_norm for d in dp], dtype=self.dtype, device=self.device)  # type: ignore[union-attr]
         batch = torch.tensor([d.expected_batch_size for d in dp], dtype=self.dtype, device=self.device)  # type: ignore[union-attr]
@@ -591,8 +606,20 @@ class StackedTrainer:
         # centralized one, which needs less. A copy not stepping draws nothing: its stream
         # never depends on its companions.
         noises = noise_streams.per_step(std, active)
+        if self.native is not None:
+            # The native step gathers each copy's rows itself (labels, small, for the epoch)
+            # and computes only its own batch, not the padding up to the widest one.
+            y_epoch = y_all.index_select(0, gidx.reshape(-1)).view(gidx.shape)
+            own = sizes.to(torch.long).t().contiguous()
         for t, noise in enumerate(noises):
             k = widths[t]
+            if self.native is not None:
+                losses = self.native.dp(
+                    self.flat, x_all, gidx[:, t, :k], y_epoch[:, t, :k], w[:, t, :k], clip, noise, row_scale[:, t, :k], own[t]
+                )
+                self._optimizer_step(noise, active[:, t])
+                step_losses.append(losses)
+                continue
             # Each step gathers its own rows at its own width (gathering the whole epoch
             # at its widest batch copies more), by index_select: ~5x faster than x[rows].
             rows = gidx[:, t, :k].reshape(-1)

@@ -1,0 +1,279 @@
+// One training step of S copies of a plain MLP on the CPU, copy after copy, each copy's
+// forward pass, backward pass and gradient (or DP-SGD's clipped sum) in one call.
+//
+// fedcore.engine.native builds this file with torch.utils.cpp_extension and calls it as
+// torch.ops.fedcore_native.mlp_step. It computes what the written-out steps of
+// fedcore.engine.vectorized_step (make_mlp_train_step, make_mlp_dp_step) compute, to float
+// rounding: the same formulas, without ~35 tensor operations a step over all copies (each
+// a pass through memory and an allocation) and without the copy of every layer's gradient
+// into the (S, P) rows -- a copy's gradient is written in place. The matrix products are
+// BLAS calls (MKL's sgemm_/dgemm_, which torch's CPU wheels export) on one copy's
+// matrices, which stay in the core's cache between the layers.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+namespace {
+
+// Column-major BLAS on row-major matrices: a row-major (r x c) matrix is its column-major transpose.
+void gemm(char ta, char tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta, float* c,
+          int ldc) {
+  const float one = 1.0f;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+void gemm(char ta, char tb, int m, int n, int k, const double* a, int lda, const double* b, int ldb, double beta,
+          double* c, int ldc) {
+  const double one = 1.0;
+  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2 };
+
+// One nn.Linear: where its weight (out x in, row-major) and bias live in a copy's row of P
+// numbers, its sizes, and the activation after it.
+struct Layer {
+  int64_t weight, bias, in, out, activation;
+};
+
+// Row i of an (S, B) argument of copy s (any stride between copies, rows contiguous).
+template <typename T>
+const T* row_of(const at::Tensor& t, int64_t s) {
+  return t.data_ptr<T>() + s * t.stride(0);
+}
+
+// Compiled for a few instruction sets and picked at load time (the build flags stay portable).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FEDCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FEDCORE_CLONES
+#endif
+
+template <typename T>
+FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const at::Tensor& index, const at::Tensor& y,
+         const at::Tensor& w, const std::vector<Layer>& layers, at::Tensor& out, at::Tensor& losses,
+         const at::Tensor* clip, const at::Tensor* row_scale, const at::Tensor* sizes) {
+  const int64_t S = index.size(0), B = index.size(1), P = params.size(1), F = x_all.size(1);
+  const int64_t L = static_cast<int64_t>(layers.size());
+  const int64_t C = layers.back().out;
+  // Scratch, reused across calls: every layer's input (x's rows first) and the logits;
+  // every layer's output gradient; the per-row norms and clip factors.
+  thread_local std::vector<T> acts, deltas, norms, factor;
+  std::vector<int64_t> act_at(L + 1), delta_at(L + 1);
+  act_at[0] = 0;
+  delta_at[0] = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    act_at[l + 1] = act_at[l] + B * layers[l].in;
+    delta_at[l + 1] = delta_at[l] + B * layers[l].out;
+  }
+  acts.resize(act_at[L] + B * C);
+  deltas.resize(delta_at[L]);
+  norms.resize(B);
+  factor.resize(B);
+  const T* x = x_all.data_ptr<T>();
+  T* loss_out = losses.data_ptr<T>();
+  for (int64_t s = 0; s < S; ++s) {
+    const T* p = params.data_ptr<T>() + s * P;
+    T* g = out.data_ptr<T>() + s * P;
+    const int64_t* rows = row_of<int64_t>(index, s);
+    const int64_t* labels = row_of<int64_t>(y, s);
+    const T* weight = row_of<T>(w, s);
+    // Rows past a copy's own count are padding (weight 0, contributing exact zeros): skipped.
+    const int64_t b = sizes == nullptr ? B : std::clamp<int64_t>(sizes->data_ptr<int64_t>()[s], 0, B);
+    if (b == 0) {
+      loss_out[s] = 0;
+      if (clip == nullptr) {
+        for (const Layer& ly : layers) {
+          std::fill(g + ly.weight, g + ly.weight + ly.in * ly.out, T(0));
+          std::fill(g + ly.bias, g + ly.bias + ly.out, T(0));
+        }
+      }
+      continue;
+    }
+    for (int64_t i = 0; i < b; ++i) std::copy(x + rows[i] * F, x + (rows[i] + 1) * F, acts.data() + i * F);
+    // Forward: z = a W^T, then + b and the activation in one pass, layer after layer.
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& ly = layers[l];
+      const T* a = acts.data() + act_at[l];
+      T* z = acts.data() + act_at[l + 1];
+      gemm('T', 'N', ly.out, b, ly.in, p + ly.weight, ly.in, a, ly.in, T(0), z, ly.out);
+      const T* bias = p + ly.bias;
+      for (int64_t i = 0; i < b; ++i) {
+        T* zi = z + i * ly.out;
+        if (ly.activation == kRelu) {
+          for (int64_t j = 0; j < ly.out; ++j) zi[j] = std::max(zi[j] + bias[j], T(0));
+        } else if (ly.activation == kTanh) {
+          for (int64_t j = 0; j < ly.out; ++j) zi[j] = std::tanh(zi[j] + bias[j]);
+        } else {
+          for (int64_t j = 0; j < ly.out; ++j) zi[j] += bias[j];
+        }
+      }
+    }
+    // The weighted negative log-likelihood and its gradient at the logits, w_i (softmax - onehot).
+    const T* logits = acts.data() + act_at[L];
+    T* d = deltas.data() + delta_at[L - 1];
+    T loss = 0;
+    for (int64_t i = 0; i < b; ++i) {
+      const T* zi = logits + i * C;
+      T top = zi[0];
+      for (int64_t c = 1; c < C; ++c) top = std::max(top, zi[c]);
+      T total = 0;
+      for (int64_t c = 0; c < C; ++c) total += std::exp(zi[c] - top);
+      const T lse = top + std::log(total);
+      const int64_t yi = labels[i];
+      for (int64_t c = 0; c < C; ++c) d[i * C + c] = std::exp(zi[c] - lse) * weight[i] - (c == yi ? weight[i] : T(0));
+      loss -= weight[i] * (zi[yi] - lse);
+    }
+    loss_out[s] = loss;
+    // Backward: each layer's output gradient from the next one's (through its weights and
+    // the activation's derivative at its output); the plain step takes each layer's gradient
+    // on the way, DP-SGD keeps them for the clip factors.
+    for (int64_t l = L - 1; l >= 0; --l) {
+      const Layer& ly = layers[l];
+      const T* a = acts.data() + act_at[l];
+      d = deltas.data() + delta_at[l];
+      if (clip == nullptr) {
+        gemm('N', 'T', ly.in, ly.out, b, a, ly.in, d, ly.out, T(0), g + ly.weight, ly.in);  // d^T a
+        T* gb = g + ly.bias;
+        std::fill(gb, gb + ly.out, T(0));
+        for (int64_t i = 0; i < b; ++i)
+          for (int64_t j = 0; j < ly.out; ++j) gb[j] += d[i * ly.out + j];
+      }
+      if (l == 0) break;
+      T* below = deltas.data() + delta_at[l - 1];
+      gemm('N', 'N', ly.in, b, ly.out, p + ly.weight, ly.in, d, ly.out, T(0), below, ly.in);  // d W
+      const int64_t act = layers[l - 1].activation;
+      if (act == kRelu) {
+        for (int64_t j = 0; j < b * ly.in; ++j) below[j] = a[j] > T(0) ? below[j] : T(0);
+      } else if (act == kTanh) {
+        for (int64_t j = 0; j < b * ly.in; ++j) below[j] *= T(1) - a[j] * a[j];
+      }
+    }
+    if (clip == nullptr) continue;
+    // DP-SGD: row i's squared gradient norm is sum over layers of |d_i|^2 (|a_i|^2 + 1) (weight
+    // and bias); Opacus's clip factor min(1, C / (norm + 1e-6)) times the row's scale; the
+    // clipped sum (factor * d)^T a of each layer is added into `out`.
+    std::fill(norms.begin(), norms.end(), T(0));
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& ly = layers[l];
+      const T* a = acts.data() + act_at[l];
+      const T* dl = deltas.data() + delta_at[l];
+      for (int64_t i = 0; i < b; ++i) {
+        T dd = 0, aa = 0;
+#pragma omp simd reduction(+ : dd)
+        for (int64_t j = 0; j < ly.out; ++j) dd += dl[i * ly.out + j] * dl[i * ly.out + j];
+#pragma omp simd reduction(+ : aa)
+        for (int64_t j = 0; j < ly.in; ++j) aa += a[i * ly.in + j] * a[i * ly.in + j];
+        norms[i] += dd * (aa + T(1));
+      }
+    }
+    const T bound = clip->data_ptr<T>()[s];
+    const T* scale = row_of<T>(*row_scale, s);
+    for (int64_t i = 0; i < b; ++i) factor[i] = std::min(bound / (std::sqrt(norms[i]) + T(1e-6)), T(1)) * scale[i];
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer& ly = layers[l];
+      T* dl = deltas.data() + delta_at[l];
+      for (int64_t i = 0; i < b; ++i)
+        for (int64_t j = 0; j < ly.out; ++j) dl[i * ly.out + j] *= factor[i];
+      gemm('N', 'T', ly.in, ly.out, b, acts.data() + act_at[l], ly.in, dl, ly.out, T(1), g + ly.weight, ly.in);
+      T* gb = g + ly.bias;
+      for (int64_t i = 0; i < b; ++i)
+        for (int64_t j = 0; j < ly.out; ++j) gb[j] += dl[i * ly.out + j];
+    }
+  }
+}
+
+void check_rows(const at::Tensor& t, const char* name, int64_t S, int64_t B, at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == S && t.size(1) == B, name, " must be (S, B)");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(B <= 1 || t.stride(1) == 1, name, "'s rows must be contiguous");
+}
+
+// params (S, P) contiguous; x_all (N, F) contiguous; index, y (S, B) int64 (row ids into
+// x_all, labels); w (S, B) row weights (0 on padding); layers: [weight offset, bias offset,
+// in, out, activation] per layer; out (S, P) contiguous: the gradients (plain step,
+// overwritten) or the buffer the clipped sums are added to (DP-SGD, clip (S,) and
+// row_scale (S, B) given); sizes (S,) int64, optional: each copy computes only its first
+// sizes[s] rows (the rest are padding). Returns every copy's loss sum_i w_i nll_i, (S,).
+at::Tensor mlp_step(const at::Tensor& params, const at::Tensor& x_all, const at::Tensor& index, const at::Tensor& y,
+                    const at::Tensor& w, at::IntArrayRef layers, at::Tensor out, const std::optional<at::Tensor>& clip,
+                    const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& sizes) {
+  const auto dtype = params.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "mlp_step runs float32 or float64");
+  TORCH_CHECK(params.device().is_cpu() && params.dim() == 2 && params.is_contiguous(), "params must be (S, P), contiguous");
+  TORCH_CHECK(out.sizes() == params.sizes() && out.scalar_type() == dtype && out.is_contiguous(),
+              "out must be contiguous and like params");
+  TORCH_CHECK(x_all.dim() == 2 && x_all.scalar_type() == dtype && x_all.is_contiguous(), "x_all must be (N, F), contiguous");
+  TORCH_CHECK(layers.size() >= 5 && layers.size() % 5 == 0, "layers must hold 5 numbers per layer");
+  const int64_t S = params.size(0), B = index.size(1);
+  check_rows(index, "index", S, B, at::kLong);
+  check_rows(y, "y", S, B, at::kLong);
+  check_rows(w, "w", S, B, dtype);
+  TORCH_CHECK(clip.has_value() == row_scale.has_value(), "clip and row_scale go together");
+  if (clip.has_value()) {
+    TORCH_CHECK(clip->dim() == 1 && clip->size(0) == S && clip->scalar_type() == dtype && clip->is_contiguous(),
+                "clip must be (S,)");
+    check_rows(*row_scale, "row_scale", S, B, dtype);
+  }
+  if (sizes.has_value()) {
+    TORCH_CHECK(sizes->dim() == 1 && sizes->size(0) == S && sizes->scalar_type() == at::kLong && sizes->is_contiguous(),
+                "sizes must be (S,) int64");
+  }
+  std::vector<Layer> ls;
+  for (size_t i = 0; i < layers.size(); i += 5) {
+    Layer l{layers[i], layers[i + 1], layers[i + 2], layers[i + 3], layers[i + 4]};
+    TORCH_CHECK(l.weight >= 0 && l.bias >= 0 && l.weight + l.in * l.out <= params.size(1) && l.bias + l.out <= params.size(1),
+                "layer ", i / 5, " lies outside the parameter rows");
+    TORCH_CHECK(ls.empty() ? l.in == x_all.size(1) : l.in == ls.back().out, "layer ", i / 5, "'s input size");
+    ls.push_back(l);
+  }
+  // Row ids and labels are checked here: nothing may throw inside run (its clones for each
+  // instruction set cannot pass an exception on).
+  const int64_t N = x_all.size(0), C = ls.back().out;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t b = sizes.has_value() ? std::clamp<int64_t>(sizes->data_ptr<int64_t>()[s], 0, B) : B;
+    const int64_t* rows = row_of<int64_t>(index, s);
+    const int64_t* labels = row_of<int64_t>(y, s);
+    for (int64_t i = 0; i < b; ++i) {
+      TORCH_CHECK(rows[i] >= 0 && rows[i] < N, "row id ", rows[i], " out of range for ", N, " rows");
+      TORCH_CHECK(labels[i] >= 0 && labels[i] < C, "label ", labels[i], " out of range for ", C, " classes");
+    }
+  }
+  auto losses = at::empty({S}, params.options());
+  if (S == 0 || B == 0) {
+    losses.zero_();
+    if (!clip.has_value()) out.zero_();
+    return losses;
+  }
+  const at::Tensor* c = clip.has_value() ? &*clip : nullptr;
+  const at::Tensor* r = row_scale.has_value() ? &*row_scale : nullptr;
+  const at::Tensor* n = sizes.has_value() ? &*sizes : nullptr;
+  if (dtype == at::kFloat) {
+    run<float>(params, x_all, index, y, w, ls, out, losses, c, r, n);
+  } else {
+    run<double>(params, x_all, index, y, w, ls, out, losses, c, r, n);
+  }
+  return losses;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fedcore_native, m) {
+  m.def(
+      "mlp_step(Tensor params, Tensor x_all, Tensor index, Tensor y, Tensor w, int[] layers, Tensor(a!) out, "
+      "Tensor? clip, Tensor? row_scale, Tensor? sizes) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fedcore_native, CPU, m) { m.impl("mlp_step", mlp_step); }

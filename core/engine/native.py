@@ -1,0 +1,144 @@
+"""A native (C++) training step for plain MLPs on the CPU (``mlp_step.cpp`` beside this file).
+
+For the paper's MLP a step of S stacked copies is ~35 tensor operations over all copies,
+each a pass through memory, and MKL's matrix products are a quarter of its time. The native
+step runs copy after copy: the forward pass, the backward pass and the gradient (or
+DP-SGD's clipped sum, added into the noise buffer) of one copy in one call, its matrices in
+the core's cache, its gradient written straight into its row of the ``(S, P)`` buffer.
+Same formulas as :func:`~fedcore.engine.vectorized_step.make_mlp_train_step` and
+:func:`~fedcore.engine.vectorized_step.make_mlp_dp_step`; the numbers agree to float
+rounding (float64: to ~1e-15). Measured on the paper's workload in ``docs/speed.md``.
+
+The source is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and
+``ninja``; ~15 s once, then loaded from torch's extension cache, keyed by the source's hash).
+Where it cannot be built or loaded -- no compiler, a torch without MKL's ``sgemm_`` -- the
+engine runs the compiled tensor-operation step instead, with the same numbers to rounding;
+:func:`unavailable_reason` says why. ``FEDCORE_NATIVE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedcore.engine.vectorized_step import ParamLayout, mlp_layers
+
+SOURCE = Path(__file__).with_name("mlp_step.cpp")
+#: set to 0 to run the compiled tensor-operation steps instead
+ENV = "FEDCORE_NATIVE"
+_ACTIVATION_CODES: dict[type[torch.nn.Module] | None, int] = {None: 0, torch.nn.ReLU: 1, torch.nn.Tanh: 2}
+_DTYPES = (torch.float32, torch.float64)
+
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_loaded: str | None = None  # "" once loaded, else why not
+_op: torch._ops.OpOverloadPacket | None = None  # type: ignore[name-defined]
+
+
+@contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch runs ``ninja`` from PATH; the ``ninja`` package's binary sits in the
+    environment's scripts folder, which is not on PATH unless the environment is active."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja  # type: ignore[import-untyped]
+    except ImportError:
+        yield
+        return
+    before = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(ninja.BIN_DIR), before])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
+def _load() -> str:
+    """Build (once per source) and load the kernel; ``""`` when it loaded, else why not."""
+    global _op
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"turned off by {ENV}={os.environ[ENV]}"
+    try:
+        from torch.utils.cpp_extension import load
+
+        with _ninja_on_path():
+            # Portable flags: the matrix products are MKL's (dispatched at run time); the
+            # loops around them gain nothing measurable from -march=native.
+            load(name="fedcore_native", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd"], is_python_module=False)
+        _op = torch.ops.fedcore_native.mlp_step
+    except Exception as error:  # noqa: BLE001 - any failure to build or load: run the tensor-operation step
+        reason = " ".join(str(error).split())[:300]
+        _log.info("native MLP step unavailable, running the compiled tensor-operation step: %s", reason)
+        return reason or type(error).__name__
+    return ""
+
+
+def unavailable_reason() -> str | None:
+    """Why the native step cannot run in this process (None when it can); the first call
+    builds or loads it."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _load()
+    return _loaded or None
+
+
+@dataclass(frozen=True)
+class NativeMLPStep:
+    """The native step for one plain MLP's layout: each layer's ``(weight offset, bias
+    offset, in, out, activation code)``, flattened."""
+
+    layers: tuple[int, ...]
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, layout: ParamLayout, dtype: torch.dtype, device: torch.device) -> NativeMLPStep | None:
+        """The native step for ``module``'s copies, or None where it does not apply (not a
+        plain MLP, not float32/float64 on the CPU) or cannot run here."""
+        dense = mlp_layers(module, layout)
+        if dense is None or device.type != "cpu" or dtype not in _DTYPES or unavailable_reason() is not None:
+            return None
+        layers: list[int] = []
+        for d in dense:
+            out_features, in_features = layout.shapes[d.weight]
+            layers += [layout.offsets[d.weight], layout.offsets[d.bias], in_features, out_features, _ACTIVATION_CODES[d.activation]]
+        return cls(tuple(layers))
+
+    def train(self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """One plain step of every copy: gradients of ``sum_i w_i nll_i`` into ``grad``; the losses ``(S,)``.
+
+        :param params: ``(S, P)`` the copies' parameters (contiguous).
+        :param x_all: ``(N, F)`` every copy's rows.
+        :param index: ``(S, B)`` the rows of ``x_all`` each copy's batch takes.
+        :param y: ``(S, B)`` their labels (int64).
+        :param w: ``(S, B)`` their weights (0 on padding).
+        :param grad: ``(S, P)`` overwritten with the gradients.
+        """
+        assert _op is not None
+        return _op(params, x_all, index, y.long(), w, self.layers, grad, None, None, None)
+
+    def dp(
+        self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+        clip: torch.Tensor, noise: torch.Tensor, row_scale: torch.Tensor, sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """One DP-SGD step's clipped sums of every copy, added into ``noise``; the losses ``(S,)``.
+
+        :param params: as :meth:`train`; ``x_all``, ``index``, ``y``, ``w`` likewise.
+        :param clip: ``(S,)`` each copy's clipping bound C.
+        :param noise: ``(S, P)`` the step's noise; the clipped, scaled sum is added into it.
+        :param row_scale: ``(S, B)`` each row's weight in the sum (0 on padding, ``1 / B`` on real rows).
+        :param sizes: ``(S,)`` int64, each copy's own batch size: its first ``sizes[s]`` rows are
+            its batch, the rest padding, which is skipped (copies step in lockstep at the
+            widest of their Poisson batches; the others need not compute its padding).
+        """
+        assert _op is not None
+        return _op(params, x_all, index, y.long(), w, self.layers, noise, clip, row_scale, sizes)

@@ -1,0 +1,215 @@
+"""The native (C++) MLP step: the written-out steps' numbers, Opacus's clipping, the engine's fallbacks."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import fedcore.engine.native as native
+from fedcore.engine.native import NativeMLPStep
+from fedcore.engine.vectorized import CopyTask, StackedTrainer
+from fedcore.engine.vectorized_step import CompiledStep, ParamLayout, flat_grads, make_mlp_dp_step, make_mlp_train_step
+from fedcore.spec import TrainingSpec
+from test_vectorized_dp import _opacus_clipped_gradient
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    """Where a C++ compiler exists (CI, the quick start's machine) the kernel must build."""
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the engine runs the compiled tensor-operation step")
+    assert native.unavailable_reason() is None
+
+
+def _mlp(activation: type[torch.nn.Module] = torch.nn.ReLU) -> torch.nn.Sequential:
+    return torch.nn.Sequential(
+        torch.nn.Linear(7, 16), activation(), torch.nn.Linear(16, 8), activation(), torch.nn.Linear(8, 3)
+    )
+
+
+def _batch(copies: int, width: int, dtype: torch.dtype, rows: int = 50) -> tuple[torch.Tensor, ...]:
+    """Stacked rows, each copy's batch of row ids, labels and weights (zeros on the last padding rows)."""
+    g = torch.Generator().manual_seed(copies * 100 + width)
+    x_all = torch.randn(rows, 7, generator=g, dtype=dtype) * 2
+    index = torch.randint(0, rows, (copies, width), generator=g)
+    y = torch.randint(0, 3, (copies, width), generator=g)
+    w = torch.rand(copies, width, generator=g, dtype=dtype)
+    w[:, width - width // 4 :] = 0
+    return x_all, index, y, w
+
+
+def _params(module: torch.nn.Module, copies: int, dtype: torch.dtype) -> tuple[ParamLayout, torch.Tensor]:
+    layout = ParamLayout.of(module)
+    return layout, torch.randn(copies, layout.size, generator=torch.Generator().manual_seed(7), dtype=dtype) * 0.4
+
+
+@pytest.mark.parametrize("activation", [torch.nn.ReLU, torch.nn.Tanh])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_the_plain_step_equals_the_written_out_step(activation: type[torch.nn.Module], dtype: torch.dtype, tol: float) -> None:
+    module = _mlp(activation).to(dtype)
+    layout, flat = _params(module, 4, dtype)
+    x_all, index, y, w = _batch(4, 12, dtype)
+    step = NativeMLPStep.of(module, layout, dtype, CPU)
+    assert step is not None
+    grad = torch.full_like(flat, float("nan"))  # overwritten entirely
+    losses = step.train(flat, x_all, index, y, w, grad)
+    grads, expected_losses = make_mlp_train_step(module, layout)(layout.views(flat), x_all[index], y, w)  # type: ignore[misc]
+    torch.testing.assert_close(grad, flat_grads(grads), rtol=tol, atol=tol)
+    torch.testing.assert_close(losses, expected_losses, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("activation", [torch.nn.ReLU, torch.nn.Tanh])
+def test_the_dp_step_adds_the_written_out_clipped_sum_into_the_noise(activation: type[torch.nn.Module]) -> None:
+    dtype = torch.float64
+    module = _mlp(activation).to(dtype)
+    layout, flat = _params(module, 3, dtype)
+    x_all, index, y, w = _batch(3, 10, dtype)
+    clip = torch.tensor([0.3, 1.0, 50.0], dtype=dtype)  # tight, moderate, no clipping
+    row_scale = (w > 0).to(dtype) / 6.0
+    noise = torch.randn(3, layout.size, dtype=dtype)
+    expected_sum, expected_losses = make_mlp_dp_step(module, layout)(  # type: ignore[misc]
+        layout.views(flat), x_all[index], y, w, clip, noise.clone(), row_scale
+    )
+    out = noise.clone()
+    losses = NativeMLPStep.of(module, layout, dtype, CPU).dp(flat, x_all, index, y, w, clip, out, row_scale)  # type: ignore[union-attr]
+    torch.testing.assert_close(out, expected_sum, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")
+def test_the_dp_step_clips_as_opacus_does() -> None:
+    """Each copy's clipped sum over its real rows, divided by the expected batch, is Opacus's gradient."""
+    torch.manual_seed(0)
+    modules = [_mlp().double(), _mlp().double()]
+    layout = ParamLayout.of(modules[0])
+    flat = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in modules])
+    x_all, index, y, _ = _batch(2, 8, torch.float64)
+    real = [7, 4]
+    w = torch.zeros(2, 8, dtype=torch.float64)
+    for copy, k in enumerate(real):
+        w[copy, :k] = 1.0
+    clip = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    batch = torch.tensor([5.0, 6.0], dtype=torch.float64)
+    out = torch.zeros(2, layout.size, dtype=torch.float64)
+    NativeMLPStep.of(modules[0], layout, torch.float64, CPU).dp(flat, x_all, index, y, w, clip, out, w / batch.unsqueeze(1))  # type: ignore[union-attr]
+    for copy, k in enumerate(real):
+        rows = index[copy, :k]
+        expected = _opacus_clipped_gradient(modules[copy], x_all[rows], y[copy, :k], float(clip[copy]), int(batch[copy]))
+        torch.testing.assert_close(out[copy], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_strided_step_slices_and_empty_batches_are_read_as_given() -> None:
+    """The engine passes step t of (S, steps, B) plans: rows contiguous, copies strided."""
+    dtype = torch.float32
+    module = _mlp()
+    layout, flat = _params(module, 3, dtype)
+    x_all, index, y, w = _batch(3, 3 * 9, dtype)
+    plan = [t.view(3, 3, 9) for t in (index, y, w)]
+    step = NativeMLPStep.of(module, layout, dtype, CPU)
+    got, want = torch.empty_like(flat), torch.empty_like(flat)
+    step.train(flat, x_all, *(t[:, 1] for t in plan), got)  # type: ignore[union-attr]
+    step.train(flat, x_all, *(t[:, 1].contiguous() for t in plan), want)  # type: ignore[union-attr]
+    assert torch.equal(got, want)
+    empty = torch.empty(3, 0, dtype=torch.long)
+    losses = step.train(flat, x_all, empty, empty, torch.empty(3, 0), got)  # type: ignore[union-attr]
+    assert not losses.any() and not got.any()
+
+
+def test_each_copy_computes_only_its_own_poisson_batch() -> None:
+    """With ``sizes``, rows past a copy's own batch are skipped: the same sums and losses as
+    computing the zero-weight padding, even where that padding holds garbage row ids."""
+    dtype = torch.float64
+    module = _mlp()
+    layout, flat = _params(module, 3, dtype)
+    x_all, index, y, w = _batch(3, 10, dtype)
+    sizes = torch.tensor([10, 4, 0])
+    for copy, k in enumerate(sizes.tolist()):
+        w[copy, k:] = 0
+    clip, row_scale = torch.ones(3, dtype=dtype), w / 5.0
+    step = NativeMLPStep.of(module, layout, dtype, CPU)
+    full = torch.zeros(3, layout.size, dtype=dtype)
+    full_losses = step.dp(flat, x_all, index, y, w, clip, full, row_scale)  # type: ignore[union-attr]
+    index[1, 4:] = 10**9  # never read
+    own = torch.zeros(3, layout.size, dtype=dtype)
+    own_losses = step.dp(flat, x_all, index, y, w, clip, own, row_scale, sizes)  # type: ignore[union-attr]
+    torch.testing.assert_close(own, full, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(own_losses, full_losses, rtol=1e-13, atol=1e-15)
+    assert not own[2].any() and float(own_losses[2]) == 0.0
+
+
+def test_bad_arguments_raise_instead_of_reading_out_of_bounds() -> None:
+    dtype = torch.float32
+    module = _mlp()
+    layout, flat = _params(module, 2, dtype)
+    x_all, index, y, w = _batch(2, 4, dtype)
+    step = NativeMLPStep.of(module, layout, dtype, CPU)
+    grad = torch.empty_like(flat)
+    with pytest.raises(RuntimeError, match="out of range"):
+        step.train(flat, x_all, index + len(x_all), y, w, grad)  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="out of range"):
+        step.train(flat, x_all, index, y + 3, w, grad)  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="dtype"):
+        step.train(flat, x_all, index, y, w.double(), grad)  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="input size"):
+        step.train(flat, x_all[:, :5].contiguous(), index, y, w, grad)  # type: ignore[union-attr]
+
+
+def test_only_plain_mlps_on_the_cpu_in_float_get_it() -> None:
+    mlp = _mlp()
+    layout = ParamLayout.of(mlp)
+    assert NativeMLPStep.of(mlp, layout, torch.float32, CPU) is not None
+    assert NativeMLPStep.of(mlp, layout, torch.float16, CPU) is None
+    assert NativeMLPStep.of(mlp, layout, torch.float32, torch.device("meta")) is None
+    normed = torch.nn.Sequential(torch.nn.Linear(7, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    assert NativeMLPStep.of(normed, ParamLayout.of(normed), torch.float32, CPU) is None
+    training = TrainingSpec(local_epochs=1, batch_size=8)
+    assert StackedTrainer(mlp, training, 2).native is not None
+    assert StackedTrainer(mlp, training, 2, backend="script").native is None
+
+
+def test_it_can_be_turned_off_and_a_failed_build_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.ENV, "0")
+    assert "FEDCORE_NATIVE=0" in native._load()
+    monkeypatch.delenv(native.ENV)
+    monkeypatch.setattr(native, "SOURCE", native.SOURCE.with_name("missing.cpp"))
+    assert native._load()  # a reason, no exception
+    monkeypatch.setattr(native, "_loaded", "no compiler")
+    assert native.unavailable_reason() == "no compiler"
+    assert StackedTrainer(_mlp(), TrainingSpec(local_epochs=1, batch_size=8), 2).native is None
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
+def test_training_with_it_equals_training_with_the_compiled_steps(dp: bool) -> None:
+    """Whole epochs through StackedTrainer (shuffled or Poisson batches, uneven copies, Adam),
+    native against TorchScript, float64: the same parameters to rounding."""
+    from fedcore.components import DPStep
+
+    torch.manual_seed(3)
+    training = TrainingSpec(local_epochs=1, batch_size=8, learning_rate=0.01)
+    data = [(torch.randn(n, 7, dtype=torch.float64), torch.randint(0, 3, (n,))) for n in (64, 41)]
+    start = torch.cat([p.detach().reshape(-1) for p in _mlp().parameters()]).double()
+    results = []
+    for backend in ("auto", "script"):
+        trainer = StackedTrainer(_mlp(), training, 2, dtype=torch.float64, backend=backend)  # type: ignore[arg-type]
+        assert (trainer.native is not None) == (backend == "auto")
+        trainer.flat.copy_(start.expand(2, -1))
+        tasks = [
+            CopyTask(
+                x, y, torch.Generator().manual_seed(10 + i),
+                dp=DPStep(
+                    noise_multiplier=1.1, max_grad_norm=1.0, sample_rate=8 / len(y), expected_batch_size=8.0,
+                    steps_per_epoch=len(y) // 8, secret=bytes([i + 1]) * 32,
+                ) if dp else None,
+            )  # fmt: skip
+            for i, (x, y) in enumerate(data)
+        ]
+        outcomes = trainer.train(tasks, 2)
+        results.append((trainer.flat.clone(), [(o.steps, o.mean_loss) for o in outcomes]))
+    (native_flat, native_outcomes), (script_flat, script_outcomes) = results
+    torch.testing.assert_close(native_flat, script_flat, rtol=1e-10, atol=1e-12)
+    assert [s for s, _ in native_outcomes] == [s for s, _ in script_outcomes]
+    assert [m for _, m in native_outcomes] == pytest.approx([m for _, m in script_outcomes], rel=1e-10)
