@@ -241,27 +241,41 @@ class StackedTrainer:
         self.exp_avg_sq.zero_()
         self.momentum: torch.Tensor | None = None
         self.counts = np.zeros(self.n_copies, dtype=np.int64)
+        #: every copy has taken the same number of steps (kept by :meth:`_count`)
+        self._counts_equal = True
         if not hasattr(self, "_step"):
             # One tensor for the trainer's life: a captured step reads and advances it.
             self._step = torch.zeros((), dtype=torch.float32, device=self.device)
         self._step.zero_()
 
-    def _optimizer_step(self, grad: torch.Tensor, active: np.ndarray) -> None:
+    def _optimizer_step(self, grad: torch.Tensor, active: np.ndarray, every: bool = False) -> None:
+        """One optimizer step of the rows in ``active`` (S,) with ``grad`` (S, P).
+
+        :param every: ``active`` is known to be all true (saves checking it every step).
+        """
         t = self.training
         if t.optimizer == "sgd":
             self._sgd_step(grad, active)
             return
-        uniform = self._in_step(active)
-        self.counts += active
+        uniform = self._counts_equal and (every or bool(active.all()))
+        self._count(active, every)
         if uniform:
             # One fused kernel over all rows: bit-identical to S fused per-model Adams.
             self._fused_adam(grad, int(self.counts[0]))
             return
         self._masked_adam(grad, active)
 
+    def _count(self, active: np.ndarray, every: bool = False) -> None:
+        """One more step for the rows in ``active``."""
+        if every:
+            self.counts += 1
+            return
+        self.counts += active
+        self._counts_equal = bool((self.counts == self.counts[0]).all())
+
     def _in_step(self, active: np.ndarray) -> bool:
         """Every copy steps (``active``) from the same step count: one fused Adam serves all rows."""
-        return bool(active.all()) and bool((self.counts == self.counts[0]).all())
+        return self._counts_equal and bool(active.all())
 
     def _fused_adam(self, grad: torch.Tensor, step: int) -> None:
         self._step.fill_(float(step))
@@ -321,7 +335,7 @@ class StackedTrainer:
             updated = torch.where(first, grad, self.momentum * t.momentum + grad)
             self.momentum = torch.where(on > 0, updated, self.momentum)
             grad = self.momentum
-        self.counts += active
+        self._count(active)
         self.flat.sub_(grad * (on * t.learning_rate))
 
     # -- training
@@ -449,7 +463,7 @@ class StackedTrainer:
             step_losses = []
             for t, (index_t, y_t, w_t) in enumerate(zip(gidx.unbind(1), y.unbind(1), w.unbind(1), strict=True)):
                 step_losses.append(self.native.train(self.flat, x_all, index_t, y_t, w_t, self._grad))
-                self._optimizer_step(self._grad, active[:, t])
+                self._optimizer_step(self._grad, active[:, t], all_active)
             if step_losses:
                 loss_sum += (torch.stack(step_losses, dim=1) * active_t).sum(dim=1)
             return
@@ -606,6 +620,7 @@ class StackedTrainer:
         # centralized one, which needs less. A copy not stepping draws nothing: its stream
         # never depends on its companions.
         noises = noise_streams.per_step(std, active)
+        every = bool(active.all())
         if self.native is not None:
             # The native step gathers each copy's rows itself (labels, small, for the epoch)
             # and computes only its own batch, not the padding up to the widest one.
@@ -617,7 +632,7 @@ class StackedTrainer:
                 losses = self.native.dp(
                     self.flat, x_all, gidx[:, t, :k], y_epoch[:, t, :k], w[:, t, :k], clip, noise, row_scale[:, t, :k], own[t]
                 )
-                self._optimizer_step(noise, active[:, t])
+                self._optimizer_step(noise, active[:, t], every)
                 step_losses.append(losses)
                 continue
             # Each step gathers its own rows at its own width (gathering the whole epoch
@@ -630,7 +645,7 @@ class StackedTrainer:
             if step is None:
                 step = steps_by_width[k] = self.dp_step.resolve(*args)
             grad, losses = step(*args)
-            self._optimizer_step(grad, active[:, t])
+            self._optimizer_step(grad, active[:, t], every)
             step_losses.append(losses)
         if step_losses:
             loss_sum += (torch.stack(step_losses, dim=1) * loss_weight[:, : len(step_losses)]).sum(dim=1)
