@@ -61,10 +61,41 @@ const T* row_of(const at::Tensor& t, int64_t s) {
 #define FEDCORE_CLONES
 #endif
 
+// Adam's step for one copy once its gradient is complete, while its rows are in cache: the
+// arithmetic of the vectorized loop of torch's fused CPU Adam (at::_fused_adam_, no amsgrad,
+// not maximizing), in the same order and precision, with the fused multiply-adds its build
+// makes of it (the lerp of the first moment, the second moment's sum, the weight decay), so
+// the parameters round as there (torch's few scalar tail elements round without them).
+// (Inlined into each instruction set's clone of run, where it vectorizes.)
+struct Adam {
+  at::Tensor exp_avg, exp_avg_sq;
+  double lr, beta1, beta2, weight_decay, eps;
+  int64_t step;
+};
+
+template <typename T>
+__attribute__((always_inline)) inline void adam_row(const Adam& o, int64_t s, int64_t P, T* param, const T* grad) {
+  T* m = o.exp_avg.data_ptr<T>() + s * P;
+  T* v = o.exp_avg_sq.data_ptr<T>() + s * P;
+  const double bias_correction1 = 1 - std::pow(o.beta1, static_cast<double>(o.step));
+  const double bias_correction2 = 1 - std::pow(o.beta2, static_cast<double>(o.step));
+  const T minus_step = static_cast<T>(-(o.lr / bias_correction1)), b2 = static_cast<T>(o.beta2);
+  const T c1 = static_cast<T>(1 - o.beta1), c2 = static_cast<T>(1 - o.beta2), wd = static_cast<T>(o.weight_decay);
+  const T root2 = static_cast<T>(std::sqrt(bias_correction2)), eps = static_cast<T>(o.eps);
+  const bool decay = o.weight_decay != 0;
+  for (int64_t d = 0; d < P; ++d) {
+    T g = grad[d];
+    if (decay) g = std::fma(param[d], wd, g);
+    m[d] = std::fma(c1, g - m[d], m[d]);  // exp_avg.lerp_(grad, 1 - beta1), weight below 0.5
+    v[d] = std::fma(c2 * g, g, v[d] * b2);
+    param[d] = param[d] + minus_step * m[d] / (std::sqrt(v[d]) / root2 + eps);
+  }
+}
+
 template <typename T>
 FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const at::Tensor& index, const at::Tensor& y,
          const at::Tensor& w, const std::vector<Layer>& layers, at::Tensor& out, at::Tensor& losses,
-         const at::Tensor* clip, const at::Tensor* row_scale, const at::Tensor* sizes) {
+         const at::Tensor* clip, const at::Tensor* row_scale, const at::Tensor* sizes, const Adam* adam) {
   const int64_t S = index.size(0), B = index.size(1), P = params.size(1), F = x_all.size(1);
   const int64_t L = static_cast<int64_t>(layers.size());
   const int64_t C = layers.back().out;
@@ -83,6 +114,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
   norms.resize(B);
   factor.resize(B);
   const T* x = x_all.data_ptr<T>();
+  // Parameters are read through a const pointer until Adam writes them, copy by copy.
   T* loss_out = losses.data_ptr<T>();
   for (int64_t s = 0; s < S; ++s) {
     const T* p = params.data_ptr<T>() + s * P;
@@ -100,6 +132,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
           std::fill(g + ly.bias, g + ly.bias + ly.out, T(0));
         }
       }
+      if (adam != nullptr) adam_row(*adam, s, P, params.data_ptr<T>() + s * P, g);
       continue;
     }
     for (int64_t i = 0; i < b; ++i) std::copy(x + rows[i] * F, x + (rows[i] + 1) * F, acts.data() + i * F);
@@ -161,7 +194,10 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
         for (int64_t j = 0; j < b * ly.in; ++j) below[j] *= T(1) - a[j] * a[j];
       }
     }
-    if (clip == nullptr) continue;
+    if (clip == nullptr) {
+      if (adam != nullptr) adam_row(*adam, s, P, params.data_ptr<T>() + s * P, g);
+      continue;
+    }
     // DP-SGD: row i's squared gradient norm is sum over layers of |d_i|^2 (|a_i|^2 + 1) (weight
     // and bias); Opacus's clip factor min(1, C / (norm + 1e-6)) times the row's scale; the
     // clipped sum (factor * d)^T a of each layer is added into `out`.
@@ -192,6 +228,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       for (int64_t i = 0; i < b; ++i)
         for (int64_t j = 0; j < ly.out; ++j) gb[j] += dl[i * ly.out + j];
     }
+    if (adam != nullptr) adam_row(*adam, s, P, params.data_ptr<T>() + s * P, g);
   }
 }
 
@@ -206,10 +243,14 @@ void check_rows(const at::Tensor& t, const char* name, int64_t S, int64_t B, at:
 // in, out, activation] per layer; out (S, P) contiguous: the gradients (plain step,
 // overwritten) or the buffer the clipped sums are added to (DP-SGD, clip (S,) and
 // row_scale (S, B) given); sizes (S,) int64, optional: each copy computes only its first
-// sizes[s] rows (the rest are padding). Returns every copy's loss sum_i w_i nll_i, (S,).
+// sizes[s] rows (the rest are padding); adam [lr, beta1, beta2, weight_decay, eps, step]
+// (empty: none): each copy's Adam step with exp_avg, exp_avg_sq (S, P) right after its
+// gradient, updating params in place. Returns every copy's loss sum_i w_i nll_i, (S,).
 at::Tensor mlp_step(const at::Tensor& params, const at::Tensor& x_all, const at::Tensor& index, const at::Tensor& y,
                     const at::Tensor& w, at::IntArrayRef layers, at::Tensor out, const std::optional<at::Tensor>& clip,
-                    const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& sizes) {
+                    const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& sizes,
+                    const std::optional<at::Tensor>& exp_avg, const std::optional<at::Tensor>& exp_avg_sq,
+                    at::ArrayRef<double> adam) {
   const auto dtype = params.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "mlp_step runs float32 or float64");
   TORCH_CHECK(params.device().is_cpu() && params.dim() == 2 && params.is_contiguous(), "params must be (S, P), contiguous");
@@ -252,18 +293,26 @@ at::Tensor mlp_step(const at::Tensor& params, const at::Tensor& x_all, const at:
     }
   }
   auto losses = at::empty({S}, params.options());
-  if (S == 0 || B == 0) {
-    losses.zero_();
-    if (!clip.has_value()) out.zero_();
-    return losses;
-  }
+  if (S == 0) return losses;
   const at::Tensor* c = clip.has_value() ? &*clip : nullptr;
   const at::Tensor* r = row_scale.has_value() ? &*row_scale : nullptr;
   const at::Tensor* n = sizes.has_value() ? &*sizes : nullptr;
+  std::optional<Adam> optimizer;
+  if (!adam.empty()) {
+    TORCH_CHECK(adam.size() == 6, "adam must be [lr, beta1, beta2, weight_decay, eps, step]");
+    TORCH_CHECK(exp_avg.has_value() && exp_avg_sq.has_value(), "adam needs exp_avg and exp_avg_sq");
+    for (const at::Tensor* t : {&*exp_avg, &*exp_avg_sq}) {
+      TORCH_CHECK(t->sizes() == params.sizes() && t->scalar_type() == dtype && t->is_contiguous(),
+                  "Adam's moments must be contiguous and like params");
+    }
+    TORCH_CHECK(adam[5] >= 1, "Adam's step count starts at 1");
+    optimizer = Adam{*exp_avg, *exp_avg_sq, adam[0], adam[1], adam[2], adam[3], adam[4], static_cast<int64_t>(adam[5])};
+  }
+  const Adam* o = optimizer.has_value() ? &*optimizer : nullptr;
   if (dtype == at::kFloat) {
-    run<float>(params, x_all, index, y, w, ls, out, losses, c, r, n);
+    run<float>(params, x_all, index, y, w, ls, out, losses, c, r, n, o);
   } else {
-    run<double>(params, x_all, index, y, w, ls, out, losses, c, r, n);
+    run<double>(params, x_all, index, y, w, ls, out, losses, c, r, n, o);
   }
   return losses;
 }
@@ -272,8 +321,8 @@ at::Tensor mlp_step(const at::Tensor& params, const at::Tensor& x_all, const at:
 
 TORCH_LIBRARY(fedcore_native, m) {
   m.def(
-      "mlp_step(Tensor params, Tensor x_all, Tensor index, Tensor y, Tensor w, int[] layers, Tensor(a!) out, "
-      "Tensor? clip, Tensor? row_scale, Tensor? sizes) -> Tensor");
+      "mlp_step(Tensor(a!) params, Tensor x_all, Tensor index, Tensor y, Tensor w, int[] layers, Tensor(b!) out, "
+      "Tensor? clip, Tensor? row_scale, Tensor? sizes, Tensor(c!)? exp_avg, Tensor(d!)? exp_avg_sq, float[] adam) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fedcore_native, CPU, m) { m.impl("mlp_step", mlp_step); }

@@ -74,7 +74,11 @@ def _load() -> str:
         with _ninja_on_path():
             # Portable flags: the matrix products are MKL's (dispatched at run time); the
             # loops around them gain nothing measurable from -march=native.
-            load(name="fedcore_native", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd"], is_python_module=False)
+            # No contraction into FMAs: Adam's arithmetic then rounds as torch's fused kernel does.
+            load(
+                name="fedcore_native", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno"],
+                is_python_module=False,
+            )
         _op = torch.ops.fedcore_native.mlp_step
     except Exception as error:  # noqa: BLE001 - any failure to build or load: run the tensor-operation step
         reason = " ".join(str(error).split())[:300]
@@ -91,6 +95,21 @@ def unavailable_reason() -> str | None:
         if _loaded is None:
             _loaded = _load()
     return _loaded or None
+
+
+@dataclass(frozen=True)
+class AdamStep:
+    """Adam's state and settings for the native step to apply copy by copy, each copy right
+    after its gradient (torch's fused Adam arithmetic; every copy at the same step count).
+
+    :ivar exp_avg: ``(S, P)`` first moments, updated in place.
+    :ivar exp_avg_sq: ``(S, P)`` second moments, updated in place.
+    :ivar settings: ``(lr, beta1, beta2, weight_decay, eps, step)``, ``step`` counting this one.
+    """
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    settings: tuple[float, float, float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -113,22 +132,26 @@ class NativeMLPStep:
             layers += [layout.offsets[d.weight], layout.offsets[d.bias], in_features, out_features, _ACTIVATION_CODES[d.activation]]
         return cls(tuple(layers))
 
-    def train(self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def train(
+        self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+        grad: torch.Tensor, adam: AdamStep | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """One plain step of every copy: gradients of ``sum_i w_i nll_i`` into ``grad``; the losses ``(S,)``.
 
-        :param params: ``(S, P)`` the copies' parameters (contiguous).
+        :param params: ``(S, P)`` the copies' parameters (contiguous; updated in place by ``adam``).
         :param x_all: ``(N, F)`` every copy's rows.
         :param index: ``(S, B)`` the rows of ``x_all`` each copy's batch takes.
         :param y: ``(S, B)`` their labels (int64).
         :param w: ``(S, B)`` their weights (0 on padding).
         :param grad: ``(S, P)`` overwritten with the gradients.
+        :param adam: Adam's step to take with them, copy by copy (None: the caller steps).
         """
-        assert _op is not None
-        return _op(params, x_all, index, y.long(), w, self.layers, grad, None, None, None)
+        return self._call(params, x_all, index, y, w, grad, None, None, None, adam)
 
     def dp(
         self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
         clip: torch.Tensor, noise: torch.Tensor, row_scale: torch.Tensor, sizes: torch.Tensor | None = None,
+        adam: AdamStep | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """One DP-SGD step's clipped sums of every copy, added into ``noise``; the losses ``(S,)``.
 
@@ -139,6 +162,15 @@ class NativeMLPStep:
         :param sizes: ``(S,)`` int64, each copy's own batch size: its first ``sizes[s]`` rows are
             its batch, the rest padding, which is skipped (copies step in lockstep at the
             widest of their Poisson batches; the others need not compute its padding).
+        :param adam: Adam's step to take with the noised sums, copy by copy (None: the caller steps).
         """
+        return self._call(params, x_all, index, y, w, noise, clip, row_scale, sizes, adam)
+
+    def _call(
+        self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+        out: torch.Tensor, clip: torch.Tensor | None, row_scale: torch.Tensor | None, sizes: torch.Tensor | None,
+        adam: AdamStep | None,
+    ) -> torch.Tensor:  # fmt: skip
         assert _op is not None
-        return _op(params, x_all, index, y.long(), w, self.layers, noise, clip, row_scale, sizes)
+        moments = (None, None, ()) if adam is None else (adam.exp_avg, adam.exp_avg_sq, adam.settings)
+        return _op(params, x_all, index, y.long(), w, self.layers, out, clip, row_scale, sizes, *moments)

@@ -42,7 +42,7 @@ from torch.optim.adam import adam as functional_adam
 from fedcore.components import DPStep, FederatedData
 from fedcore.engine.cpu import flush_denormals, huge_page_empty
 from fedcore.engine.cuda_graphs import EpochBuffers, ReplayedStep
-from fedcore.engine.native import NativeMLPStep
+from fedcore.engine.native import AdamStep, NativeMLPStep
 from fedcore.engine.simulation import (
     FederatedRun,
     RunJob,
@@ -265,6 +265,17 @@ class StackedTrainer:
             return
         self._masked_adam(grad, active)
 
+    def _native_adam(self, every: bool) -> AdamStep | None:
+        """Adam's step for the native step to take copy by copy, where one fused Adam over all
+        rows would take it (Adam, every copy stepping from the same count; see
+        :meth:`_optimizer_step`); None otherwise. The step is counted."""
+        if not (every and self._counts_equal and self.training.optimizer == "adam"):
+            return None
+        self.counts += 1
+        k = self._adam_kwargs
+        settings = (k["lr"], k["beta1"], k["beta2"], k["weight_decay"], k["eps"], float(self.counts[0]))
+        return AdamStep(self.exp_avg, self.exp_avg_sq, settings)
+
     def _count(self, active: np.ndarray, every: bool = False) -> None:
         """One more step for the rows in ``active``."""
         if every:
@@ -462,8 +473,10 @@ class StackedTrainer:
         if self.native is not None:
             step_losses = []
             for t, (index_t, y_t, w_t) in enumerate(zip(gidx.unbind(1), y.unbind(1), w.unbind(1), strict=True)):
-                step_losses.append(self.native.train(self.flat, x_all, index_t, y_t, w_t, self._grad))
-                self._optimizer_step(self._grad, active[:, t], all_active)
+                adam = self._native_adam(all_active)
+                step_losses.append(self.native.train(self.flat, x_all, index_t, y_t, w_t, self._grad, adam))
+                if adam is None:
+                    self._optimizer_step(self._grad, active[:, t], all_active)
             if step_losses:
                 loss_sum += (torch.stack(step_losses, dim=1) * active_t).sum(dim=1)
             return
@@ -629,10 +642,12 @@ class StackedTrainer:
         for t, noise in enumerate(noises):
             k = widths[t]
             if self.native is not None:
+                adam = self._native_adam(every)
                 losses = self.native.dp(
-                    self.flat, x_all, gidx[:, t, :k], y_epoch[:, t, :k], w[:, t, :k], clip, noise, row_scale[:, t, :k], own[t]
+                    self.flat, x_all, gidx[:, t, :k], y_epoch[:, t, :k], w[:, t, :k], clip, noise, row_scale[:, t, :k], own[t], adam
                 )
-                self._optimizer_step(noise, active[:, t], every)
+                if adam is None:
+                    self._optimizer_step(noise, active[:, t], every)
                 step_losses.append(losses)
                 continue
             # Each step gathers its own rows at its own width (gathering the whole epoch
