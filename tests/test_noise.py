@@ -12,6 +12,8 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
+import fedcore.engine.native as native
+import fedcore.noise as noise_module
 from fedcore.noise import AHEAD_MIN_BYTES, DeviceGaussianNoise, GaussianNoise
 
 KEYS = [bytes(range(16)), bytes(range(16, 32)), bytes(range(32, 48))]
@@ -30,11 +32,43 @@ def _reference(key: bytes, width: int, draws: int, std: float) -> np.ndarray:
     return np.concatenate([radius * np.cos(angle), (radius * np.sin(angle))[:, : width - half]], axis=1)
 
 
-@pytest.mark.parametrize("width", [7, 10])
-def test_values_are_the_documented_box_muller_over_aes_ctr(width: int) -> None:
+@pytest.fixture(params=["native", "numpy"])
+def transform(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both transforms: the native one (where the native code builds, as in CI) and numpy's."""
+    if request.param == "numpy":
+        monkeypatch.setattr(noise_module, "gaussian_from_bits", lambda: None)
+    elif noise_module.gaussian_from_bits() is None:
+        pytest.skip(f"native code unavailable: {native.unavailable_reason()}")
+    return str(request.param)
+
+
+@pytest.mark.parametrize("width", [7, 10, 15427])
+def test_values_are_the_documented_box_muller_over_aes_ctr(width: int, transform: str) -> None:
     noise = GaussianNoise([KEYS[0]], width, torch.float64)
+    assert (noise._native is not None) == (transform == "native")
     got = np.stack([noise.sample(0.5).numpy() for _ in range(3)])
     np.testing.assert_allclose(got, _reference(KEYS[0], width, 3, 0.5), rtol=1e-12, atol=1e-15)
+
+
+def test_float32_values_are_the_reference_to_a_few_ulp(transform: str) -> None:
+    """In float32 the transform runs in float32 (as documented): the reference to its rounding."""
+    noise = GaussianNoise([KEYS[1]], 1001, torch.float32)
+    got = noise.sample(2.0).numpy()
+    np.testing.assert_allclose(got, _reference(KEYS[1], 1001, 1, 2.0)[0], rtol=5e-6, atol=5e-6)
+
+
+def test_both_transforms_draw_the_same_rows_and_skip_the_same_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    if noise_module.gaussian_from_bits() is None:
+        pytest.skip(f"native code unavailable: {native.unavailable_reason()}")
+    native_noise = GaussianNoise(KEYS, 333, torch.float32)
+    monkeypatch.setattr(noise_module, "gaussian_from_bits", lambda: None)
+    numpy_noise = GaussianNoise(KEYS, 333, torch.float32)
+    for rows in (None, [True, False, True], [False, False, False]):
+        a = native_noise.draw(torch.full((3, 333), 7.0), [1.0, 0.5, 3.0], rows)
+        b = numpy_noise.draw(torch.full((3, 333), 7.0), [1.0, 0.5, 3.0], rows)
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+        if rows is not None:
+            assert not a[[not r for r in rows]].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,4 +1,5 @@
-"""A native (C++) training step for plain MLPs on the CPU (``mlp_step.cpp`` beside this file).
+"""Native (C++) code on the CPU: a training step for plain MLPs (``mlp_step.cpp`` beside this
+file) and the Box-Muller transform of :class:`fedcore.noise.GaussianNoise` (``gaussian.cpp``).
 
 For the paper's MLP a step of S stacked copies is ~35 tensor operations over all copies,
 each a pass through memory, and MKL's matrix products are a quarter of its time. The native
@@ -10,10 +11,11 @@ Same formulas as :func:`~fedcore.engine.vectorized_step.make_mlp_train_step` and
 rounding (float64: to ~1e-15). Measured on the paper's workload in ``docs/speed.md``.
 
 The source is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and
-``ninja``; ~15 s once, then loaded from torch's extension cache, keyed by the source's hash).
-Where it cannot be built or loaded -- no compiler, a torch without MKL's ``sgemm_`` -- the
-engine runs the compiled tensor-operation step instead, with the same numbers to rounding;
-:func:`unavailable_reason` says why. ``FEDCORE_NATIVE=0`` turns it off.
+``ninja``; ~15 s once, then loaded from torch's extension cache, keyed by the sources' hash).
+Where it cannot be built or loaded -- no compiler, a torch without MKL's ``sgemm_``, no glibc
+``libmvec`` -- the engine runs the compiled tensor-operation step and the noise its numpy
+transform instead, with the same numbers to rounding; :func:`unavailable_reason` says why.
+``FEDCORE_NATIVE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ import torch
 from fedcore.engine.vectorized_step import ParamLayout, mlp_layers
 
 SOURCE = Path(__file__).with_name("mlp_step.cpp")
+#: the Box-Muller transform of :class:`fedcore.noise.GaussianNoise`, built with the step
+GAUSSIAN_SOURCE = Path(__file__).with_name("gaussian.cpp")
 #: set to 0 to run the compiled tensor-operation steps instead
 ENV = "FEDCORE_NATIVE"
 _ACTIVATION_CODES: dict[type[torch.nn.Module] | None, int] = {None: 0, torch.nn.ReLU: 1, torch.nn.Tanh: 2}
@@ -74,17 +78,28 @@ def _load() -> str:
         with _ninja_on_path():
             # Portable flags: the matrix products are MKL's (dispatched at run time); the
             # loops around them gain nothing measurable from -march=native.
-            # No contraction into FMAs: Adam's arithmetic then rounds as torch's fused kernel does.
+            # No contraction into FMAs: Adam's arithmetic then rounds as torch's fused kernel
+            # does. sin and cos stay separate calls, which glibc's libmvec vectorizes.
             load(
-                name="fedcore_native", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno"],
-                is_python_module=False,
-            )
+                name="fedcore_native", sources=[str(SOURCE), str(GAUSSIAN_SOURCE)],
+                extra_cflags=[
+                    "-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno",
+                    "-fno-builtin-sin", "-fno-builtin-cos", "-fno-builtin-sinf", "-fno-builtin-cosf",
+                ],
+                extra_ldflags=["-lmvec"], is_python_module=False,
+            )  # fmt: skip
         _op = torch.ops.fedcore_native.mlp_step
     except Exception as error:  # noqa: BLE001 - any failure to build or load: run the tensor-operation step
         reason = " ".join(str(error).split())[:300]
         _log.info("native MLP step unavailable, running the compiled tensor-operation step: %s", reason)
         return reason or type(error).__name__
     return ""
+
+
+def gaussian_from_bits() -> Callable[..., None] | None:
+    """The native Box-Muller transform (``gaussian.cpp``), or None where the native code
+    cannot run (:func:`unavailable_reason`)."""
+    return None if unavailable_reason() is not None else torch.ops.fedcore_native.gaussian_from_bits
 
 
 def unavailable_reason() -> str | None:
