@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,6 +217,32 @@ def test_it_can_be_turned_off_and_a_failed_build_falls_back(monkeypatch: pytest.
     monkeypatch.setattr(native, "_loaded", "no compiler")
     assert native.unavailable_reason() == "no compiler"
     assert StackedTrainer(_mlp(), TrainingSpec(local_epochs=1, batch_size=8), 2).native is None
+
+
+def test_each_build_has_its_own_folder_and_lands_in_one_rename(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A build killed halfway (its folder and torch's lock file left behind) blocks nothing:
+    the next build uses a fresh folder. torch's compiler is replaced by a fake here (the real
+    build is what every other test here loads)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv("FEDCORE_CACHE", str(tmp_path))
+    target = native.library_path()
+    assert target.parent == tmp_path / "native"
+    stale = target.parent / ".build-killed"
+    stale.mkdir(parents=True)
+    (stale / "lock").touch()  # what a killed torch build leaves
+    folders = []
+
+    def fake_load(*, name: str, build_directory: str, **_: object) -> None:  # a fake compiler
+        folders.append(build_directory)
+        (Path(build_directory) / f"{name}.so").write_bytes(b"built")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    native._build(target)
+    assert target.read_bytes() == b"built"
+    assert len(folders) == 1 and Path(folders[0]).parent == target.parent and Path(folders[0]) != stale
+    assert not Path(folders[0]).exists()  # the private folder is gone
+    assert native.library_path() == target  # same sources, flags, versions: the same name
 
 
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])

@@ -11,7 +11,8 @@ Same formulas as :func:`~fedcore.engine.vectorized_step.make_mlp_train_step` and
 rounding (float64: to ~1e-15). Measured on the paper's workload in ``docs/speed.md``.
 
 The source is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and
-``ninja``; ~15 s once, then loaded from torch's extension cache, keyed by the sources' hash).
+``ninja``; ~15 s once, then loaded from ``<cache>/native/``, keyed by the sources' hash:
+:func:`library_path`).
 Where it cannot be built or loaded -- no compiler, a torch without MKL's ``sgemm_``, no glibc
 ``libmvec`` -- the engine runs the compiled tensor-operation step and the noise its numpy
 transform instead, with the same numbers to rounding; :func:`unavailable_reason` says why.
@@ -20,9 +21,13 @@ transform instead, with the same numbers to rounding; :func:`unavailable_reason`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import shutil
+import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from fedcore.cache import cache_root
 from fedcore.engine.vectorized_step import ParamLayout, mlp_layers
 
 SOURCE = Path(__file__).with_name("mlp_step.cpp")
@@ -67,31 +73,65 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = before
 
 
+# Portable flags: the matrix products are MKL's (dispatched at run time); the loops around
+# them are compiled for several instruction sets in the sources. No contraction into FMAs:
+# Adam's arithmetic then rounds as torch's fused kernel does. sin and cos stay separate
+# calls, which glibc's libmvec vectorizes.
+_CFLAGS = (
+    "-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno",
+    "-fno-builtin-sin", "-fno-builtin-cos", "-fno-builtin-sinf", "-fno-builtin-cosf",
+)  # fmt: skip
+_LDFLAGS = ("-lmvec",)
+
+
+def library_path() -> Path:
+    """Where the built library is kept: ``<cache>/native/``, named by a hash of the sources,
+    the flags, torch's and Python's versions and the machine (a change to any builds anew)."""
+    digest = hashlib.sha256()
+    for source in (SOURCE, GAUSSIAN_SOURCE):
+        digest.update(source.read_bytes())
+    for part in (*_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, platform.machine()):
+        digest.update(part.encode())
+    return cache_root() / "native" / f"fedcore_native-{digest.hexdigest()[:20]}.so"
+
+
+def _build(path: Path) -> None:
+    """Compile and load the library, then keep it at ``path``.
+
+    Each build runs in its own temporary folder and the library is moved into place in one
+    rename: processes that build at once each finish (the same bytes), and a build killed
+    halfway leaves nothing that blocks the next one. (torch's shared build folder holds a
+    lock file while it builds; one left by a killed process makes every later process wait
+    for it forever.)
+    """
+    from torch.utils.cpp_extension import load
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder, _ninja_on_path():
+        load(
+            name="fedcore_native", sources=[str(SOURCE), str(GAUSSIAN_SOURCE)], extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS), build_directory=folder, is_python_module=False,
+        )  # fmt: skip
+        built = sorted(Path(folder).glob("fedcore_native*.so"))
+        if built:
+            os.replace(built[-1], path)
+
+
 def _load() -> str:
-    """Build (once per source) and load the kernel; ``""`` when it loaded, else why not."""
+    """Build (once per machine and sources) and load the native code; ``""`` when it loaded, else why not."""
     global _op
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"turned off by {ENV}={os.environ[ENV]}"
     try:
-        from torch.utils.cpp_extension import load
-
-        with _ninja_on_path():
-            # Portable flags: the matrix products are MKL's (dispatched at run time); the
-            # loops around them gain nothing measurable from -march=native.
-            # No contraction into FMAs: Adam's arithmetic then rounds as torch's fused kernel
-            # does. sin and cos stay separate calls, which glibc's libmvec vectorizes.
-            load(
-                name="fedcore_native", sources=[str(SOURCE), str(GAUSSIAN_SOURCE)],
-                extra_cflags=[
-                    "-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno",
-                    "-fno-builtin-sin", "-fno-builtin-cos", "-fno-builtin-sinf", "-fno-builtin-cosf",
-                ],
-                extra_ldflags=["-lmvec"], is_python_module=False,
-            )  # fmt: skip
+        path = library_path()
+        if path.exists():
+            torch.ops.load_library(str(path))
+        else:
+            _build(path)  # loads it too
         _op = torch.ops.fedcore_native.mlp_step
     except Exception as error:  # noqa: BLE001 - any failure to build or load: run the tensor-operation step
         reason = " ".join(str(error).split())[:300]
-        _log.info("native MLP step unavailable, running the compiled tensor-operation step: %s", reason)
+        _log.info("native code unavailable, running the compiled tensor-operation step and numpy's noise transform: %s", reason)
         return reason or type(error).__name__
     return ""
 

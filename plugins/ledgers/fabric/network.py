@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from fedcore.cache import cache_root
 from fedcore.errors import FedcoreUserError
 
 FABRIC_VERSION = "3.1.1"
@@ -77,10 +78,6 @@ SMARTBFT_TIMEOUTS = {
     "LeaderHeartbeatCount": 10,
     "CollectTimeout": "1s",
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FEDCORE_CACHE", Path.home() / ".cache" / "fedcore"))
 
 
 def bin_dir() -> Path:
