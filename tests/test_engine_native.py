@@ -212,7 +212,7 @@ def test_it_can_be_turned_off_and_a_failed_build_falls_back(monkeypatch: pytest.
     monkeypatch.setenv(native.ENV, "0")
     assert "FEDCORE_NATIVE=0" in native._load()
     monkeypatch.delenv(native.ENV)
-    monkeypatch.setattr(native, "SOURCE", native.SOURCE.with_name("missing.cpp"))
+    monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0].with_name("missing.cpp"),))
     assert native._load()  # a reason, no exception
     monkeypatch.setattr(native, "_loaded", "no compiler")
     assert native.unavailable_reason() == "no compiler"

@@ -9,6 +9,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "native.h"
+
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -30,12 +32,6 @@ double cos(double);
 }
 
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FEDCORE_CLONES
-#endif
 
 inline float vlog(float x) { return logf(x); }
 inline double vlog(double x) { return log(x); }

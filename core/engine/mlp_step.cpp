@@ -13,6 +13,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "native.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -53,13 +55,6 @@ template <typename T>
 const T* row_of(const at::Tensor& t, int64_t s) {
   return t.data_ptr<T>() + s * t.stride(0);
 }
-
-// Compiled for a few instruction sets and picked at load time (the build flags stay portable).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FEDCORE_CLONES
-#endif
 
 // Adam's step for one copy once its gradient is complete, while its rows are in cache: the
 // arithmetic of the vectorized loop of torch's fused CPU Adam (at::_fused_adam_, no amsgrad,

@@ -39,9 +39,8 @@ import torch
 from fedcore.cache import cache_root
 from fedcore.engine.vectorized_step import ParamLayout, mlp_layers
 
-SOURCE = Path(__file__).with_name("mlp_step.cpp")
-#: the Box-Muller transform of :class:`fedcore.noise.GaussianNoise`, built with the step
-GAUSSIAN_SOURCE = Path(__file__).with_name("gaussian.cpp")
+#: the step, the Box-Muller transform of :class:`fedcore.noise.GaussianNoise`, and the header they share
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("mlp_step.cpp", "gaussian.cpp", "native.h"))
 #: set to 0 to run the compiled tensor-operation steps instead
 ENV = "FEDCORE_NATIVE"
 _ACTIVATION_CODES: dict[type[torch.nn.Module] | None, int] = {None: 0, torch.nn.ReLU: 1, torch.nn.Tanh: 2}
@@ -88,7 +87,7 @@ def library_path() -> Path:
     """Where the built library is kept: ``<cache>/native/``, named by a hash of the sources,
     the flags, torch's and Python's versions and the machine (a change to any builds anew)."""
     digest = hashlib.sha256()
-    for source in (SOURCE, GAUSSIAN_SOURCE):
+    for source in SOURCES:
         digest.update(source.read_bytes())
     for part in (*_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, platform.machine()):
         digest.update(part.encode())
@@ -109,7 +108,7 @@ def _build(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder, _ninja_on_path():
         load(
-            name="fedcore_native", sources=[str(SOURCE), str(GAUSSIAN_SOURCE)], extra_cflags=list(_CFLAGS),
+            name="fedcore_native", sources=[str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=list(_CFLAGS),
             extra_ldflags=list(_LDFLAGS), build_directory=folder, is_python_module=False,
         )  # fmt: skip
         built = sorted(Path(folder).glob("fedcore_native*.so"))
