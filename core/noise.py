@@ -75,6 +75,7 @@ class GaussianNoise:
             self._row_bits = np.empty((len(keys), words), dtype=np.uint32)
             self._row_streams = [memoryview(row).cast("B") for row in self._row_bits]
             self._row_bits_t = torch.from_numpy(self._row_bits.view(np.int32))
+            self._every_row = list(range(len(keys)))
             return
         # One row of keystream at a time stays in cache.
         self._bits = np.empty(words, dtype=np.uint32)
@@ -97,19 +98,24 @@ class GaussianNoise:
         drawing = None if rows is None else np.asarray(rows, dtype=bool)
         if drawing is not None and drawing.all():
             drawing = None  # every row draws: skip the per-row bookkeeping
-        values = out.numpy()
+        return self._fill(out, [float(s) for s in std], drawing)
+
+    def _fill(self, out: torch.Tensor, std: list[float], drawing: np.ndarray | None) -> torch.Tensor:
+        """:meth:`draw` on checked arguments (``drawing`` None when every row draws)."""
         if self._native is not None:
-            drawn = range(n_rows) if drawing is None else np.flatnonzero(drawing).tolist()
+            drawn = self._every_row if drawing is None else np.flatnonzero(drawing).tolist()
+            encryptors, streams, zeros = self._encryptors, self._row_streams, self._zeros
             for i in drawn:
-                self._encryptors[i].update_into(self._zeros, self._row_streams[i])
-            self._native(self._row_bits_t, out, [float(s) for s in std], list(drawn))
+                encryptors[i].update_into(zeros, streams[i])
+            self._native(self._row_bits_t, out, std, drawn)
             if drawing is not None:
-                values[~drawing] = 0.0
+                out.numpy()[~drawing] = 0.0
             return out
+        values = out.numpy()
         h, rest, bits, angle = self.half, self.width - self.half, self._bits, self._angle
         radius = values[:, :h]
         keystream = self._keystream
-        for i in range(n_rows) if drawing is None else np.flatnonzero(drawing):
+        for i in range(len(self._encryptors)) if drawing is None else np.flatnonzero(drawing):
             self._encryptors[i].update_into(self._zeros, keystream)
             np.copyto(radius[i], bits[:h], casting="unsafe")
             np.multiply(bits[h : 2 * h], _ANGLE, out=angle[i], dtype=angle.dtype, casting="unsafe")
@@ -151,17 +157,24 @@ class GaussianNoise:
         buffers = [torch.empty(len(self._encryptors), self.width, dtype=self.dtype) for _ in range(min(2, n_steps))]
         small = len(self._encryptors) * self.width * self.dtype.itemsize < AHEAD_MIN_BYTES
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        # The checks and conversions of draw, once for every step.
+        scales = [float(s) for s in std]
+        rows = np.asarray(rows, dtype=bool)
+        if rows.shape != (len(self._encryptors), n_steps):
+            raise ValueError(f"rows must be ({len(self._encryptors)}, steps), not {rows.shape}")
+        every = rows.all(axis=0)
+        drawing = [None if every[t] else rows[:, t] for t in range(n_steps)]
         if not ahead or small or n_steps < 2 or cpus < 2:
             for t in range(n_steps):
-                yield self.draw(buffers[0], std, rows[:, t])
+                yield self._fill(buffers[0], scales, drawing[t])
             return
         with ThreadPoolExecutor(1, thread_name_prefix="fedcore-noise") as drawer:
-            pending = drawer.submit(self.draw, buffers[0], std, rows[:, 0])
+            pending = drawer.submit(self._fill, buffers[0], scales, drawing[0])
             for t in range(n_steps):
                 out = pending.result()
                 if t + 1 < n_steps:
                     # Into the buffer of step t - 1, which the caller finished with.
-                    pending = drawer.submit(self.draw, buffers[(t + 1) % 2], std, rows[:, t + 1])
+                    pending = drawer.submit(self._fill, buffers[(t + 1) % 2], scales, drawing[t + 1])
                 yield out
 
     def sample(self, std: float) -> torch.Tensor:

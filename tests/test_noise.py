@@ -167,3 +167,8 @@ def test_only_a_large_buffer_is_drawn_ahead() -> None:
 
     assert helper_running(AHEAD_MIN_BYTES // 4 // 3 + 1)
     assert not helper_running(1000)
+
+
+def test_per_step_refuses_rows_of_another_shape() -> None:
+    with pytest.raises(ValueError, match=r"rows must be \(3, steps\)"):
+        next(GaussianNoise(KEYS, 8).per_step([1.0] * 3, np.ones((2, 4), dtype=bool)))
