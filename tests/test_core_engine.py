@@ -175,6 +175,23 @@ def test_parallel_workers_give_the_same_numbers(tmp_path: Path) -> None:
     assert rows(runs[0]) == rows(runs[1])
 
 
+@pytest.mark.slow
+def test_a_repeats_numbers_do_not_depend_on_the_group_it_trains_in(tmp_path: Path) -> None:
+    """The paper spec on two workers halves its stacked groups (fedcore.engine.runner.execution_units),
+    so repeats 1 and 3 of the centralized baseline train from other rows of the stack than
+    on one worker; with the paper's layer widths, MKL's matmuls round by their operands'
+    alignment, which the native step keeps the same for every row."""
+    text = (Path(__file__).resolve().parents[1] / "specs" / "paper.yaml").read_text()
+    overrides = ["data.settings.patients_per_site=500", "repeats=4", "training.rounds=1", "training.local_epochs=1"]
+    runs = [run_spec_text(text, tmp_path / f"w{w}", overrides, workers=w) for w in (1, 2)]
+
+    def centralized(run: Path) -> list[tuple]:
+        out = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+        return sorted((r["repeat"], r["round"], r["train_loss"], r["test"]["loss"]) for r in out if r["mode"] == "centralized")
+
+    assert centralized(runs[0]) == centralized(runs[1])
+
+
 class Observer:
     """A lifecycle-hook observer: watches without changing anything."""
 

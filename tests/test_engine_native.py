@@ -276,3 +276,34 @@ def test_training_with_it_equals_training_with_the_compiled_steps(dp: bool) -> N
     torch.testing.assert_close(native_flat, script_flat, rtol=1e-10, atol=1e-12)
     assert [s for s, _ in native_outcomes] == [s for s, _ in script_outcomes]
     assert [m for _, m in native_outcomes] == pytest.approx([m for _, m in script_outcomes], rel=1e-10)
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_copys_numbers_do_not_depend_on_its_row(dp: bool) -> None:
+    """Identical copies in every row of the stack get bit-identical results: MKL rounds
+    differently at different alignments, and each row of the (S, P) buffers has its own
+    (the paper's P = 15,427), so without the step's aligned buffers a copy's numbers would
+    depend on which copies train beside it, and so on the run's grouping into workers."""
+    module = torch.nn.Sequential(
+        torch.nn.Linear(38, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
+        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3),
+    )  # fmt: skip
+    layout = ParamLayout.of(module)
+    copies, width = 4, 32
+    g = torch.Generator().manual_seed(3)
+    flat = (torch.randn(layout.size, generator=g) * 0.1).repeat(copies, 1).contiguous()
+    x_all = torch.randn(500, 38, generator=g)
+    index = torch.randint(0, 500, (1, width), generator=g).repeat(copies, 1)
+    y = torch.randint(0, 3, (1, width), generator=g).repeat(copies, 1)
+    w = torch.full((copies, width), 1 / width)
+    step = NativeMLPStep.of(module, layout, torch.float32, CPU)
+    assert step is not None
+    if dp:
+        out = (torch.randn(layout.size, generator=g) * 0.01).repeat(copies, 1).contiguous()
+        losses = step.dp(flat, x_all, index, y, w, torch.full((copies,), 0.5), out, w.clone())
+    else:
+        out = torch.empty_like(flat)
+        losses = step.train(flat, x_all, index, y, w, out)
+    for row in range(1, copies):
+        assert torch.equal(out[row], out[0]), f"row {row} differs from row 0 by {float((out[row] - out[0]).abs().max()):.3g}"
+        assert torch.equal(losses[row], losses[0])

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstddef>
 #include <vector>
 
 extern "C" {
@@ -49,6 +50,15 @@ enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2 };
 struct Layer {
   int64_t weight, bias, in, out, activation;
 };
+
+// Scratch buffers hold kAlign extra elements so that their first 64-byte aligned element
+// leaves room for P values.
+constexpr int64_t kAlign = 64;
+template <typename T>
+T* aligned(T* p) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p);
+  return reinterpret_cast<T*>((address + 63) & ~static_cast<std::uintptr_t>(63));
+}
 
 // Row i of an (S, B) argument of copy s (any stride between copies, rows contiguous).
 template <typename T>
@@ -97,6 +107,15 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
   // Scratch, reused across calls: every layer's input (x's rows first) and the logits;
   // every layer's output gradient; the per-row norms and clip factors.
   thread_local std::vector<T> acts, deltas, norms, factor;
+  // A copy's parameters and its weights' gradients pass through these 64-byte aligned
+  // buffers: MKL's sums round differently at different alignments, and a copy's row of the
+  // (S, P) buffers is aligned by its index (P is rarely a multiple of 16), so without them a
+  // copy's numbers would depend on which copies train beside it (the run's grouping).
+  thread_local std::vector<T> param_buffer, grad_buffer;
+  param_buffer.resize(P + kAlign);
+  grad_buffer.resize(P + kAlign);
+  T* const pa = aligned(param_buffer.data());
+  T* const ga = aligned(grad_buffer.data());
   std::vector<int64_t> act_at(L + 1), delta_at(L + 1);
   act_at[0] = 0;
   delta_at[0] = 0;
@@ -130,13 +149,14 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       if (adam != nullptr) adam_row(*adam, s, P, params.data_ptr<T>() + s * P, g);
       continue;
     }
+    std::copy(p, p + P, pa);
     for (int64_t i = 0; i < b; ++i) std::copy(x + rows[i] * F, x + (rows[i] + 1) * F, acts.data() + i * F);
     // Forward: z = a W^T, then + b and the activation in one pass, layer after layer.
     for (int64_t l = 0; l < L; ++l) {
       const Layer& ly = layers[l];
       const T* a = acts.data() + act_at[l];
       T* z = acts.data() + act_at[l + 1];
-      gemm('T', 'N', ly.out, b, ly.in, p + ly.weight, ly.in, a, ly.in, T(0), z, ly.out);
+      gemm('T', 'N', ly.out, b, ly.in, pa + ly.weight, ly.in, a, ly.in, T(0), z, ly.out);
       const T* bias = p + ly.bias;
       for (int64_t i = 0; i < b; ++i) {
         T* zi = z + i * ly.out;
@@ -173,7 +193,8 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       const T* a = acts.data() + act_at[l];
       d = deltas.data() + delta_at[l];
       if (clip == nullptr) {
-        gemm('N', 'T', ly.in, ly.out, b, a, ly.in, d, ly.out, T(0), g + ly.weight, ly.in);  // d^T a
+        gemm('N', 'T', ly.in, ly.out, b, a, ly.in, d, ly.out, T(0), ga + ly.weight, ly.in);  // d^T a
+        std::copy(ga + ly.weight, ga + ly.weight + ly.in * ly.out, g + ly.weight);
         T* gb = g + ly.bias;
         std::fill(gb, gb + ly.out, T(0));
         for (int64_t i = 0; i < b; ++i)
@@ -181,7 +202,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       }
       if (l == 0) break;
       T* below = deltas.data() + delta_at[l - 1];
-      gemm('N', 'N', ly.in, b, ly.out, p + ly.weight, ly.in, d, ly.out, T(0), below, ly.in);  // d W
+      gemm('N', 'N', ly.in, b, ly.out, pa + ly.weight, ly.in, d, ly.out, T(0), below, ly.in);  // d W
       const int64_t act = layers[l - 1].activation;
       if (act == kRelu) {
         for (int64_t j = 0; j < b * ly.in; ++j) below[j] = a[j] > T(0) ? below[j] : T(0);
@@ -218,7 +239,12 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       T* dl = deltas.data() + delta_at[l];
       for (int64_t i = 0; i < b; ++i)
         for (int64_t j = 0; j < ly.out; ++j) dl[i * ly.out + j] *= factor[i];
-      gemm('N', 'T', ly.in, ly.out, b, acts.data() + act_at[l], ly.in, dl, ly.out, T(1), g + ly.weight, ly.in);
+      // The layer's clipped sum, then added into the noise (one rounding each, in that order).
+      T* sum = ga + ly.weight;
+      gemm('N', 'T', ly.in, ly.out, b, acts.data() + act_at[l], ly.in, dl, ly.out, T(0), sum, ly.in);
+      T* gw = g + ly.weight;
+#pragma omp simd
+      for (int64_t j = 0; j < ly.in * ly.out; ++j) gw[j] += sum[j];
       T* gb = g + ly.bias;
       for (int64_t i = 0; i < b; ++i)
         for (int64_t j = 0; j < ly.out; ++j) gb[j] += dl[i * ly.out + j];
