@@ -12,6 +12,13 @@ from fedcore.spec import load_experiment
 PAPER = Path(__file__).resolve().parents[1] / "specs" / "paper.yaml"
 
 
+@pytest.fixture(params=["compiled", "native"])
+def step_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The cost model of either way of running a step (TorchScript, or the native MLP step)."""
+    monkeypatch.setattr(runner, "_step_kind", lambda *args: request.param)
+    return str(request.param)
+
+
 def units_of(overrides: list[str], workers: int) -> list[tuple[str, int]]:
     experiment = load_experiment(PAPER, ["data.settings.patients_per_site=200", *overrides])
     jobs = runner.plan_jobs(experiment, runner.preflight(experiment))
@@ -21,20 +28,40 @@ def units_of(overrides: list[str], workers: int) -> list[tuple[str, int]]:
     return sorted((unit[0].mode, len(unit)) for unit in units)
 
 
-def test_two_stacked_groups_on_two_cores_stay_whole() -> None:
-    # Splitting would make each half pay the per-step overhead the whole group pays once.
-    assert units_of([], 2) == [("centralized", 10), ("federated", 10)]
+def test_two_stacked_groups_on_two_cores(step_kind: str) -> None:
+    if step_kind == "compiled":
+        # Splitting would make each half pay the per-step overhead the whole group pays once.
+        assert units_of([], 2) == [("centralized", 10), ("federated", 10)]
+    else:
+        # Little overhead a step: the DP group alone would outlast the centralized one, so
+        # each core trains half of each.
+        assert units_of([], 2) == [("centralized", 5), ("centralized", 5), ("federated", 5), ("federated", 5)]
 
 
-def test_a_lone_group_is_split_to_fill_the_cores() -> None:
+def test_a_lone_group_is_split_to_fill_the_cores(step_kind: str) -> None:
     assert units_of(["baseline.centralized=false"], 2) == [("federated", 5), ("federated", 5)]
 
 
-def test_more_cores_split_further() -> None:
-    assert units_of([], 4) == [("centralized", 5), ("centralized", 5), ("federated", 5), ("federated", 5)]
+def test_more_cores_split_further(step_kind: str) -> None:
+    units = units_of([], 4)
+    if step_kind == "compiled":
+        assert units == [("centralized", 5), ("centralized", 5), ("federated", 5), ("federated", 5)]
+    else:
+        assert units == [("centralized", 2), ("centralized", 2), ("centralized", 3), ("centralized", 3)] + [
+            ("federated", 2), ("federated", 2), ("federated", 3), ("federated", 3)
+        ]
 
 
-def test_one_worker_never_splits() -> None:
+def test_the_cost_model_knows_when_the_native_step_runs() -> None:
+    from fedcore.engine.native import unavailable_reason
+
+    experiment = load_experiment(PAPER, ["data.settings.patients_per_site=200"])
+    data = runner.load_data(experiment.spec, experiment.spec.seed, experiment.plugins)
+    expected = "native" if unavailable_reason() is None else "compiled"
+    assert runner._step_kind(experiment.spec, experiment.plugins, data) == expected
+
+
+def test_one_worker_never_splits(step_kind: str) -> None:
     assert units_of(["baseline.centralized=false"], 1) == [("federated", 10)]
 
 

@@ -185,8 +185,9 @@ def execution_units(jobs: list[Job], workers: int, cost: UnitCost) -> list[list[
     runs one job at a time. A stacked group is split in two (its repeats alternating) only
     while that shortens the run by ``cost``'s estimate with ``workers`` processes: a split
     lets both cores work, yet each half pays the per-step overhead that the whole group
-    paid once (``specs/paper.yaml`` on 2 cores: its federated and centralized groups on one
-    core each, not each split over both).
+    paid once. With the TorchScript steps, ``specs/paper.yaml`` on 2 cores ran its federated
+    and centralized groups on one core each; with the native step (overhead ~0.5 copies) both
+    groups are halved, each core training half of each.
     """
     units: list[list[Job]] = []
     groups: dict[tuple[str, str], list[Job]] = {}
@@ -198,11 +199,12 @@ def execution_units(jobs: list[Job], workers: int, cost: UnitCost) -> list[list[
     units += groups.values()
     best = makespan(units, workers, cost)
     while True:
-        splits = [
-            [*units[:i], unit[0::2], unit[1::2], *units[i + 1 :]]
-            for i, unit in enumerate(units)
-            if len(unit) > 1 and unit[0].engine.vectorized
-        ]
+        splittable = [i for i, unit in enumerate(units) if len(unit) > 1 and unit[0].engine.vectorized]
+        splits = [[*units[:i], units[i][0::2], units[i][1::2], *units[i + 1 :]] for i in splittable]
+        if len(splittable) > 1:
+            # Every group halved at once: with a small per-step overhead, two groups of
+            # unequal cost balance over two workers only when both are split (the paper's).
+            splits.append([part for i, unit in enumerate(units) for part in ((unit[0::2], unit[1::2]) if i in splittable else (unit,))])
         scored = sorted(((makespan(s, workers, cost), n, s) for n, s in enumerate(splits)), key=lambda t: t[:2])
         if not scored or scored[0][0] >= best * (1 - 1e-9):
             return units
@@ -221,10 +223,25 @@ def makespan(units: list[list[Job]], workers: int, cost: UnitCost) -> float:
     return max(loads)
 
 
-#: per-step overhead of a stacked step, in copies' worth of arithmetic (paper MLP, 2-core CPU:
-#: a non-private step of S copies takes ~(S + 4) x, a DP-SGD step ~1.3 (S + 8) x one copy's rows)
-_STEP_OVERHEAD = {False: 4.0, True: 8.0}
-_DP_ROW_COST = 1.3
+#: per-step overhead of a stacked step, in copies' worth of arithmetic, by how the step runs
+#: (paper MLP, 2-core CPU). TorchScript steps: a non-private step of S copies takes ~(S + 4) x,
+#: a DP-SGD step ~1.3 (S + 8) x one copy's rows. The native MLP step (fedcore.engine.native):
+#: a copy's step costs the same at S = 3 and S = 30 (66 and 64 us non-private, 91 and 93 us
+#: DP-SGD with its noise), so the per-step Python left is ~0.5 copies' worth, and a DP row 1.4x.
+_STEP_OVERHEAD = {"compiled": {False: 4.0, True: 8.0}, "native": {False: 0.5, True: 0.5}}
+_DP_ROW_COST = {"compiled": 1.3, "native": 1.4}
+
+
+def _step_kind(spec: ExperimentSpec, plugins: PluginManager, data: FederatedData) -> str:
+    """``native`` where the vectorized engine will run this arm's steps natively, else ``compiled``."""
+    from fedcore.engine.native import NativeMLPStep
+    from fedcore.engine.vectorized_step import ParamLayout
+
+    if spec.execution.device != "cpu":
+        return "compiled"
+    module = build_components(spec, plugins).model.build(data.n_features, data.n_classes)
+    native = NativeMLPStep.of(module, ParamLayout.of(module), torch.float32, torch.device("cpu"))
+    return "compiled" if native is None else "native"
 
 
 def unit_cost_model(experiment: Experiment) -> UnitCost:
@@ -233,16 +250,16 @@ def unit_cost_model(experiment: Experiment) -> UnitCost:
     shape = {}
     for arm in experiment.arms:
         data = load_data(arm.spec, experiment.spec.seed, experiment.plugins)
-        shape[arm.label] = (sum(s.n_train for s in data.sites), len(data.sites))
+        shape[arm.label] = (sum(s.n_train for s in data.sites), len(data.sites), _step_kind(arm.spec, experiment.plugins, data))
 
     def cost(unit: list[Job]) -> float:
-        rows, sites = shape[unit[0].arm]
+        rows, sites, kind = shape[unit[0].arm]
         if not unit[0].engine.vectorized:
             return sum(_job_work(job, rows) for job in unit)
         dp = _private(unit[0])
         copies = len(unit) * (sites if unit[0].mode == "federated" else 1)
-        row_cost = _DP_ROW_COST if dp else 1.0
-        return sum(_row_epochs(job, rows) for job in unit) * row_cost * (1 + _STEP_OVERHEAD[dp] / copies)
+        row_cost = _DP_ROW_COST[kind] if dp else 1.0
+        return sum(_row_epochs(job, rows) for job in unit) * row_cost * (1 + _STEP_OVERHEAD[kind][dp] / copies)
 
     return cost
 
