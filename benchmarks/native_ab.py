@@ -1,0 +1,119 @@
+"""What fedcore's native code (``fedcore.engine.native``) buys, in alternating pairs in one process.
+
+    .venv/bin/python benchmarks/native_ab.py              # 5 pairs of each
+    .venv/bin/python benchmarks/native_ab.py --trials 9
+
+Two A/B comparisons on the paper workload (3 sites x 40,000 training rows, MLP 128-64-32,
+Adam, batch 32; one repeat, 1 local epoch a round, one thread), each alternating its two
+sides so that both see the same state of a shared machine:
+
+- the vectorized engine's round with the native MLP step against the same round with the
+  TorchScript step it falls back to (no compiler, or ``FEDCORE_NATIVE=0``), non-private and
+  DP-SGD: CPU seconds a round (medians) and the speed-up;
+- the DP noise (:class:`fedcore.noise.GaussianNoise`, AES-CTR bits and Box-Muller) with the
+  native transform against numpy's ufuncs: nanoseconds a value for one step's draw of
+  3 x 15,427 float32 values, and the same for the AES keystream alone.
+
+The native side runs what a default install runs where a C++ compiler exists; the other is
+what runs without one. Nothing here is a timed test: the figures go to ``docs/speed.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from engine_speed import experiment, load, vectorized_round
+
+
+@contextlib.contextmanager
+def without_native() -> Iterator[None]:
+    """Within the block, the engine and the noise run as where the native code cannot build."""
+    import fedcore.engine.vectorized as vectorized
+    import fedcore.noise as noise
+
+    step, transform = vectorized.NativeMLPStep.of, noise.gaussian_from_bits
+    vectorized.NativeMLPStep.of = classmethod(lambda cls, *args: None)  # type: ignore[method-assign,assignment]
+    noise.gaussian_from_bits = lambda: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        vectorized.NativeMLPStep.of = step  # type: ignore[method-assign]
+        noise.gaussian_from_bits = transform
+
+
+def round_pairs(exp, data, seed: int, trials: int) -> tuple[float, float]:
+    """Medians of alternating native / fallback rounds, CPU seconds."""
+    native, fallback = [], []
+    for _ in range(trials):
+        native.append(vectorized_round(exp, [data], [seed]).cpu)
+        with without_native():
+            fallback.append(vectorized_round(exp, [data], [seed]).cpu)
+    return float(np.median(native)), float(np.median(fallback))
+
+
+def per_value(draw: Callable[[], object], values: int, repeats: int = 400) -> float:
+    """Nanoseconds a value of ``draw`` (thread CPU time over ``repeats`` calls)."""
+    draw()
+    start = time.thread_time()
+    for _ in range(repeats):
+        draw()
+    return (time.thread_time() - start) / repeats / values * 1e9
+
+
+def noise_pairs(trials: int, sites: int = 3, width: int = 15_427) -> tuple[float, float, float]:
+    """Medians of alternating native / numpy draws and of the keystream alone, ns a value."""
+    from fedcore.noise import GaussianNoise
+
+    keys = [os.urandom(16) for _ in range(sites)]
+    out = torch.empty(sites, width)
+    native = GaussianNoise(keys, width, torch.float32)
+    with without_native():
+        fallback = GaussianNoise(keys, width, torch.float32)
+    zeros, stream = bytes(4 * width), bytearray(4 * (width + 8))
+    std = [1.0] * sites
+    a, b, bits = [], [], []
+    for _ in range(trials):
+        a.append(per_value(lambda: native.draw(out, std), sites * width))
+        b.append(per_value(lambda: fallback.draw(out, std), sites * width))
+        bits.append(per_value(lambda: [e.update_into(zeros, stream) for e in native._encryptors], sites * width))
+    return float(np.median(a)), float(np.median(b)), float(np.median(bits))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=5, help="alternating pairs of each comparison")
+    args = parser.parse_args()
+    from fedcore.engine.native import unavailable_reason
+
+    if (reason := unavailable_reason()) is not None:
+        raise SystemExit(f"the native code is unavailable here, nothing to compare: {reason}")
+    torch.set_num_threads(1)
+    seed = 2024
+    exp, exp_dp = experiment(rounds=1, epochs=1), experiment(rounds=1, epochs=1, dp=True)
+    data = load(exp, seed)
+    for e in (exp, exp_dp):  # warm-up: each side compiles its steps once per process
+        vectorized_round(e, [data], [seed])
+        with without_native():
+            vectorized_round(e, [data], [seed])
+    print(f"vectorized round, 1 repeat, 1 local epoch, CPU seconds (medians of {args.trials} alternating pairs):")
+    ratios = {}
+    for label, e in (("non-private", exp), ("DP-SGD", exp_dp)):
+        native, fallback = round_pairs(e, data, seed, args.trials)
+        ratios[label] = native
+        print(f"  {label:12s} native step {native:.3f}, TorchScript step {fallback:.3f}: {fallback / native:.2f}x faster")
+    print(f"  DP-SGD / non-private with the native code: {ratios['DP-SGD'] / ratios['non-private']:.2f}x")
+    native, fallback, bits = noise_pairs(args.trials)
+    print(f"DP noise, one step of 3 x 15,427 float32 values, ns a value (medians of {args.trials} alternating pairs):")
+    print(f"  native transform {native:.2f}, numpy ufuncs {fallback:.2f}: {fallback / native:.2f}x faster; "
+          f"of which the AES-CTR keystream {bits:.2f}")
+
+
+if __name__ == "__main__":
+    main()
