@@ -307,3 +307,24 @@ def test_a_copys_numbers_do_not_depend_on_its_row(dp: bool) -> None:
     for row in range(1, copies):
         assert torch.equal(out[row], out[0]), f"row {row} differs from row 0 by {float((out[row] - out[0]).abs().max()):.3g}"
         assert torch.equal(losses[row], losses[0])
+
+
+def test_with_adam_inside_a_plain_step_needs_no_gradient_buffer() -> None:
+    """grad=None: the gradients stay inside the step; the parameters and moments are the
+    same as when they are written out too."""
+    dtype = torch.float32
+    module = _mlp()
+    layout, start = _params(module, 3, dtype)
+    x_all, index, y, w = _batch(3, 12, dtype)
+    step = NativeMLPStep.of(module, layout, dtype, CPU)
+    assert step is not None
+    runs = []
+    for grad in (torch.empty_like(start), None):
+        flat, m, v = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
+        for count in (1, 2):
+            losses = step.train(flat, x_all, index, y, w, grad, AdamStep(m, v, (1e-3, 0.9, 0.999, 0.0, 1e-8, float(count))))
+        runs.append((flat, m, v, losses))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="pass grad"):
+        step.train(start.clone(), x_all, index, y, w, None)

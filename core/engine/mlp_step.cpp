@@ -132,7 +132,9 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
   T* loss_out = losses.data_ptr<T>();
   for (int64_t s = 0; s < S; ++s) {
     const T* p = params.data_ptr<T>() + s * P;
-    T* g = out.data_ptr<T>() + s * P;
+    // The gradient: the caller's row of out, or (a plain step with Adam and no out) the
+    // aligned scratch itself, which Adam reads while it is in cache.
+    T* g = out.defined() ? out.data_ptr<T>() + s * P : ga;
     const int64_t* rows = row_of<int64_t>(index, s);
     const int64_t* labels = row_of<int64_t>(y, s);
     const T* weight = row_of<T>(w, s);
@@ -194,7 +196,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       d = deltas.data() + delta_at[l];
       if (clip == nullptr) {
         gemm('N', 'T', ly.in, ly.out, b, a, ly.in, d, ly.out, T(0), ga + ly.weight, ly.in);  // d^T a
-        std::copy(ga + ly.weight, ga + ly.weight + ly.in * ly.out, g + ly.weight);
+        if (g != ga) std::copy(ga + ly.weight, ga + ly.weight + ly.in * ly.out, g + ly.weight);
         T* gb = g + ly.bias;
         std::fill(gb, gb + ly.out, T(0));
         for (int64_t i = 0; i < b; ++i)
@@ -262,20 +264,25 @@ void check_rows(const at::Tensor& t, const char* name, int64_t S, int64_t B, at:
 // params (S, P) contiguous; x_all (N, F) contiguous; index, y (S, B) int64 (row ids into
 // x_all, labels); w (S, B) row weights (0 on padding); layers: [weight offset, bias offset,
 // in, out, activation] per layer; out (S, P) contiguous: the gradients (plain step,
-// overwritten) or the buffer the clipped sums are added to (DP-SGD, clip (S,) and
+// overwritten; may be absent when Adam runs inside, which then reads each copy's gradient
+// from cache) or the buffer the clipped sums are added to (DP-SGD, clip (S,) and
 // row_scale (S, B) given); sizes (S,) int64, optional: each copy computes only its first
 // sizes[s] rows (the rest are padding); adam [lr, beta1, beta2, weight_decay, eps, step]
 // (empty: none): each copy's Adam step with exp_avg, exp_avg_sq (S, P) right after its
 // gradient, updating params in place. Returns every copy's loss sum_i w_i nll_i, (S,).
 at::Tensor mlp_step(const at::Tensor& params, const at::Tensor& x_all, const at::Tensor& index, const at::Tensor& y,
-                    const at::Tensor& w, at::IntArrayRef layers, at::Tensor out, const std::optional<at::Tensor>& clip,
+                    const at::Tensor& w, at::IntArrayRef layers, const std::optional<at::Tensor>& out_arg,
+                    const std::optional<at::Tensor>& clip,
                     const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& sizes,
                     const std::optional<at::Tensor>& exp_avg, const std::optional<at::Tensor>& exp_avg_sq,
                     at::ArrayRef<double> adam) {
   const auto dtype = params.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "mlp_step runs float32 or float64");
   TORCH_CHECK(params.device().is_cpu() && params.dim() == 2 && params.is_contiguous(), "params must be (S, P), contiguous");
-  TORCH_CHECK(out.sizes() == params.sizes() && out.scalar_type() == dtype && out.is_contiguous(),
+  // No out: a plain step whose Adam runs inside, whose gradients the caller does not need.
+  TORCH_CHECK(out_arg.has_value() || (!clip.has_value() && !adam.empty()), "out is needed, except by a plain step with Adam");
+  at::Tensor out = out_arg.has_value() ? *out_arg : at::Tensor();
+  TORCH_CHECK(!out.defined() || (out.sizes() == params.sizes() && out.scalar_type() == dtype && out.is_contiguous()),
               "out must be contiguous and like params");
   TORCH_CHECK(x_all.dim() == 2 && x_all.scalar_type() == dtype && x_all.is_contiguous(), "x_all must be (N, F), contiguous");
   TORCH_CHECK(layers.size() >= 5 && layers.size() % 5 == 0, "layers must hold 5 numbers per layer");
@@ -342,7 +349,7 @@ at::Tensor mlp_step(const at::Tensor& params, const at::Tensor& x_all, const at:
 
 TORCH_LIBRARY(fedcore_native, m) {
   m.def(
-      "mlp_step(Tensor(a!) params, Tensor x_all, Tensor index, Tensor y, Tensor w, int[] layers, Tensor(b!) out, "
+      "mlp_step(Tensor(a!) params, Tensor x_all, Tensor index, Tensor y, Tensor w, int[] layers, Tensor(b!)? out, "
       "Tensor? clip, Tensor? row_scale, Tensor? sizes, Tensor(c!)? exp_avg, Tensor(d!)? exp_avg_sq, float[] adam) -> Tensor");
 }
 

@@ -188,7 +188,7 @@ class NativeMLPStep:
 
     def train(
         self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-        grad: torch.Tensor, adam: AdamStep | None = None,
+        grad: torch.Tensor | None, adam: AdamStep | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """One plain step of every copy: gradients of ``sum_i w_i nll_i`` into ``grad``; the losses ``(S,)``.
 
@@ -197,9 +197,13 @@ class NativeMLPStep:
         :param index: ``(S, B)`` the rows of ``x_all`` each copy's batch takes.
         :param y: ``(S, B)`` their labels (int64).
         :param w: ``(S, B)`` their weights (0 on padding).
-        :param grad: ``(S, P)`` overwritten with the gradients.
+        :param grad: ``(S, P)`` overwritten with the gradients; None with ``adam``, when the
+            caller does not need them (each copy's gradient then stays in the core's cache
+            for its Adam step, and no ``(S, P)`` buffer is written and read back).
         :param adam: Adam's step to take with them, copy by copy (None: the caller steps).
         """
+        if grad is None and adam is None:
+            raise ValueError("a plain step without Adam must return its gradients: pass grad")
         return self._call(params, x_all, index, y, w, grad, None, None, None, adam)
 
     def dp(
@@ -222,7 +226,7 @@ class NativeMLPStep:
 
     def _call(
         self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-        out: torch.Tensor, clip: torch.Tensor | None, row_scale: torch.Tensor | None, sizes: torch.Tensor | None,
+        out: torch.Tensor | None, clip: torch.Tensor | None, row_scale: torch.Tensor | None, sizes: torch.Tensor | None,
         adam: AdamStep | None,
     ) -> torch.Tensor:  # fmt: skip
         assert _op is not None

@@ -468,18 +468,19 @@ class StackedTrainer:
             return
         active_t = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device)
         all_active = bool(active.all())
-        if self._grad is None:
-            self._grad = torch.empty_like(self.flat)
         if self.native is not None:
             step_losses = []
             for t, (index_t, y_t, w_t) in enumerate(zip(gidx.unbind(1), y.unbind(1), w.unbind(1), strict=True)):
                 adam = self._native_adam(all_active)
-                step_losses.append(self.native.train(self.flat, x_all, index_t, y_t, w_t, self._grad, adam))
-                if adam is None:
-                    self._optimizer_step(self._grad, active[:, t], all_active)
+                # With Adam inside, the gradients never leave the step (no (S, P) buffer).
+                grad = None if adam is not None else self._grad_buffer()
+                step_losses.append(self.native.train(self.flat, x_all, index_t, y_t, w_t, grad, adam))
+                if grad is not None:
+                    self._optimizer_step(grad, active[:, t], all_active)
             if step_losses:
                 loss_sum += (torch.stack(step_losses, dim=1) * active_t).sum(dim=1)
             return
+        grad = self._grad_buffer()
         batch, features = gidx.shape[2], x_all.shape[1]
 
         def rows(a: int, b: int, t: int) -> torch.Tensor:
@@ -492,9 +493,15 @@ class StackedTrainer:
         for t in range(active.shape[1]):
             for a, b, views, step in blocks:
                 grads, losses = step(views, rows(a, b, t), y[a:b, t], w[a:b, t])
-                flat_grads(grads, self._grad[a:b])
+                flat_grads(grads, grad[a:b])
                 loss_sum[a:b] += losses if all_active else losses * active_t[a:b, t]
-            self._optimizer_step(self._grad, active[:, t])
+            self._optimizer_step(grad, active[:, t])
+
+    def _grad_buffer(self) -> torch.Tensor:
+        """The ``(S, P)`` gradient buffer, made on first use (a native step with Adam inside needs none)."""
+        if self._grad is None:
+            self._grad = torch.empty_like(self.flat)
+        return self._grad
 
     def _noise_streams(self, keys: Sequence[bytes]) -> GaussianNoise | DeviceGaussianNoise:
         """One noise stream per copy, from its key: AES-CTR on the CPU, the device's own
@@ -544,9 +551,7 @@ class StackedTrainer:
 
     def _train_body(self, buffers: EpochBuffers) -> Callable[[], None]:
         """One non-private step of every copy at step ``t`` of the buffers (gradients, loss, Adam)."""
-        if self._grad is None:
-            self._grad = torch.empty_like(self.flat)
-        grad, views, s = self._grad, self.views, self.n_copies
+        grad, views, s = self._grad_buffer(), self.views, self.n_copies
         step = self.step.resolve(views, self._batch_at(buffers)[0], buffers.at("y", s), buffers.at("w", s))
 
         def body() -> None:
