@@ -1,14 +1,15 @@
-"""fedcore.engine.cpu: denormals flushed in training, the stacked rows in huge pages."""
+"""fedcore.engine.cpu: denormals flushed in training, the collector paused, the stacked rows in huge pages."""
 
 from __future__ import annotations
 
+import gc
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedcore.engine.cpu import HUGE_PAGE, flush_denormals, huge_page_empty
+from fedcore.engine.cpu import HUGE_PAGE, flush_denormals, gc_paused, huge_page_empty
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -25,6 +26,21 @@ def test_denormals_are_flushed_inside_the_block_only() -> None:
     with pytest.raises(RuntimeError), flush_denormals():
         raise RuntimeError("the setting is restored on the way out")
     assert not _flushes()
+
+
+def test_the_collector_is_paused_inside_the_block_and_left_as_it_was() -> None:
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("the collector is back on on the way out")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled(), "a collector that was off stays off"
+    finally:
+        gc.enable()
 
 
 def test_adam_with_denormal_moments_moves_the_parameters_alike() -> None:

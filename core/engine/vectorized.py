@@ -40,7 +40,7 @@ import torch
 from torch.optim.adam import adam as functional_adam
 
 from fedcore.components import DPStep, FederatedData
-from fedcore.engine.cpu import flush_denormals, huge_page_empty
+from fedcore.engine.cpu import flush_denormals, gc_paused, huge_page_empty
 from fedcore.engine.cuda_graphs import EpochBuffers, ReplayedStep
 from fedcore.engine.native import AdamStep, NativeMLPStep
 from fedcore.engine.simulation import (
@@ -371,8 +371,8 @@ class StackedTrainer:
         if dp[0] is not None:
             noise = self._noise_streams([t.dp.noise_key(t.round) for t in tasks])  # type: ignore[union-attr]
             sampling = [t.dp.sampling_generator(t.round) for t in tasks]  # type: ignore[union-attr]
-        # Flushing denormals: see fedcore.engine.cpu (Adam's decaying moments).
-        with flush_denormals():
+        # Flushing denormals, the garbage collector paused: see fedcore.engine.cpu.
+        with flush_denormals(), gc_paused():
             for _ in range(epochs):
                 if dp[0] is None:
                     plan = self._shuffled_plan(tasks, sizes)
