@@ -29,6 +29,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fedcore import rundir
+from fedcore.cache import run_shared_results, share_results_in, shared_results
 from fedcore.components import FederatedData
 from fedcore.engine import processes
 from fedcore.checkpoint import CheckpointError, CheckpointLayout, last_complete_round, load_coordinator, prune, training_key
@@ -377,10 +378,11 @@ def _slug(text: str) -> str:
 _WORKER_QUEUE: Any = None
 
 
-def _worker_init(events: Any, threads: int, parent_pid: int | None = None) -> None:
+def _worker_init(events: Any, threads: int, parent_pid: int | None = None, shared: Path | None = None) -> None:
     global _WORKER_QUEUE
     processes.die_with_parent(parent_pid)
     _WORKER_QUEUE = events
+    share_results_in(shared)
     torch.set_num_threads(threads)
     # numpy's BLAS (OpenBLAS) too: its default pool of one thread a core spins on the cores
     # the other workers train on (1.6 % of the paper run's CPU samples went to its idle threads).
@@ -465,13 +467,15 @@ def run_experiment(
     """Run every job of ``experiment`` and write the run directory; returns its path."""
     spec = experiment.spec
     plugins = experiment.plugins
-    engines = preflight(experiment)
-    jobs = plan_jobs(experiment, engines)
-    run_dir = rundir.create(timestamped_run_dir(spec, out))
     from fedcore.observers import observing
 
-    with observing(experiment), rundir.tracked(run_dir, plugins):
-        _train_and_report(experiment, jobs, engines, run_dir, workers, progress)
+    # What the preflight computes once (PRV calibrations) the workers then read.
+    with run_shared_results():
+        engines = preflight(experiment)
+        jobs = plan_jobs(experiment, engines)
+        run_dir = rundir.create(timestamped_run_dir(spec, out))
+        with observing(experiment), rundir.tracked(run_dir, plugins):
+            _train_and_report(experiment, jobs, engines, run_dir, workers, progress)
     return run_dir
 
 
@@ -497,10 +501,11 @@ def resume_experiment(run_dir: Path, workers: int | None = None, progress: bool 
 
     check_resumable(run_dir)
     experiment = load_experiment(run_dir / "spec.resolved.yaml")
-    engines = preflight(experiment)
-    plan = plan_resume(run_dir, plan_jobs(experiment, engines), experiment.plugins)
-    with rundir.tracked(run_dir, experiment.plugins):
-        _train_and_report(experiment, plan.jobs, engines, run_dir, workers, progress, plan)
+    with run_shared_results():
+        engines = preflight(experiment)
+        plan = plan_resume(run_dir, plan_jobs(experiment, engines), experiment.plugins)
+        with rundir.tracked(run_dir, experiment.plugins):
+            _train_and_report(experiment, plan.jobs, engines, run_dir, workers, progress, plan)
     return run_dir
 
 
@@ -708,7 +713,10 @@ def _run_parallel(
     results: list[RunResult] = []
     try:
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(events, threads, os.getpid())
+            max_workers=workers,
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(events, threads, os.getpid(), shared_results()),
         ) as pool:
             # Longest units first keeps both cores busy until the end.
             ordered = sorted(units, key=cost, reverse=True)

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from fedcore.cache import shared_results
 from fedcore.errors import PrivacyBudgetError
 from fedcore.rundir import atomic_write_bytes
 
@@ -123,12 +124,16 @@ def calibrations_kept_in(folder: Path) -> Iterator[None]:
 
 
 def _kept_on_disk(search: Callable[..., float]) -> Callable[..., float]:
-    """``search`` (keyword arguments only), also reading and writing results in :data:`_CALIBRATION_FOLDER` when set."""
+    """``search`` (keyword arguments only), also reading and writing results in :data:`_CALIBRATION_FOLDER`
+    when set, else in the run's :func:`fedcore.cache.shared_results` (a simulation's workers then
+    find what their parent's preflight calibrated: PRV takes seconds)."""
     signature = inspect.signature(search)
 
     @functools.wraps(search)
     def calibrate(**arguments: Any) -> float:
-        if _CALIBRATION_FOLDER is None:
+        shared = shared_results()
+        folder = _CALIBRATION_FOLDER or (shared / "calibrations" if shared is not None else None)
+        if folder is None:
             return search(**arguments)
         from opacus import __version__ as opacus_version
 
@@ -136,7 +141,7 @@ def _kept_on_disk(search: Callable[..., float]) -> Callable[..., float]:
         bound.apply_defaults()
         inputs = {k: v for k, v in bound.arguments.items() if k != "where"}
         key = json.dumps({**inputs, "rtol": CALIBRATION_RTOL, "opacus": opacus_version}, sort_keys=True, default=repr)
-        kept = _CALIBRATION_FOLDER / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+        kept = folder / f"calibration-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
         if kept.exists():
             try:
                 return float(json.loads(kept.read_text())["noise_multiplier"])
