@@ -5,11 +5,12 @@ of a DP-SGD step for a small model (the paper's MLP has 15,427 parameters). torc
 sampler (``Tensor.normal_``) draws every uniform from one mt19937 call, about 2.4 ns a
 value on the reference machine; here the uniform bits come from AES-128 in counter mode
 (``cryptography``/OpenSSL with AES-NI, about 0.3 ns per 32 bits) and the Box-Muller
-transform runs in one native pass per row (``core/engine/gaussian.cpp``, log, sin and cos
-from glibc's vector math library; built with fedcore's native MLP step), 1.2-1.4 ns a value
-in all on the reference machine against 2.3 for the same transform as whole-array numpy
-ufuncs, which run where the native code cannot be built. Both follow the formula below in
-the buffer's dtype; their values differ in the last bits of log, sin and cos (a few ulp). The bits are also cryptographically
+transform runs in one native pass per row (``core/engine/gaussian.cpp``, the log from glibc's
+vector math library, the sine and cosine from one exact reduction of the angle to a quarter
+turn and a series; built with fedcore's native MLP step), 1.0-1.4 ns a value in all on the
+reference machines against 2.2-2.3 for the same transform as whole-array numpy ufuncs, which
+run where the native code cannot be built. Both follow the formula below in the buffer's
+dtype; their values differ in the last bits of log, sin and cos (a few ulp). The bits are also cryptographically
 strong -- the generator Opacus's ``secure_mode`` uses (torchcsprng's AES-CTR) -- where
 mt19937's state can be reconstructed from its outputs.
 

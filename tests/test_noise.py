@@ -172,3 +172,24 @@ def test_only_a_large_buffer_is_drawn_ahead() -> None:
 def test_per_step_refuses_rows_of_another_shape() -> None:
     with pytest.raises(ValueError, match=r"rows must be \(3, steps\)"):
         next(GaussianNoise(KEYS, 8).per_step([1.0] * 3, np.ones((2, 4), dtype=bool)))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-7), (torch.float64, 1e-15)])
+def test_the_native_sine_and_cosine_hold_at_every_quarter_turn(dtype: torch.dtype, tol: float) -> None:
+    """The native transform splits the nearest quarter turn off the angle 2 pi k / 2^32 in
+    integers: angles at and beside each boundary, and just short of a full turn, are the
+    reference's to rounding."""
+    transform = noise_module.gaussian_from_bits()
+    if transform is None:
+        pytest.skip(f"native code unavailable: {native.unavailable_reason()}")
+    boundaries = [q * 2**29 + d for q in range(8) for d in (-1, 0, 1)] + [2**32 - 1, 1]
+    k2 = np.array([k % 2**32 for k in boundaries] + list(np.random.default_rng(1).integers(0, 2**32, 500)), dtype=np.uint64)
+    k1 = np.full(len(k2), 2**31, dtype=np.uint64)  # radius sqrt(2 ln 2)
+    bits = np.concatenate([k1, k2]).astype(np.uint32)[None, :]
+    out = torch.empty(1, 2 * len(k2), dtype=dtype)
+    transform(torch.from_numpy(bits.view(np.int32)), out, [1.0], [0])
+    radius = math.sqrt(-2.0 * math.log((2**31 + 1) / 2**32))
+    angle = 2.0 * math.pi * k2.astype(np.float64) / 2**32
+    got = out.numpy()[0].astype(np.float64)
+    np.testing.assert_allclose(got[: len(k2)], radius * np.cos(angle), rtol=0, atol=8 * tol * radius)
+    np.testing.assert_allclose(got[len(k2) :], radius * np.sin(angle), rtol=0, atol=8 * tol * radius)

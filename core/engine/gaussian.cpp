@@ -1,10 +1,11 @@
 // The Box-Muller transform of fedcore.noise.GaussianNoise in one pass per row: from a row's
 // AES-CTR keystream (2 ceil(P/2) 32-bit words) to its P Gaussian values, with the same
-// formulas, order of operations and precision as the numpy ufuncs there, log, sin and cos
-// from glibc's vector math library (libmvec, up to 4 ulp; numpy's own are of the same
-// accuracy, so values differ from the numpy path only in their last bits). fedcore.engine.native
-// builds it beside mlp_step.cpp (with -fno-builtin-sin/cos, which keeps GCC from merging
-// them into a scalar sincos, and -lmvec).
+// formulas and precision as the numpy ufuncs there. The log comes from glibc's vector math
+// library (libmvec, up to 4 ulp; numpy's is of the same accuracy). The sine and cosine of the
+// angle 2 pi k / 2^32 are computed here, both from one exact reduction (turn_sincos below):
+// libmvec's separate sinf and cosf were 60 % of the transform's time. Values differ from the
+// numpy path only in their last bits. fedcore.engine.native builds it beside mlp_step.cpp
+// (with -lmvec).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -20,25 +21,55 @@ extern "C" {
 #pragma omp declare simd notinbranch
 float logf(float);
 #pragma omp declare simd notinbranch
-float sinf(float);
-#pragma omp declare simd notinbranch
-float cosf(float);
-#pragma omp declare simd notinbranch
 double log(double);
-#pragma omp declare simd notinbranch
-double sin(double);
-#pragma omp declare simd notinbranch
-double cos(double);
 }
 
 namespace {
 
+// Taylor coefficients of sin x / x and cos x in z = x^2, to below half an ulp on [-pi/4, pi/4]
+// (float: sin to x^9, cos to x^10, next terms 2.5e-9 and 1.2e-10 of the value; double: sin to
+// x^17, cos to x^16, next terms below 1e-19 and 3e-18).
+template <typename T>
+struct TurnSeries;
+template <>
+struct TurnSeries<float> {
+  static constexpr int kSin = 5, kCos = 6;
+  static constexpr float sin[kSin] = {1.0f, -1.0f / 6, 1.0f / 120, -1.0f / 5040, 1.0f / 362880};
+  static constexpr float cos[kCos] = {1.0f, -1.0f / 2, 1.0f / 24, -1.0f / 720, 1.0f / 40320, -1.0f / 3628800};
+};
+template <>
+struct TurnSeries<double> {
+  static constexpr int kSin = 9, kCos = 9;
+  static constexpr double sin[kSin] = {1.0, -1.0 / 6, 1.0 / 120, -1.0 / 5040, 1.0 / 362880, -1.0 / 39916800,
+                                       1.0 / 6227020800.0, -1.0 / 1307674368000.0, 1.0 / 355687428096000.0};
+  static constexpr double cos[kCos] = {1.0, -1.0 / 2, 1.0 / 24, -1.0 / 720, 1.0 / 40320, -1.0 / 3628800,
+                                       1.0 / 479001600.0, -1.0 / 87178291200.0, 1.0 / 20922789888000.0};
+};
+
+// sin and cos of the angle 2 pi k / 2^32. The nearest quarter turn q is split off exactly, in
+// integers (k - q 2^30 is the rest, in [-2^29, 2^29)), so only x = rest * 2 pi / 2^32, within
+// [-pi/4, pi/4], goes through the series; then (sin, cos) of the angle is (s, c), (c, -s),
+// (-s, -c) or (-c, s) for q = 0..3. Plain multiplies and adds in Horner's order: the same
+// bits in every instruction set's clone (no fused multiply-adds, -ffp-contract=off).
+template <typename T>
+inline void turn_sincos(uint32_t k, T& sin_out, T& cos_out) {
+  using Series = TurnSeries<T>;
+  const uint32_t q = (k + (1u << 29)) >> 30;  // wraps to 0 near a full turn, as the angle does
+  const int32_t rest = static_cast<int32_t>(k - (q << 30));
+  const T x = static_cast<T>(rest) * static_cast<T>(2.0 * M_PI / 4294967296.0);
+  const T z = x * x;
+  T s = Series::sin[Series::kSin - 1];
+  for (int i = Series::kSin - 2; i >= 0; --i) s = s * z + Series::sin[i];
+  s = s * x;
+  T c = Series::cos[Series::kCos - 1];
+  for (int i = Series::kCos - 2; i >= 0; --i) c = c * z + Series::cos[i];
+  const T sine = (q & 1u) ? c : s, cosine = (q & 1u) ? s : c;
+  sin_out = (q & 2u) ? -sine : sine;
+  cos_out = ((q + 1u) & 2u) ? -cosine : cosine;
+}
+
 inline float vlog(float x) { return logf(x); }
 inline double vlog(double x) { return log(x); }
-inline float vsin(float x) { return sinf(x); }
-inline double vsin(double x) { return sin(x); }
-inline float vcos(float x) { return cosf(x); }
-inline double vcos(double x) { return cos(x); }
 
 // Row r of out (P values) from its keystream k (k1 = k[0, h), k2 = k[h, 2h)), std s:
 // radius sqrt(-2 s^2 ln((k1 + 1) / 2^32)), angle 2 pi k2 / 2^32; cosines first, then sines
@@ -47,19 +78,21 @@ template <typename T>
 FEDCORE_CLONES void transform(const uint32_t* k, T* out, int64_t P, T s) {
   const int64_t h = (P + 1) / 2, rest = P - h;
   const T scale = static_cast<T>(1.0 / 4294967296.0);
-  const T angle = static_cast<T>(2.0 * M_PI / 4294967296.0);
   const T c = static_cast<T>(-2.0) * s * s;
   const uint32_t* k2 = k + h;
 #pragma omp simd
   for (int64_t j = 0; j < rest; ++j) {
     const T radius = std::sqrt(vlog((static_cast<T>(k[j]) + T(1)) * scale) * c);
-    const T a = static_cast<T>(k2[j]) * angle;
-    out[h + j] = vsin(a) * radius;
-    out[j] = radius * vcos(a);
+    T sine, cosine;
+    turn_sincos(k2[j], sine, cosine);
+    out[h + j] = sine * radius;
+    out[j] = radius * cosine;
   }
   for (int64_t j = rest; j < h; ++j) {  // the unpaired last cosine (P odd)
     const T radius = std::sqrt(vlog((static_cast<T>(k[j]) + T(1)) * scale) * c);
-    out[j] = radius * vcos(static_cast<T>(k2[j]) * angle);
+    T sine, cosine;
+    turn_sincos(k2[j], sine, cosine);
+    out[j] = radius * cosine;
   }
 }
 
