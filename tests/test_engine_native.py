@@ -221,10 +221,8 @@ def test_it_can_be_turned_off_and_a_failed_build_falls_back(monkeypatch: pytest.
 
 def test_each_build_has_its_own_folder_and_lands_in_one_rename(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """A build killed halfway (its folder and torch's lock file left behind) blocks nothing:
-    the next build uses a fresh folder. torch's compiler is replaced by a fake here (the real
-    build is what every other test here loads)."""
-    import torch.utils.cpp_extension as cpp_extension
-
+    the next build uses a fresh folder. The compiler's child process is replaced by a fake
+    here (the real build is what every other test here loads)."""
     monkeypatch.setenv("FEDCORE_CACHE", str(tmp_path))
     target = native.library_path()
     assert target.parent == tmp_path / "native"
@@ -233,16 +231,50 @@ def test_each_build_has_its_own_folder_and_lands_in_one_rename(monkeypatch: pyte
     (stale / "lock").touch()  # what a killed torch build leaves
     folders = []
 
-    def fake_load(*, name: str, build_directory: str, **_: object) -> None:  # a fake compiler
-        folders.append(build_directory)
-        (Path(build_directory) / f"{name}.so").write_bytes(b"built")
+    def fake_child(code: str, args: list[str], timeout: float) -> None:  # a fake compiler
+        assert "_compile" in code and timeout == native.BUILD_TIMEOUT_S
+        folders.append(args[0])
+        (Path(args[0]) / "fedcore_native.so").write_bytes(b"built")
 
-    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(native, "_run_child", fake_child)
     native._build(target)
     assert target.read_bytes() == b"built"
     assert len(folders) == 1 and Path(folders[0]).parent == target.parent and Path(folders[0]) != stale
     assert not Path(folders[0]).exists()  # the private folder is gone
     assert native.library_path() == target  # same sources, flags, versions: the same name
+    monkeypatch.setattr(native, "_run_child", lambda *args: None)  # a compiler that made nothing
+    with pytest.raises(RuntimeError, match="no library"):
+        native._build(tmp_path / "other.so")
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_a_build_that_hangs_is_stopped_with_its_process_group(tmp_path, monkeypatch: pytest.MonkeyPatch, ignores_sigterm: bool) -> None:
+    """The compiler runs in its own process group under a time limit: past it the group is
+    asked to stop (ninja then stops the compilers it started in groups of their own), then
+    killed, and the build fails with a reason instead of holding up the run."""
+    import time
+
+    monkeypatch.setattr(native, "_STOP_GRACE_S", 0.5)
+    marker = tmp_path / "grandchild.pid"
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if ignores_sigterm else ""
+    hang = (
+        f"import signal, subprocess, sys, time; {ignore}"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        "open(sys.argv[1], 'w').write(str(p.pid)); time.sleep(60)"
+    )
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="longer than 2 s"):
+        native._run_child(hang, [str(marker)], timeout=2)
+    assert time.monotonic() - started < 20
+    grandchild = int(marker.read_text())
+    for _ in range(50):  # reaped by init once killed
+        if not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the compiler's own children outlived the time limit")
+    with pytest.raises(RuntimeError, match="boom"):
+        native._run_child("import sys; print('boom'); sys.exit(3)", [], timeout=30)
 
 
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])

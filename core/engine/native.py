@@ -12,7 +12,7 @@ rounding (float64: to ~1e-15). Measured on the paper's workload in ``docs/speed.
 
 The source is compiled on first use by ``torch.utils.cpp_extension`` (a C++ compiler and
 ``ninja``; ~15 s once, then loaded from ``<cache>/native/``, keyed by the sources' hash:
-:func:`library_path`).
+:func:`library_path`), in a child process stopped after :data:`BUILD_TIMEOUT_S`.
 Where it cannot be built or loaded -- no compiler, a torch without MKL's ``sgemm_``, no glibc
 ``libmvec`` -- the engine runs the compiled tensor-operation step and the noise its numpy
 transform instead, with the same numbers to rounding; :func:`unavailable_reason` says why.
@@ -26,11 +26,13 @@ import logging
 import os
 import platform
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,26 +93,69 @@ def library_path() -> Path:
     return cache_root() / "native" / f"fedcore_native-{digest.hexdigest()[:20]}.so"
 
 
-def _build(path: Path) -> None:
-    """Compile and load the library, then keep it at ``path``.
+#: the longest the first build may take (~20 s on a 2-core machine); past it the compiler is
+#: stopped and the engine runs the compiled tensor-operation steps (``FEDCORE_NATIVE_BUILD_TIMEOUT``)
+BUILD_TIMEOUT_S = 600.0
+#: how long a stopped build's processes get to end before they are killed
+_STOP_GRACE_S = 5.0
 
-    Each build runs in its own temporary folder and the library is moved into place in one
-    rename: processes that build at once each finish (the same bytes), and a build killed
-    halfway leaves nothing that blocks the next one. (torch's shared build folder holds a
-    lock file while it builds; one left by a killed process makes every later process wait
-    for it forever.)
-    """
+
+def _compile(folder: str) -> None:
+    """Compile the sources into ``folder`` with torch's extension builder (what :func:`_build`
+    runs in a child process)."""
     from torch.utils.cpp_extension import load
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder, _ninja_on_path():
+    with _ninja_on_path():
         load(
             name="fedcore_native", sources=[str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=list(_CFLAGS),
             extra_ldflags=list(_LDFLAGS), build_directory=folder, is_python_module=False,
         )  # fmt: skip
+
+
+def _run_child(code: str, args: list[str], timeout: float) -> None:
+    """``python -c code args`` in its own process group, killed whole (the compiler with it)
+    past ``timeout`` seconds; a RuntimeError with the end of its output when it fails."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: ninja runs each compiler in a process group of its own and stops them
+        # when it is asked to stop; then SIGKILL for whatever is left of the group.
+        os.killpg(child.pid, signal.SIGTERM)
+        try:
+            child.communicate(timeout=_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        with suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise RuntimeError(
+            f"the native build took longer than {timeout:g} s and was stopped (FEDCORE_NATIVE_BUILD_TIMEOUT raises the limit)"
+        ) from None
+    if child.returncode != 0:
+        raise RuntimeError(" ".join(output.split()[-60:]) or f"the native build exited with {child.returncode}")
+
+
+def _build(path: Path) -> None:
+    """Compile the library and keep it at ``path``.
+
+    The compiler runs in a child process with a time limit (:data:`BUILD_TIMEOUT_S`): a build
+    that hangs stops there instead of holding up the run. Each build has its own temporary
+    folder and the library is moved into place in one rename: processes that build at once
+    each finish (the same bytes), and a build killed halfway leaves nothing that blocks the
+    next one. (torch's shared build folder holds a lock file while it builds; one left by a
+    killed process makes every later process wait for it forever.)
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    timeout = float(os.environ.get("FEDCORE_NATIVE_BUILD_TIMEOUT", BUILD_TIMEOUT_S))
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".build-") as folder:
+        _run_child("import sys; from fedcore.engine.native import _compile; _compile(sys.argv[1])", [folder], timeout)
         built = sorted(Path(folder).glob("fedcore_native*.so"))
-        if built:
-            os.replace(built[-1], path)
+        if not built:
+            raise RuntimeError("the native build made no library")
+        os.replace(built[-1], path)
 
 
 def _load() -> str:
@@ -120,10 +165,9 @@ def _load() -> str:
         return f"turned off by {ENV}={os.environ[ENV]}"
     try:
         path = library_path()
-        if path.exists():
-            torch.ops.load_library(str(path))
-        else:
-            _build(path)  # loads it too
+        if not path.exists():
+            _build(path)
+        torch.ops.load_library(str(path))
         _op = torch.ops.fedcore_native.mlp_step
     except Exception as error:  # noqa: BLE001 - any failure to build or load: run the tensor-operation step
         reason = " ".join(str(error).split())[:300]
