@@ -123,14 +123,16 @@ def _run_child(code: str, args: list[str], timeout: float) -> None:
     except subprocess.TimeoutExpired:
         # SIGTERM first: ninja runs each compiler in a process group of its own and stops them
         # when it is asked to stop; then SIGKILL for whatever is left of the group.
+        # Waits on the child itself, not on its output: a compiler that outlived ninja in a
+        # group of its own could hold the pipe open until it finishes.
         os.killpg(child.pid, signal.SIGTERM)
-        try:
-            child.communicate(timeout=_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
+        with suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=_STOP_GRACE_S)
         with suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
         raise RuntimeError(
             f"the native build took longer than {timeout:g} s and was stopped (FEDCORE_NATIVE_BUILD_TIMEOUT raises the limit)"
         ) from None
