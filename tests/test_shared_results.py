@@ -34,7 +34,6 @@ def test_a_worker_reads_the_calibration_its_parent_made() -> None:
             # Proven to read the file by a planted value coming back.
             file.write_text(json.dumps({"noise_multiplier": 7.5}))
             accounting.calibrate_noise_multiplier.cache_clear()
-            cache.share_results_in(None)
             cache.share_results_in(folder)
             assert accounting.calibrate_noise_multiplier(**BUDGET) == 7.5
     finally:

@@ -5,7 +5,8 @@ For the paper's MLP a step of S stacked copies is ~35 tensor operations over all
 each a pass through memory, and MKL's matrix products are a quarter of its time. The native
 step runs copy after copy: the forward pass, the backward pass and the gradient (or
 DP-SGD's clipped sum, added into the noise buffer) of one copy in one call, its matrices in
-the core's cache, its gradient written straight into its row of the ``(S, P)`` buffer.
+the core's cache, its gradient written through an aligned buffer into its row of the ``(S, P)``
+buffer (or, with Adam inside, read from that buffer by the copy's Adam step).
 Same formulas as :func:`~fedcore.engine.vectorized_step.make_mlp_train_step` and
 :func:`~fedcore.engine.vectorized_step.make_mlp_dp_step`; the numbers agree to float
 rounding (float64: to ~1e-15). Measured on the paper's workload in ``docs/speed.md``.

@@ -202,11 +202,15 @@ def execution_units(jobs: list[Job], workers: int, cost: UnitCost) -> list[list[
     best = makespan(units, workers, cost)
     while True:
         splittable = [i for i, unit in enumerate(units) if len(unit) > 1 and unit[0].engine.vectorized]
-        splits = [[*units[:i], units[i][0::2], units[i][1::2], *units[i + 1 :]] for i in splittable]
+
+        def halves(i: int) -> list[list[Job]]:
+            return [units[i][0::2], units[i][1::2]]
+
+        splits = [[*units[:i], *halves(i), *units[i + 1 :]] for i in splittable]
         if len(splittable) > 1:
             # Every group halved at once: with a small per-step overhead, two groups of
             # unequal cost balance over two workers only when both are split (the paper's).
-            splits.append([part for i, unit in enumerate(units) for part in ((unit[0::2], unit[1::2]) if i in splittable else (unit,))])
+            splits.append([part for i, unit in enumerate(units) for part in (halves(i) if i in splittable else [unit])])
         scored = sorted(((makespan(s, workers, cost), n, s) for n, s in enumerate(splits)), key=lambda t: t[:2])
         if not scored or scored[0][0] >= best * (1 - 1e-9):
             return units
@@ -239,10 +243,8 @@ def _step_kind(spec: ExperimentSpec, plugins: PluginManager, data: FederatedData
     from fedcore.engine.native import NativeMLPStep
     from fedcore.engine.vectorized_step import ParamLayout
 
-    if spec.execution.device != "cpu":
-        return "compiled"
     module = build_components(spec, plugins).model.build(data.n_features, data.n_classes)
-    native = NativeMLPStep.of(module, ParamLayout.of(module), torch.float32, torch.device("cpu"))
+    native = NativeMLPStep.of(module, ParamLayout.of(module), torch.float32, torch.device(spec.execution.device))
     return "compiled" if native is None else "native"
 
 
