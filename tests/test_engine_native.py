@@ -310,18 +310,22 @@ def test_training_with_it_equals_training_with_the_compiled_steps(dp: bool) -> N
     assert [m for _, m in native_outcomes] == pytest.approx([m for _, m in script_outcomes], rel=1e-10)
 
 
+@pytest.mark.parametrize("hidden", [(128, 64, 32), (256, 160)], ids=["paper", "wide"])
 @pytest.mark.parametrize("dp", [False, True])
-def test_a_copys_numbers_do_not_depend_on_its_row(dp: bool) -> None:
+def test_a_copys_numbers_do_not_depend_on_its_row(dp: bool, hidden: tuple[int, ...]) -> None:
     """Identical copies in every row of the stack get bit-identical results: MKL rounds
     differently at different alignments, and each row of the (S, P) buffers has its own
     (the paper's P = 15,427), so without the step's aligned buffers a copy's numbers would
-    depend on which copies train beside it, and so on the run's grouping into workers."""
-    module = torch.nn.Sequential(
-        torch.nn.Linear(38, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
-        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3),
-    )  # fmt: skip
+    depend on which copies train beside it, and so on the run's grouping into workers.
+    (libxsmm's kernels round the same at any alignment; the wide MLP's 64 x 256 x 160
+    products are past their size and run on MKL within a libxsmm build.)"""
+    widths = (38, *hidden)
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(widths, widths[1:], strict=False):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    module = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-1], 3))
     layout = ParamLayout.of(module)
-    copies, width = 4, 32
+    copies, width = 4, 32 if hidden[0] == 128 else 64
     g = torch.Generator().manual_seed(3)
     flat = (torch.randn(layout.size, generator=g) * 0.1).repeat(copies, 1).contiguous()
     x_all = torch.randn(500, 38, generator=g)
@@ -339,6 +343,70 @@ def test_a_copys_numbers_do_not_depend_on_its_row(dp: bool) -> None:
     for row in range(1, copies):
         assert torch.equal(out[row], out[0]), f"row {row} differs from row 0 by {float((out[row] - out[0]).abs().max()):.3g}"
         assert torch.equal(losses[row], losses[0])
+
+
+def test_products_past_libxsmms_size_equal_the_written_out_step() -> None:
+    """A 64-row batch through a 256-160 MLP: its largest products run on MKL, the others on
+    libxsmm (where the build has it); the numbers are the written-out step's."""
+    dtype = torch.float64
+    module = torch.nn.Sequential(torch.nn.Linear(7, 256), torch.nn.ReLU(), torch.nn.Linear(256, 160), torch.nn.Tanh(), torch.nn.Linear(160, 3))
+    module = module.to(dtype)
+    layout, flat = _params(module, 2, dtype)
+    flat *= 0.2
+    x_all, index, y, w = _batch(2, 64, dtype)
+    step = NativeMLPStep.of(module, layout, dtype, CPU)
+    assert step is not None
+    grad = torch.full_like(flat, float("nan"))
+    losses = step.train(flat, x_all, index, y, w, grad)
+    grads, expected_losses = make_mlp_train_step(module, layout)(layout.views(flat), x_all[index], y, w)  # type: ignore[misc]
+    torch.testing.assert_close(grad, flat_grads(grads), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(losses, expected_losses, rtol=1e-12, atol=1e-12)
+
+
+def test_libxsmm_computes_the_products_where_it_is_found() -> None:
+    """Where libxsmm's header and library are found (CI installs Debian's package), the
+    build links it and the step's products are its kernels; else MKL's."""
+    library = native.matmul_library()
+    assert library is not None
+    if native.libxsmm_prefix() is None:
+        assert library == "BLAS"
+    else:
+        assert library.startswith("libxsmm ")
+
+
+def test_processes_started_after_it_are_not_pinned_to_a_core() -> None:
+    """libxsmm's initialization sets OMP_PROC_BIND=TRUE in the C environment; a worker
+    process inheriting it pins its OpenMP thread to the first core, so that every worker of
+    a run shared one core. Loading the native code leaves the environment as it was."""
+    import subprocess
+    import sys
+
+    assert native.unavailable_reason() is None
+    code = "import os, torch; torch.ones(1000).sum(); print(os.environ.get('OMP_PROC_BIND'), sorted(os.sched_getaffinity(0)))"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    import os
+
+    assert child.stdout.split(None, 1) == ["None", f"{sorted(os.sched_getaffinity(0))}\n"]
+
+
+@pytest.mark.slow
+def test_without_libxsmm_it_builds_on_mkl_with_the_same_numbers(tmp_path: Path) -> None:
+    """``FEDCORE_LIBXSMM=0`` (or no libxsmm on the machine): a build of its own, whose
+    products are MKL's, passes the numbers' tests too."""
+    import os
+    import subprocess
+    import sys
+
+    if native.libxsmm_prefix() is None:
+        pytest.skip("no libxsmm here: the build under test is already MKL's")
+    env = {**os.environ, "FEDCORE_LIBXSMM": "0", "FEDCORE_CACHE": str(tmp_path)}
+    tests = ["equals_the_written_out", "adds_the_written_out", "clips_as_opacus", "rounds_as_torchs", "do_not_depend", "computes_the_products"]
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", " or ".join(tests)],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stdout[-3000:]
+    assert (tmp_path / "native").is_dir()
 
 
 def test_with_adam_inside_a_plain_step_needs_no_gradient_buffer() -> None:

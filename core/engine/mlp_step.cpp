@@ -6,9 +6,11 @@
 // fedcore.engine.vectorized_step (make_mlp_train_step, make_mlp_dp_step) compute, to float
 // rounding: the same formulas, without ~35 tensor operations a step over all copies (each
 // a pass through memory and an allocation) and without the copy of every layer's gradient
-// into the (S, P) rows -- a copy's gradient is written in place. The matrix products are
-// BLAS calls (MKL's sgemm_/dgemm_, which torch's CPU wheels export) on one copy's
-// matrices, which stay in the core's cache between the layers.
+// into the (S, P) rows -- a copy's gradient is written in place. The matrix products are on
+// one copy's matrices, which stay in the core's cache between the layers: libxsmm's JIT
+// kernels, made for each product's shapes, where the build found libxsmm (FEDCORE_LIBXSMM
+// defined; ~1.4x MKL's throughput at these sizes, docs/speed.md), else BLAS calls (MKL's
+// sgemm_/dgemm_, which torch's CPU wheels export).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -19,7 +21,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstddef>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#ifdef FEDCORE_LIBXSMM
+#include <libxsmm.h>
+#endif
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
@@ -43,12 +53,123 @@ void gemm(char ta, char tb, int m, int n, int k, const double* a, int lda, const
   dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
+#ifdef FEDCORE_LIBXSMM
+template <typename T>
+using Kernel = std::conditional_t<std::is_same_v<T, float>, libxsmm_smmfunction, libxsmm_dmmfunction>;
+// Products up to this many multiply-adds get a libxsmm kernel (its JIT code has no cache
+// blocking; past 128^3 BLAS's blocked kernels are the faster ones).
+constexpr int64_t kSmallProduct = int64_t(128) * 128 * 128;
+#endif
+
+// One matrix product C = A op(B) of fixed shapes (column-major, alpha 1, beta 0; op
+// transposes B where tb is 'T'): libxsmm's kernel for them where the build has libxsmm and
+// the product is small, else BLAS. Either way a product's rounding depends on its shapes
+// only: libxsmm's kernel is the same code at any alignment, and BLAS's output goes through
+// an aligned buffer where it matters (run, below).
+template <typename T>
+struct Product {
+  char tb;
+  int m, n, k, lda, ldb, ldc;
+#ifdef FEDCORE_LIBXSMM
+  Kernel<T> kernel = nullptr;
+#endif
+
+  static Product make(char tb, int m, int n, int k, int lda, int ldb, int ldc) {
+    Product p{tb, m, n, k, lda, ldb, ldc};
+#ifdef FEDCORE_LIBXSMM
+    if (static_cast<int64_t>(m) * n * k <= kSmallProduct) {
+      const T alpha = 1, beta = 0;
+      const int flags = tb == 'T' ? LIBXSMM_GEMM_FLAG_TRANS_B : LIBXSMM_GEMM_FLAG_NONE;
+      const int prefetch = LIBXSMM_PREFETCH_NONE;
+      if constexpr (std::is_same_v<T, float>) {
+        p.kernel = libxsmm_smmdispatch(m, n, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, &prefetch);
+      } else {
+        p.kernel = libxsmm_dmmdispatch(m, n, k, &lda, &ldb, &ldc, &alpha, &beta, &flags, &prefetch);
+      }
+    }
+#endif
+    return p;
+  }
+  // Whether libxsmm computes it (its output need not go through an aligned buffer).
+  bool jit() const {
+#ifdef FEDCORE_LIBXSMM
+    return kernel != nullptr;
+#else
+    return false;
+#endif
+  }
+  void operator()(const T* a, const T* b, T* c) const {
+#ifdef FEDCORE_LIBXSMM
+    if (kernel != nullptr) {
+      kernel(a, b, c);
+      return;
+    }
+#endif
+    gemm('N', tb, m, n, k, a, lda, b, ldb, T(0), c, ldc);
+  }
+};
+
+// out (n x m, column-major) = in (m x n, column-major) transposed: libxsmm's kernel (~4x the
+// plain loop at 32 x 128) where the build has it.
+template <typename T>
+void transpose(const T* in, int64_t m, int64_t n, T* out) {
+#ifdef FEDCORE_LIBXSMM
+  libxsmm_otrans(out, in, sizeof(T), m, n, m, n);
+#else
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < m; ++i) out[i * n + j] = in[j * m + i];
+#endif
+}
+
 enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2 };
 
 // One nn.Linear: where its weight (out x in, row-major) and bias live in a copy's row of P
 // numbers, its sizes, and the activation after it.
 struct Layer {
   int64_t weight, bias, in, out, activation;
+};
+
+// A copy's matrix products at a batch of b rows, per layer: the forward pass on
+// feature-major activations (z' = a' W^T: a' is b x in column-major, W's row-major
+// out x in is the column-major in x out W^T); the gradient below a layer (W^T d', batch-major:
+// in x b column-major); the weights' gradient (a'' d''^T with a and d batch-major: the
+// column-major in x out matrix that a row-major weight is). Each is A op(B) with A
+// untransposed, which libxsmm's kernels compute.
+template <typename T>
+struct Products {
+  std::vector<Product<T>> forward, below, weight;
+
+  Products(const std::vector<Layer>& layers, int64_t b) {
+    const int w = static_cast<int>(b);
+    for (const Layer& ly : layers) {
+      const int in = static_cast<int>(ly.in), out = static_cast<int>(ly.out);
+      forward.push_back(Product<T>::make('N', w, out, in, w, in, w));
+      below.push_back(Product<T>::make('N', in, w, out, in, out, in));
+      weight.push_back(Product<T>::make('T', in, out, w, in, out, in));
+    }
+  }
+};
+
+// Each batch width's products for the layers of the last call, made on first use (a DP-SGD
+// step's copies have batches of different widths).
+template <typename T>
+class ProductCache {
+ public:
+  const Products<T>& at(const std::vector<Layer>& layers, int64_t b) {
+    const auto same = [](const Layer& l, const std::pair<int64_t, int64_t>& s) { return l.in == s.first && l.out == s.second; };
+    if (layers.size() != shapes_.size() || !std::equal(layers.begin(), layers.end(), shapes_.begin(), same)) {
+      shapes_.clear();
+      for (const Layer& l : layers) shapes_.emplace_back(l.in, l.out);
+      by_width_.clear();
+    }
+    if (static_cast<int64_t>(by_width_.size()) <= b) by_width_.resize(b + 1);
+    if (by_width_[b] == nullptr) by_width_[b] = std::make_unique<Products<T>>(layers, b);
+    return *by_width_[b];
+  }
+
+ private:
+  std::vector<std::pair<int64_t, int64_t>> shapes_;
+  std::vector<std::unique_ptr<Products<T>>> by_width_;
 };
 
 // Scratch buffers hold kAlign extra elements so that their first 64-byte aligned element
@@ -104,16 +225,19 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
   const int64_t S = index.size(0), B = index.size(1), P = params.size(1), F = x_all.size(1);
   const int64_t L = static_cast<int64_t>(layers.size());
   const int64_t C = layers.back().out;
-  // Scratch, reused across calls: every layer's input (x's rows first) and the logits;
-  // every layer's output gradient; the per-row norms and clip factors.
-  thread_local std::vector<T> acts, deltas, norms, factor;
-  // A copy's weights' gradients are written through this 64-byte aligned buffer: MKL's
-  // matmuls round their output differently at different alignments of it, and a copy's row
-  // of the (S, P) buffers is aligned by its index (P is rarely a multiple of 16), so without
-  // it a copy's numbers would depend on which copies train beside it (the run's grouping).
-  // Their inputs' alignment does not change their sums (MKL packs them first; checked for
-  // float32 and float64 over several layer widths and batch sizes, and by the tests), so
-  // the parameters are read in place.
+  // Scratch, reused across calls: every layer's input (x's rows first) and the logits,
+  // batch-major (rows) and feature-major (columns: the forward products' operands); every
+  // layer's output gradient; the per-row norms and clip factors.
+  thread_local std::vector<T> acts, columns, deltas, norms, factor;
+  thread_local ProductCache<T> products;
+  // A copy's weights' gradients from BLAS are written through this 64-byte aligned buffer:
+  // MKL's matmuls round their output differently at different alignments of it, and a copy's
+  // row of the (S, P) buffers is aligned by its index (P is rarely a multiple of 16), so
+  // without it a copy's numbers would depend on which copies train beside it (the run's
+  // grouping). Their inputs' alignment does not change their sums (MKL packs them first;
+  // checked for float32 and float64 over several layer widths and batch sizes, and by the
+  // tests), so the parameters are read in place. (libxsmm's kernels round the same at any
+  // alignment: they write in place.)
   thread_local std::vector<T> grad_buffer;
   grad_buffer.resize(P + kAlign);
   T* const ga = aligned(grad_buffer.data());
@@ -125,6 +249,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
     delta_at[l + 1] = delta_at[l] + B * layers[l].out;
   }
   acts.resize(act_at[L] + B * C);
+  columns.resize(act_at[L] + B * C);
   deltas.resize(delta_at[L]);
   norms.resize(B);
   factor.resize(B);
@@ -152,24 +277,28 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       if (adam != nullptr) adam_row(*adam, s, P, params.data_ptr<T>() + s * P, g);
       continue;
     }
+    const Products<T>& pr = products.at(layers, b);
     for (int64_t i = 0; i < b; ++i) std::copy(x + rows[i] * F, x + (rows[i] + 1) * F, acts.data() + i * F);
-    // Forward: z = a W^T, then + b and the activation in one pass, layer after layer.
+    transpose(acts.data(), F, b, columns.data());
+    // Forward: z' = a' W^T on the feature-major activations, then + b and the activation,
+    // then the result batch-major too (the backward pass's operands), layer after layer.
     for (int64_t l = 0; l < L; ++l) {
       const Layer& ly = layers[l];
-      const T* a = acts.data() + act_at[l];
-      T* z = acts.data() + act_at[l + 1];
-      gemm('T', 'N', ly.out, b, ly.in, p + ly.weight, ly.in, a, ly.in, T(0), z, ly.out);
+      T* z = columns.data() + act_at[l + 1];
+      pr.forward[l](columns.data() + act_at[l], p + ly.weight, z);
       const T* bias = p + ly.bias;
-      for (int64_t i = 0; i < b; ++i) {
-        T* zi = z + i * ly.out;
+      for (int64_t j = 0; j < ly.out; ++j) {
+        T* zj = z + j * b;
+        const T bj = bias[j];
         if (ly.activation == kRelu) {
-          for (int64_t j = 0; j < ly.out; ++j) zi[j] = std::max(zi[j] + bias[j], T(0));
+          for (int64_t i = 0; i < b; ++i) zj[i] = std::max(zj[i] + bj, T(0));
         } else if (ly.activation == kTanh) {
-          for (int64_t j = 0; j < ly.out; ++j) zi[j] = std::tanh(zi[j] + bias[j]);
+          for (int64_t i = 0; i < b; ++i) zj[i] = std::tanh(zj[i] + bj);
         } else {
-          for (int64_t j = 0; j < ly.out; ++j) zi[j] += bias[j];
+          for (int64_t i = 0; i < b; ++i) zj[i] += bj;
         }
       }
+      transpose(z, b, ly.out, acts.data() + act_at[l + 1]);
     }
     // The weighted negative log-likelihood and its gradient at the logits, w_i (softmax - onehot).
     const T* logits = acts.data() + act_at[L];
@@ -195,8 +324,13 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       const T* a = acts.data() + act_at[l];
       d = deltas.data() + delta_at[l];
       if (clip == nullptr) {
-        gemm('N', 'T', ly.in, ly.out, b, a, ly.in, d, ly.out, T(0), ga + ly.weight, ly.in);  // d^T a
-        if (g != ga) std::copy(ga + ly.weight, ga + ly.weight + ly.in * ly.out, g + ly.weight);
+        const Product<T>& weight = pr.weight[l];  // d^T a
+        if (weight.jit()) {
+          weight(a, d, g + ly.weight);
+        } else {
+          weight(a, d, ga + ly.weight);
+          if (g != ga) std::copy(ga + ly.weight, ga + ly.weight + ly.in * ly.out, g + ly.weight);
+        }
         T* gb = g + ly.bias;
         std::fill(gb, gb + ly.out, T(0));
         for (int64_t i = 0; i < b; ++i)
@@ -204,7 +338,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       }
       if (l == 0) break;
       T* below = deltas.data() + delta_at[l - 1];
-      gemm('N', 'N', ly.in, b, ly.out, p + ly.weight, ly.in, d, ly.out, T(0), below, ly.in);  // d W
+      pr.below[l](p + ly.weight, d, below);  // d W
       const int64_t act = layers[l - 1].activation;
       if (act == kRelu) {
         for (int64_t j = 0; j < b * ly.in; ++j) below[j] = a[j] > T(0) ? below[j] : T(0);
@@ -243,7 +377,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
         for (int64_t j = 0; j < ly.out; ++j) dl[i * ly.out + j] *= factor[i];
       // The layer's clipped sum, then added into the noise (one rounding each, in that order).
       T* sum = ga + ly.weight;
-      gemm('N', 'T', ly.in, ly.out, b, acts.data() + act_at[l], ly.in, dl, ly.out, T(0), sum, ly.in);
+      pr.weight[l](acts.data() + act_at[l], dl, sum);
       T* gw = g + ly.weight;
 #pragma omp simd
       for (int64_t j = 0; j < ly.in * ly.out; ++j) gw[j] += sum[j];
@@ -345,12 +479,24 @@ at::Tensor mlp_step(const at::Tensor& params, const at::Tensor& x_all, const at:
   return losses;
 }
 
+// Which library computes the step's matrix products: libxsmm's version and the instruction
+// set its kernels are made for, or BLAS.
+std::string matmul_library() {
+#ifdef FEDCORE_LIBXSMM
+  libxsmm_init();
+  return std::string("libxsmm ") + LIBXSMM_CONFIG_VERSION + " (" + libxsmm_get_target_arch() + ")";
+#else
+  return "BLAS";
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fedcore_native, m) {
   m.def(
       "mlp_step(Tensor(a!) params, Tensor x_all, Tensor index, Tensor y, Tensor w, int[] layers, Tensor(b!)? out, "
       "Tensor? clip, Tensor? row_scale, Tensor? sizes, Tensor(c!)? exp_avg, Tensor(d!)? exp_avg_sq, float[] adam) -> Tensor");
+  m.def("matmul_library() -> str", matmul_library);
 }
 
 TORCH_LIBRARY_IMPL(fedcore_native, CPU, m) { m.impl("mlp_step", mlp_step); }

@@ -7,6 +7,9 @@ step runs copy after copy: the forward pass, the backward pass and the gradient 
 DP-SGD's clipped sum, added into the noise buffer) of one copy in one call, its matrices in
 the core's cache, its gradient written through an aligned buffer into its row of the ``(S, P)``
 buffer (or, with Adam inside, read from that buffer by the copy's Adam step).
+The matrix products are libxsmm's kernels, made at run time for each product's shapes, where
+libxsmm's header and static library are found (:func:`libxsmm_prefix`; ``install.sh`` fetches
+Debian's ``libxsmm-dev``), else MKL's BLAS calls: :func:`matmul_library` says which.
 Same formulas as :func:`~fedcore.engine.vectorized_step.make_mlp_train_step` and
 :func:`~fedcore.engine.vectorized_step.make_mlp_dp_step`; the numbers agree to float
 rounding (float64: to ~1e-15). Measured on the paper's workload in ``docs/speed.md``.
@@ -46,10 +49,13 @@ from fedcore.engine.vectorized_step import ParamLayout, mlp_layers
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("mlp_step.cpp", "gaussian.cpp", "native.h"))
 #: set to 0 to run the compiled tensor-operation steps instead
 ENV = "FEDCORE_NATIVE"
+#: libxsmm's install prefix (``include/libxsmm.h``, ``lib/libxsmm.a``), or 0 to build without it
+LIBXSMM_ENV = "FEDCORE_LIBXSMM"
 _ACTIVATION_CODES: dict[type[torch.nn.Module] | None, int] = {None: 0, torch.nn.ReLU: 1, torch.nn.Tanh: 2}
 _DTYPES = (torch.float32, torch.float64)
 
 _log = logging.getLogger(__name__)
+_PIN = "OMP_PROC_BIND"
 _lock = threading.Lock()
 _loaded: str | None = None  # "" once loaded, else why not
 _op: torch._ops.OpOverloadPacket | None = None  # type: ignore[name-defined]
@@ -83,14 +89,52 @@ _CFLAGS = ("-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno")
 _LDFLAGS = ("-lmvec",)
 
 
+def _libxsmm_archive(prefix: Path) -> Path | None:
+    """``prefix``'s libxsmm static library, where it has one and the header beside it."""
+    if not (prefix / "include" / "libxsmm.h").is_file():
+        return None
+    return next((a for a in (prefix / "lib" / "libxsmm.a", prefix / "lib" / "x86_64-linux-gnu" / "libxsmm.a") if a.is_file()), None)
+
+
+def libxsmm_prefix() -> Path | None:
+    """Where libxsmm is, for the native step's small-matrix kernels: ``FEDCORE_LIBXSMM``, else
+    the copy of Debian's package that ``install.sh`` unpacks into ``<cache>/libxsmm/usr`` where
+    it may not install packages, else ``/usr`` and ``/usr/local``. None where none has
+    ``include/libxsmm.h`` and ``lib/libxsmm.a``, with ``FEDCORE_LIBXSMM=0``, or off x86-64
+    Linux (libxsmm's kernels are x86 code): the step's products are then MKL's."""
+    setting = os.environ.get(LIBXSMM_ENV, "").strip()
+    if setting.lower() in ("0", "false", "no", "off") or sys.platform != "linux" or platform.machine() != "x86_64":
+        return None
+    candidates = [Path(setting)] if setting else [cache_root() / "libxsmm" / "usr", Path("/usr"), Path("/usr/local")]
+    found = next((prefix for prefix in candidates if _libxsmm_archive(prefix) is not None), None)
+    if found is None and setting:
+        _log.warning("%s=%s has no include/libxsmm.h and lib/libxsmm.a: the native step's products are MKL's", LIBXSMM_ENV, setting)
+    return found
+
+
+def _flags() -> tuple[list[str], list[str]]:
+    """The compiler's and the linker's flags: :data:`_CFLAGS` and :data:`_LDFLAGS`, with
+    libxsmm's (its header folder, its static library linked in) where it is found."""
+    prefix = libxsmm_prefix()
+    archive = None if prefix is None else _libxsmm_archive(prefix)
+    if prefix is None or archive is None:
+        return list(_CFLAGS), list(_LDFLAGS)
+    return [*_CFLAGS, "-DFEDCORE_LIBXSMM", f"-I{prefix / 'include'}"], [str(archive), *_LDFLAGS, "-lpthread", "-ldl"]
+
+
 def library_path() -> Path:
     """Where the built library is kept: ``<cache>/native/``, named by a hash of the sources,
-    the flags, torch's and Python's versions and the machine (a change to any builds anew)."""
+    the flags (libxsmm's library with its size and time), torch's and Python's versions and
+    the machine (a change to any builds anew)."""
     digest = hashlib.sha256()
     for source in SOURCES:
         digest.update(source.read_bytes())
-    for part in (*_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, platform.machine()):
+    cflags, ldflags = _flags()
+    for part in (*cflags, *ldflags, torch.__version__, sys.version, platform.machine()):
         digest.update(part.encode())
+        if part.endswith(".a") and Path(part).is_file():
+            stat = Path(part).stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return cache_root() / "native" / f"fedcore_native-{digest.hexdigest()[:20]}.so"
 
 
@@ -106,10 +150,11 @@ def _compile(folder: str) -> None:
     runs in a child process)."""
     from torch.utils.cpp_extension import load
 
+    cflags, ldflags = _flags()
     with _ninja_on_path():
         load(
-            name="fedcore_native", sources=[str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=list(_CFLAGS),
-            extra_ldflags=list(_LDFLAGS), build_directory=folder, is_python_module=False,
+            name="fedcore_native", sources=[str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=cflags,
+            extra_ldflags=ldflags, build_directory=folder, is_python_module=False,
         )  # fmt: skip
 
 
@@ -172,6 +217,13 @@ def _load() -> str:
             _build(path)
         torch.ops.load_library(str(path))
         _op = torch.ops.fedcore_native.mlp_step
+        library = torch.ops.fedcore_native.matmul_library()  # initializes libxsmm, where the build has it
+        if _PIN not in os.environ:
+            # libxsmm's initialization asks OpenMP to pin threads (OMP_PROC_BIND=TRUE, in the C
+            # environment) where nothing else set it; every worker process started afterwards
+            # would pin its thread to the first core: two workers on one core.
+            os.unsetenv(_PIN)
+        _log.info("native step loaded; its matrix products: %s", library)
     except Exception as error:  # noqa: BLE001 - any failure to build or load: run the tensor-operation step
         reason = " ".join(str(error).split())[:300]
         _log.info("native code unavailable, running the compiled tensor-operation step and numpy's noise transform: %s", reason)
@@ -183,6 +235,13 @@ def gaussian_from_bits() -> Callable[..., None] | None:
     """The native Box-Muller transform (``gaussian.cpp``), or None where the native code
     cannot run (:func:`unavailable_reason`)."""
     return None if unavailable_reason() is not None else torch.ops.fedcore_native.gaussian_from_bits
+
+
+def matmul_library() -> str | None:
+    """What computes the native step's matrix products (``"libxsmm 1.17 (cpx)"``: its version
+    and the instruction set of its kernels; ``"BLAS"``: MKL's), or None where the native code
+    cannot run."""
+    return None if unavailable_reason() is not None else str(torch.ops.fedcore_native.matmul_library())
 
 
 def unavailable_reason() -> str | None:
