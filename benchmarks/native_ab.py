@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/native_ab.py              # 5 pairs of each
     .venv/bin/python benchmarks/native_ab.py --trials 9
+    .venv/bin/python benchmarks/native_ab.py --matmul     # libxsmm's kernels against MKL's
 
 Two A/B comparisons on the paper workload (3 sites x 40,000 training rows, MLP 128-64-32,
 Adam, batch 32; one repeat, 1 local epoch a round, one thread), each alternating its two
@@ -14,6 +15,11 @@ sides so that both see the same state of a shared machine:
   native transform against numpy's ufuncs: nanoseconds a value for one step's draw of
   3 x 15,427 float32 values, and the same for the AES keystream alone.
 
+``--matmul`` compares instead the native step's two sources of matrix products, libxsmm's
+kernels and MKL's BLAS (``FEDCORE_LIBXSMM=0``): one library is loaded per process, so each
+side's rounds run in a child process of its own, the sides alternating (non-private and DP-SGD,
+CPU seconds a round, medians over the children of each side's median round).
+
 The native side runs what a default install runs where a C++ compiler exists; the other is
 what runs without one. Nothing here is a timed test: the figures go to ``docs/speed.md``.
 """
@@ -22,7 +28,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -86,15 +95,57 @@ def noise_pairs(trials: int, sites: int = 3, width: int = 15_427) -> tuple[float
     return float(np.median(a)), float(np.median(b)), float(np.median(bits))
 
 
+def rounds_here(rounds: int) -> dict[str, object]:
+    """This process's native step: median CPU seconds of ``rounds`` non-private and DP-SGD
+    rounds (after one of each to warm up), and what computed its matrix products."""
+    from fedcore.engine.native import matmul_library
+
+    exp, exp_dp = experiment(rounds=1, epochs=1), experiment(rounds=1, epochs=1, dp=True)
+    data = load(exp, 2024)
+    out: dict[str, object] = {"library": matmul_library()}
+    for label, e in (("non-private", exp), ("DP-SGD", exp_dp)):
+        vectorized_round(e, [data], [2024])
+        out[label] = float(np.median([vectorized_round(e, [data], [2024]).cpu for _ in range(rounds)]))
+    return out
+
+
+def matmul_pairs(trials: int, rounds: int = 3) -> None:
+    """libxsmm's kernels against MKL's BLAS in the native step, alternating child processes."""
+    sides: dict[str, list[dict[str, object]]] = {"libxsmm": [], "MKL": []}
+    for _ in range(trials):
+        for side in sides:
+            env = {**os.environ, **({"FEDCORE_LIBXSMM": "0"} if side == "MKL" else {})}
+            child = subprocess.run(
+                [sys.executable, __file__, "--child-rounds", str(rounds)], env=env, capture_output=True, text=True, timeout=900,
+                check=True,
+            )  # fmt: skip
+            sides[side].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    print(f"native step's matrix products, vectorized round, 1 repeat, 1 local epoch, CPU seconds "
+          f"(medians over {trials} alternating child processes of each, {rounds} rounds each):")
+    print(f"  libxsmm side: {sides['libxsmm'][0]['library']}; MKL side: {sides['MKL'][0]['library']}")
+    for label in ("non-private", "DP-SGD"):
+        fast = float(np.median([float(r[label]) for r in sides["libxsmm"]]))  # type: ignore[arg-type]
+        slow = float(np.median([float(r[label]) for r in sides["MKL"]]))  # type: ignore[arg-type]
+        print(f"  {label:12s} libxsmm {fast:.3f}, MKL {slow:.3f}: {slow / fast:.2f}x faster")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=5, help="alternating pairs of each comparison")
+    parser.add_argument("--matmul", action="store_true", help="libxsmm's matrix products against MKL's, in child processes")
+    parser.add_argument("--child-rounds", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from fedcore.engine.native import unavailable_reason
 
     if (reason := unavailable_reason()) is not None:
         raise SystemExit(f"the native code is unavailable here, nothing to compare: {reason}")
     torch.set_num_threads(1)
+    if args.child_rounds:
+        print(json.dumps(rounds_here(args.child_rounds)))
+        return
+    if args.matmul:
+        matmul_pairs(args.trials)
+        return
     seed = 2024
     exp, exp_dp = experiment(rounds=1, epochs=1), experiment(rounds=1, epochs=1, dp=True)
     data = load(exp, seed)
