@@ -61,8 +61,8 @@ using Kernel = std::conditional_t<std::is_same_v<T, float>, libxsmm_smmfunction,
 constexpr int64_t kSmallProduct = int64_t(128) * 128 * 128;
 #endif
 
-// One matrix product C = A op(B) of fixed shapes (column-major, alpha 1, beta 0; op
-// transposes B where tb is 'T'): libxsmm's kernel for them where the build has libxsmm and
+// One matrix product C = A op(B) (+ C where beta is 1) of fixed shapes (column-major,
+// alpha 1; op transposes B where tb is 'T'): libxsmm's kernel for them where the build has libxsmm and
 // the product is small, else BLAS. Either way a product's rounding depends on its shapes
 // only: libxsmm's kernel is the same code at any alignment, and BLAS's output goes through
 // an aligned buffer where it matters (run, below).
@@ -70,15 +70,16 @@ template <typename T>
 struct Product {
   char tb;
   int m, n, k, lda, ldb, ldc;
+  T beta;
 #ifdef FEDCORE_LIBXSMM
   Kernel<T> kernel = nullptr;
 #endif
 
-  static Product make(char tb, int m, int n, int k, int lda, int ldb, int ldc) {
-    Product p{tb, m, n, k, lda, ldb, ldc};
+  static Product make(char tb, int m, int n, int k, int lda, int ldb, int ldc, T beta = T(0)) {
+    Product p{tb, m, n, k, lda, ldb, ldc, beta};
 #ifdef FEDCORE_LIBXSMM
     if (static_cast<int64_t>(m) * n * k <= kSmallProduct) {
-      const T alpha = 1, beta = 0;
+      const T alpha = 1;
       const int flags = tb == 'T' ? LIBXSMM_GEMM_FLAG_TRANS_B : LIBXSMM_GEMM_FLAG_NONE;
       const int prefetch = LIBXSMM_PREFETCH_NONE;
       if constexpr (std::is_same_v<T, float>) {
@@ -105,7 +106,7 @@ struct Product {
       return;
     }
 #endif
-    gemm('N', tb, m, n, k, a, lda, b, ldb, T(0), c, ldc);
+    gemm('N', tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
   }
 };
 
@@ -133,11 +134,12 @@ struct Layer {
 // feature-major activations (z' = a' W^T: a' is b x in column-major, W's row-major
 // out x in is the column-major in x out W^T); the gradient below a layer (W^T d', batch-major:
 // in x b column-major); the weights' gradient (a'' d''^T with a and d batch-major: the
-// column-major in x out matrix that a row-major weight is). Each is A op(B) with A
-// untransposed, which libxsmm's kernels compute.
+// column-major in x out matrix that a row-major weight is), and the same added into C
+// (DP-SGD's clipped sum into the noise). Each is A op(B) with A untransposed, which
+// libxsmm's kernels compute.
 template <typename T>
 struct Products {
-  std::vector<Product<T>> forward, below, weight;
+  std::vector<Product<T>> forward, below, weight, added;
 
   Products(const std::vector<Layer>& layers, int64_t b) {
     const int w = static_cast<int>(b);
@@ -146,6 +148,7 @@ struct Products {
       forward.push_back(Product<T>::make('N', w, out, in, w, in, w));
       below.push_back(Product<T>::make('N', in, w, out, in, out, in));
       weight.push_back(Product<T>::make('T', in, out, w, in, out, in));
+      added.push_back(Product<T>::make('T', in, out, w, in, out, in, T(1)));
     }
   }
 };
@@ -366,18 +369,21 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
     // DP-SGD: row i's squared gradient norm is sum over layers of |d_i|^2 (|a_i|^2 + 1) (weight
     // and bias); Opacus's clip factor min(1, C / (norm + 1e-6)) times the row's scale; the
     // clipped sum (factor * d)^T a of each layer is added into `out`.
+    // (|a_i|^2 from the feature-major activations: a vector of rows at a time.)
     std::fill(norms.begin(), norms.end(), T(0));
     for (int64_t l = 0; l < L; ++l) {
       const Layer& ly = layers[l];
-      const T* a = acts.data() + act_at[l];
+      const T* column = columns.data() + act_at[l];
       const T* dl = deltas.data() + delta_at[l];
+      std::fill(factor.begin(), factor.begin() + b, T(0));  // |a_i|^2, before it is the factor
+      for (int64_t j = 0; j < ly.in; ++j)
+#pragma omp simd
+        for (int64_t i = 0; i < b; ++i) factor[i] += column[j * b + i] * column[j * b + i];
       for (int64_t i = 0; i < b; ++i) {
-        T dd = 0, aa = 0;
+        T dd = 0;
 #pragma omp simd reduction(+ : dd)
         for (int64_t j = 0; j < ly.out; ++j) dd += dl[i * ly.out + j] * dl[i * ly.out + j];
-#pragma omp simd reduction(+ : aa)
-        for (int64_t j = 0; j < ly.in; ++j) aa += a[i * ly.in + j] * a[i * ly.in + j];
-        norms[i] += dd * (aa + T(1));
+        norms[i] += dd * (factor[i] + T(1));
       }
     }
     const T bound = clip->data_ptr<T>()[s];
@@ -388,12 +394,18 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       T* dl = deltas.data() + delta_at[l];
       for (int64_t i = 0; i < b; ++i)
         for (int64_t j = 0; j < ly.out; ++j) dl[i * ly.out + j] *= factor[i];
-      // The layer's clipped sum, then added into the noise (one rounding each, in that order).
-      T* sum = ga + ly.weight;
-      pr.weight[l](acts.data() + act_at[l], dl, sum);
+      // The layer's clipped sum added into the noise: by libxsmm's kernel, which starts from
+      // the noise; else the sum through the aligned buffer, then added (MKL's output rounds
+      // by its alignment).
       T* gw = g + ly.weight;
+      if (pr.added[l].jit()) {
+        pr.added[l](acts.data() + act_at[l], dl, gw);
+      } else {
+        T* sum = ga + ly.weight;
+        pr.weight[l](acts.data() + act_at[l], dl, sum);
 #pragma omp simd
-      for (int64_t j = 0; j < ly.in * ly.out; ++j) gw[j] += sum[j];
+        for (int64_t j = 0; j < ly.in * ly.out; ++j) gw[j] += sum[j];
+      }
       T* gb = g + ly.bias;
       for (int64_t i = 0; i < b; ++i)
         for (int64_t j = 0; j < ly.out; ++j) gb[j] += dl[i * ly.out + j];
