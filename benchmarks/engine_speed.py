@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from paper_spec import paper_experiment
 
@@ -211,6 +212,9 @@ def main() -> None:
     parser.add_argument("--overhead-only", action="store_true", help="only the 1-repeat DP-SGD overhead (issue 19's second target)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # numpy's BLAS too, as in fedcore's workers (engine.runner._worker_init): its idle pool
+    # spins on the other core, CPU time charged to whichever round calls it.
+    threadpool_limits(1, user_api="blas")
     epochs = 1 if args.quick else 5
     scale = 5 / epochs
     seed = 2024
