@@ -5,8 +5,9 @@ For the paper's MLP a step of S stacked copies is ~35 tensor operations over all
 each a pass through memory, and MKL's matrix products are a quarter of its time. The native
 step runs copy after copy: the forward pass, the backward pass and the gradient (or
 DP-SGD's clipped sum, added into the noise buffer) of one copy in one call, its matrices in
-the core's cache, its gradient written through an aligned buffer into its row of the ``(S, P)``
-buffer (or, with Adam inside, read from that buffer by the copy's Adam step).
+the core's cache, its gradient written into its row of the ``(S, P)`` buffer (through an
+aligned buffer where MKL computes it; or, with Adam inside, kept in that buffer for the
+copy's Adam step).
 The matrix products are libxsmm's kernels, made at run time for each product's shapes, where
 libxsmm's header and static library are found (:func:`libxsmm_prefix`; ``install.sh`` fetches
 Debian's ``libxsmm-dev``), else MKL's BLAS calls: :func:`matmul_library` says which.
