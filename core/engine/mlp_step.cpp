@@ -122,6 +122,26 @@ void transpose(const T* in, int64_t m, int64_t n, T* out) {
 #endif
 }
 
+// out[j] += sum over rows i of m[i * cols + j] (or of its square), row-major m, the rows in
+// order: the same sums as the plain double loop, with each block of kLanes sums held in a
+// register across the rows (the plain loop stores and reloads out for every row, a chain
+// through memory). m may be read up to kLanes - 1 values past its end.
+constexpr int64_t kLanes = 16;
+template <bool kSquare = false, typename T>
+__attribute__((always_inline)) inline void add_column_sums(const T* m, int64_t rows, int64_t cols, T* out) {
+  for (int64_t j0 = 0; j0 < cols; j0 += kLanes) {
+    const int64_t n = std::min(kLanes, cols - j0);
+    T acc[kLanes];
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] = k < n ? out[j0 + k] : T(0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* row = m + i * cols + j0;
+#pragma omp simd
+      for (int64_t k = 0; k < kLanes; ++k) acc[k] += k < n ? (kSquare ? row[k] * row[k] : row[k]) : T(0);
+    }
+    for (int64_t k = 0; k < n; ++k) out[j0 + k] = acc[k];
+  }
+}
+
 enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2 };
 
 // One nn.Linear: where its weight (out x in, row-major) and bias live in a copy's row of P
@@ -265,8 +285,8 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
     delta_at[l + 1] = delta_at[l] + B * layers[l].out;
   }
   acts.resize(act_at[L] + B * C);
-  columns.resize(act_at[L] + B * C);
-  deltas.resize(delta_at[L]);
+  columns.resize(act_at[L] + B * C + kLanes);  // (+ kLanes: add_column_sums may read past the end)
+  deltas.resize(delta_at[L] + kLanes);
   norms.resize(B);
   factor.resize(B);
   const T* x = x_all.data_ptr<T>();
@@ -349,8 +369,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
         }
         T* gb = g + ly.bias;
         std::fill(gb, gb + ly.out, T(0));
-        for (int64_t i = 0; i < b; ++i)
-          for (int64_t j = 0; j < ly.out; ++j) gb[j] += d[i * ly.out + j];
+        add_column_sums(d, b, ly.out, gb);
       }
       if (l == 0) break;
       T* below = deltas.data() + delta_at[l - 1];
@@ -376,9 +395,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       const T* column = columns.data() + act_at[l];
       const T* dl = deltas.data() + delta_at[l];
       std::fill(factor.begin(), factor.begin() + b, T(0));  // |a_i|^2, before it is the factor
-      for (int64_t j = 0; j < ly.in; ++j)
-#pragma omp simd
-        for (int64_t i = 0; i < b; ++i) factor[i] += column[j * b + i] * column[j * b + i];
+      add_column_sums<true>(column, ly.in, b, factor.data());
       for (int64_t i = 0; i < b; ++i) {
         T dd = 0;
 #pragma omp simd reduction(+ : dd)
@@ -406,9 +423,7 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
 #pragma omp simd
         for (int64_t j = 0; j < ly.in * ly.out; ++j) gw[j] += sum[j];
       }
-      T* gb = g + ly.bias;
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t j = 0; j < ly.out; ++j) gb[j] += dl[i * ly.out + j];
+      add_column_sums(dl, b, ly.out, g + ly.bias);
     }
     if (adam != nullptr) adam_row(*adam, s, P, params.data_ptr<T>() + s * P, g);
   }
