@@ -97,29 +97,36 @@ def _libxsmm_archive(prefix: Path) -> Path | None:
     return next((a for a in (prefix / "lib" / "libxsmm.a", prefix / "lib" / "x86_64-linux-gnu" / "libxsmm.a") if a.is_file()), None)
 
 
+def _libxsmm() -> tuple[Path, Path] | None:
+    """libxsmm's prefix and static library (:func:`libxsmm_prefix` says where it looks), or None."""
+    setting = os.environ.get(LIBXSMM_ENV, "").strip()
+    if setting.lower() in ("0", "false", "no", "off") or sys.platform != "linux" or platform.machine() != "x86_64":
+        return None
+    candidates = [Path(setting)] if setting else [cache_root() / "libxsmm" / "usr", Path("/usr"), Path("/usr/local")]
+    for prefix in candidates:
+        if (archive := _libxsmm_archive(prefix)) is not None:
+            return prefix, archive
+    if setting:
+        _log.warning("%s=%s has no include/libxsmm.h and lib/libxsmm.a: the native step's products are MKL's", LIBXSMM_ENV, setting)
+    return None
+
+
 def libxsmm_prefix() -> Path | None:
     """Where libxsmm is, for the native step's small-matrix kernels: ``FEDCORE_LIBXSMM``, else
     the copy of Debian's package that ``install.sh`` unpacks into ``<cache>/libxsmm/usr`` where
     it may not install packages, else ``/usr`` and ``/usr/local``. None where none has
     ``include/libxsmm.h`` and ``lib/libxsmm.a``, with ``FEDCORE_LIBXSMM=0``, or off x86-64
     Linux (libxsmm's kernels are x86 code): the step's products are then MKL's."""
-    setting = os.environ.get(LIBXSMM_ENV, "").strip()
-    if setting.lower() in ("0", "false", "no", "off") or sys.platform != "linux" or platform.machine() != "x86_64":
-        return None
-    candidates = [Path(setting)] if setting else [cache_root() / "libxsmm" / "usr", Path("/usr"), Path("/usr/local")]
-    found = next((prefix for prefix in candidates if _libxsmm_archive(prefix) is not None), None)
-    if found is None and setting:
-        _log.warning("%s=%s has no include/libxsmm.h and lib/libxsmm.a: the native step's products are MKL's", LIBXSMM_ENV, setting)
-    return found
+    found = _libxsmm()
+    return None if found is None else found[0]
 
 
-def _flags() -> tuple[list[str], list[str]]:
+def _flags(libxsmm: tuple[Path, Path] | None) -> tuple[list[str], list[str]]:
     """The compiler's and the linker's flags: :data:`_CFLAGS` and :data:`_LDFLAGS`, with
     libxsmm's (its header folder, its static library linked in) where it is found."""
-    prefix = libxsmm_prefix()
-    archive = None if prefix is None else _libxsmm_archive(prefix)
-    if prefix is None or archive is None:
+    if libxsmm is None:
         return list(_CFLAGS), list(_LDFLAGS)
+    prefix, archive = libxsmm
     return [*_CFLAGS, "-DFEDCORE_LIBXSMM", f"-I{prefix / 'include'}"], [str(archive), *_LDFLAGS, "-lpthread", "-ldl"]
 
 
@@ -130,12 +137,13 @@ def library_path() -> Path:
     digest = hashlib.sha256()
     for source in SOURCES:
         digest.update(source.read_bytes())
-    cflags, ldflags = _flags()
+    libxsmm = _libxsmm()
+    cflags, ldflags = _flags(libxsmm)
     for part in (*cflags, *ldflags, torch.__version__, sys.version, platform.machine()):
         digest.update(part.encode())
-        if part.endswith(".a") and Path(part).is_file():
-            stat = Path(part).stat()
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    if libxsmm is not None:
+        stat = libxsmm[1].stat()
+        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return cache_root() / "native" / f"fedcore_native-{digest.hexdigest()[:20]}.so"
 
 
@@ -151,7 +159,7 @@ def _compile(folder: str) -> None:
     runs in a child process)."""
     from torch.utils.cpp_extension import load
 
-    cflags, ldflags = _flags()
+    cflags, ldflags = _flags(_libxsmm())
     with _ninja_on_path():
         load(
             name="fedcore_native", sources=[str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=cflags,
