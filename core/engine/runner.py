@@ -202,19 +202,20 @@ def execution_units(jobs: list[Job], workers: int, cost: UnitCost) -> list[list[
     best = makespan(units, workers, cost)
     while True:
         splittable = [i for i, unit in enumerate(units) if len(unit) > 1 and unit[0].engine.vectorized]
-
-        def halves(i: int) -> list[list[Job]]:
-            return [units[i][0::2], units[i][1::2]]
-
-        splits = [[*units[:i], *halves(i), *units[i + 1 :]] for i in splittable]
+        splits = [[*units[:i], *_halves(units[i]), *units[i + 1 :]] for i in splittable]
         if len(splittable) > 1:
             # Every group halved at once: with a small per-step overhead, two groups of
             # unequal cost balance over two workers only when both are split (the paper's).
-            splits.append([part for i, unit in enumerate(units) for part in (halves(i) if i in splittable else [unit])])
+            splits.append([part for i, unit in enumerate(units) for part in (_halves(unit) if i in splittable else [unit])])
         scored = sorted(((makespan(s, workers, cost), n, s) for n, s in enumerate(splits)), key=lambda t: t[:2])
         if not scored or scored[0][0] >= best * (1 - 1e-9):
             return units
         best, _, units = scored[0]
+
+
+def _halves(unit: list[Job]) -> list[list[Job]]:
+    """A stacked group split in two, its repeats alternating."""
+    return [unit[0::2], unit[1::2]]
 
 
 #: estimated seconds (relative) of a unit of jobs trained together
