@@ -141,41 +141,68 @@ class GaussianNoise:
 
     def per_step(self, std: Sequence[float], rows: np.ndarray, ahead: bool = True) -> Iterator[torch.Tensor]:
         """Step ``t``'s noise for every step of ``rows (S, steps)`` (which rows draw at each),
-        each a fresh :meth:`draw` into one of two ``(S, P)`` buffers.
-
-        With ``ahead``, a buffer of at least :data:`AHEAD_MIN_BYTES` and more than one CPU
-        for this process, a helper thread draws step ``t + 1``'s noise while the caller
-        computes step ``t``: numpy's ufuncs and OpenSSL run without the GIL, so the drawing
-        overlaps the training step on another core. The values are the same either way (each
-        stream's draws happen in step order); the caller must be done with a step's buffer
-        when it asks for the next step's.
+        each a fresh :meth:`draw` into one of two ``(S, P)`` buffers (:meth:`per_block` with
+        blocks of one step).
 
         :param std: one standard deviation per row.
         :param rows: which rows draw at each step (a column per step).
         :param ahead: draw one step ahead in a helper thread.
         """
-        n_steps = rows.shape[1]
-        buffers = [torch.empty(len(self._encryptors), self.width, dtype=self.dtype) for _ in range(min(2, n_steps))]
-        small = len(self._encryptors) * self.width * self.dtype.itemsize < AHEAD_MIN_BYTES
+        for block in self.per_block(std, rows, [1] * rows.shape[1], ahead):
+            yield block[0]
+
+    def per_block(
+        self, std: Sequence[float], rows: np.ndarray, blocks: Sequence[int], ahead: bool = True
+    ) -> Iterator[torch.Tensor]:
+        """The noise of consecutive blocks of steps of ``rows (S, steps)`` (which rows draw at
+        each step): for a block of ``k`` steps a ``(k, S, P)`` view of one of two buffers, its
+        step ``j`` a fresh :meth:`draw`.
+
+        With ``ahead``, a buffer of at least :data:`AHEAD_MIN_BYTES` and more than one CPU
+        for this process, a helper thread draws block ``i + 1``'s noise while the caller
+        computes block ``i``: numpy's ufuncs, OpenSSL and the native transform run without
+        the GIL, so the drawing overlaps the training on another core. The values are the
+        same either way (each stream's draws happen in step order); the caller must be done
+        with a block's buffer when it asks for the next block's.
+
+        :param std: one standard deviation per row.
+        :param rows: which rows draw at each step (a column per step).
+        :param blocks: the blocks' numbers of steps, adding up to the steps of ``rows``.
+        :param ahead: draw one block ahead in a helper thread.
+        """
+        n_rows, n_steps = len(self._encryptors), rows.shape[1]
+        if sum(blocks) != n_steps or any(k < 1 for k in blocks):
+            raise ValueError(f"blocks {list(blocks)} do not split {n_steps} steps")
+        largest = max(blocks, default=0)
+        buffers = [torch.empty(largest, n_rows, self.width, dtype=self.dtype) for _ in range(min(2, len(blocks)))]
+        small = largest * n_rows * self.width * self.dtype.itemsize < AHEAD_MIN_BYTES
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         # The checks and conversions of draw, once for every step.
         scales = [float(s) for s in std]
         rows = np.asarray(rows, dtype=bool)
-        if rows.shape != (len(self._encryptors), n_steps):
-            raise ValueError(f"rows must be ({len(self._encryptors)}, steps), not {rows.shape}")
+        if rows.shape != (n_rows, n_steps):
+            raise ValueError(f"rows must be ({n_rows}, steps), not {rows.shape}")
         every = rows.all(axis=0)
         drawing = [None if every[t] else rows[:, t] for t in range(n_steps)]
-        if not ahead or small or n_steps < 2 or cpus < 2:
-            for t in range(n_steps):
-                yield self._fill(buffers[0], scales, drawing[t])
+        starts = np.concatenate([[0], np.cumsum(blocks)]).tolist()
+
+        def fill(i: int) -> torch.Tensor:
+            out = buffers[i % 2][: blocks[i]]
+            for j, t in enumerate(range(starts[i], starts[i + 1])):
+                self._fill(out[j], scales, drawing[t])
+            return out
+
+        if not ahead or small or len(blocks) < 2 or cpus < 2:
+            for i in range(len(blocks)):
+                yield fill(i)
             return
         with ThreadPoolExecutor(1, thread_name_prefix="fedcore-noise") as drawer:
-            pending = drawer.submit(self._fill, buffers[0], scales, drawing[0])
-            for t in range(n_steps):
+            pending = drawer.submit(fill, 0)
+            for i in range(len(blocks)):
                 out = pending.result()
-                if t + 1 < n_steps:
-                    # Into the buffer of step t - 1, which the caller finished with.
-                    pending = drawer.submit(self._fill, buffers[(t + 1) % 2], scales, drawing[t + 1])
+                if i + 1 < len(blocks):
+                    # Into the buffer of block i - 1, which the caller finished with.
+                    pending = drawer.submit(fill, i + 1)
                 yield out
 
     def sample(self, std: float) -> torch.Tensor:

@@ -142,6 +142,48 @@ def test_each_copy_computes_only_its_own_poisson_batch() -> None:
     assert not own[2].any() and float(own_losses[2]) == 0.0
 
 
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
+def test_many_steps_in_one_call_equal_one_call_a_step(dp: bool) -> None:
+    """``steps``: each copy's steps one after another in one call give the bits of one call
+    a step, copy by copy -- with copies at different Adam step counts, taking different
+    numbers of the call's steps (the rest report a loss of 0), and DP batches of their own sizes."""
+    dtype, S, T, B = torch.float32, 3, 5, 12
+    module = _mlp()
+    layout, start = _params(module, S, dtype)
+    step = NativeMLPStep.of(module, layout, dtype, CPU)
+    assert step is not None
+    g = torch.Generator().manual_seed(11)
+    x_all = torch.randn(80, 7, generator=g, dtype=dtype)
+    index = torch.randint(0, 80, (S, T, B), generator=g)
+    y = torch.randint(0, 3, (S, T, B), generator=g)
+    w = torch.rand(S, T, B, generator=g, dtype=dtype)
+    sizes = torch.randint(0, B + 1, (S, T), generator=g)
+    noise = torch.randn(T, S, layout.size, generator=g, dtype=dtype) * 0.01
+    clip, taken, own_steps = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([0, 2, 7]), torch.tensor([5, 3, 0])
+    settings = (1e-3, 0.9, 0.999, 0.0, 1e-8)
+
+    flat, m, v = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
+    dp_args = {"noise": noise.clone(), "clip": clip, "row_scale": w / 4, "sizes": sizes} if dp else {}
+    losses = step.steps(flat, x_all, index, y, w, AdamStep(m, v, settings, taken.clone()), own_steps, **dp_args)
+    assert losses.shape == (S, T) and not losses[1, 3:].any() and not losses[2].any()
+
+    for s in range(S):
+        one, m1, v1 = start[s : s + 1].clone(), torch.zeros(1, layout.size), torch.zeros(1, layout.size)
+        for t in range(int(own_steps[s])):
+            adam = AdamStep(m1, v1, settings, taken[s : s + 1] + t)
+            rows = (index[s : s + 1, t], y[s : s + 1, t], w[s : s + 1, t])
+            if dp:
+                out = noise[t, s : s + 1].clone()
+                loss = step.dp(one, x_all, *rows, clip[s : s + 1], out, w[s : s + 1, t] / 4, sizes[s : s + 1, t], adam)
+            else:
+                loss = step.train(one, x_all, *rows, None, adam)
+            assert torch.equal(loss[0], losses[s, t])
+        assert torch.equal(one[0], flat[s]) and torch.equal(m1[0], m[s]) and torch.equal(v1[0], v[s])
+    assert not torch.equal(flat[0], start[0]) and torch.equal(flat[2], start[2])
+    with pytest.raises(RuntimeError, match="needs Adam inside"):
+        step._call(flat, x_all, index, y, w, torch.empty(T, S, layout.size), None, None, None, None, None)
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
 def test_adam_copy_by_copy_rounds_as_torchs_fused_adam(dp: bool, weight_decay: float) -> None:
@@ -165,7 +207,7 @@ def test_adam_copy_by_copy_rounds_as_torchs_fused_adam(dp: bool, weight_decay: f
             [theirs], [grad], [m2], [v2], [], [torch.tensor(float(count))],
             lr=lr, beta1=betas[0], beta2=betas[1], weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
         )  # fmt: skip
-        adam = AdamStep(m1, v1, (lr, *betas, weight_decay, eps, float(count)))
+        adam = AdamStep(m1, v1, (lr, *betas, weight_decay, eps), torch.full((3,), count - 1))
         grad = noise.clone() if dp else torch.empty_like(start)
         args = (clip, grad, row_scale, None, adam) if dp else (grad, adam)
         (step.dp if dp else step.train)(mine, x_all, index, y, w, *args)  # type: ignore[union-attr,operator]
@@ -441,7 +483,7 @@ def test_with_adam_inside_a_plain_step_needs_no_gradient_buffer() -> None:
     for grad in (torch.empty_like(start), None):
         flat, m, v = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
         for count in (1, 2):
-            losses = step.train(flat, x_all, index, y, w, grad, AdamStep(m, v, (1e-3, 0.9, 0.999, 0.0, 1e-8, float(count))))
+            losses = step.train(flat, x_all, index, y, w, grad, AdamStep(m, v, (1e-3, 0.9, 0.999, 0.0, 1e-8), torch.full((3,), count - 1)))
         runs.append((flat, m, v, losses))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)

@@ -155,6 +155,26 @@ def test_per_step_draws_what_draw_after_draw_gives(ahead: bool) -> None:
         assert torch.equal(g, e)
 
 
+@pytest.mark.parametrize("ahead", [False, True])
+def test_per_block_draws_what_per_step_gives(ahead: bool) -> None:
+    """Blocks of steps (the native step's calls) hold step after step the draws of
+    :meth:`per_step`, whatever the caller writes into a block it was given."""
+    rows = np.random.default_rng(1).random((3, 9)) < 0.8
+    std = [0.5, 2.0, 1.0]
+    width = AHEAD_MIN_BYTES // 4 // 3 + 1
+    expected = [out.clone() for out in GaussianNoise(KEYS, width, torch.float32).per_step(std, rows, ahead=False)]
+    got = []
+    for block in GaussianNoise(KEYS, width, torch.float32).per_block(std, rows, [4, 1, 4], ahead=ahead):
+        assert block.shape[1:] == (3, width)
+        got += [step.clone() for step in block]
+        block.add_(1.0)
+    assert len(got) == 9
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)
+    with pytest.raises(ValueError, match="do not split"):
+        next(GaussianNoise(KEYS, 8).per_block(std, rows, [4, 4]))
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the helper thread needs a second CPU")
 def test_only_a_large_buffer_is_drawn_ahead() -> None:
     rows = np.ones((3, 4), dtype=bool)

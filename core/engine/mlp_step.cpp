@@ -1,16 +1,20 @@
-// One training step of S copies of a plain MLP on the CPU, copy after copy, each copy's
-// forward pass, backward pass and gradient (or DP-SGD's clipped sum) in one call.
+// Training steps of S copies of a plain MLP on the CPU, copy after copy: each copy's forward
+// pass, backward pass, gradient (or DP-SGD's clipped sum) and Adam step, for each of its
+// steps in turn, in one call.
 //
 // fedcore.engine.native builds this file with torch.utils.cpp_extension and calls it as
-// torch.ops.fedcore_native.mlp_step. It computes what the written-out steps of
+// torch.ops.fedcore_native.mlp_steps. It computes what the written-out steps of
 // fedcore.engine.vectorized_step (make_mlp_train_step, make_mlp_dp_step) compute, to float
 // rounding: the same formulas, without ~35 tensor operations a step over all copies (each
 // a pass through memory and an allocation) and without the copy of every layer's gradient
-// into the (S, P) rows -- a copy's gradient is written in place. The matrix products are on
-// one copy's matrices, which stay in the core's cache between the layers: libxsmm's JIT
-// kernels, made for each product's shapes, where the build found libxsmm (FEDCORE_LIBXSMM
-// defined; ~1.4x MKL's throughput at these sizes, docs/speed.md), else BLAS calls (MKL's
-// sgemm_/dgemm_, which torch's CPU wheels export).
+// into the (S, P) rows -- a copy's gradient is written in place. With Adam inside, a call
+// takes many steps of each copy (an epoch, or a block of one), a copy's steps one after
+// another: its parameters and Adam's moments stay in the core's cache between them, and the
+// caller's Python runs once a call, not once a step. The matrix products are on one copy's
+// matrices, which stay in the core's cache between the layers: libxsmm's JIT kernels, made for
+// each product's shapes, where the build found libxsmm (FEDCORE_LIBXSMM defined; ~1.4x MKL's
+// throughput at these sizes, docs/speed.md), else BLAS calls (MKL's sgemm_/dgemm_, which
+// torch's CPU wheels export).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -204,10 +208,11 @@ T* aligned(T* p) {
   return reinterpret_cast<T*>((address + 63) & ~static_cast<std::uintptr_t>(63));
 }
 
-// Row i of an (S, B) argument of copy s (any stride between copies, rows contiguous).
+// Copy s's row at step t of an (S, T, B) argument (any strides between copies and steps,
+// rows contiguous), or its value at step t of an (S, T) one.
 template <typename T>
-const T* row_of(const at::Tensor& t, int64_t s) {
-  return t.data_ptr<T>() + s * t.stride(0);
+const T* row_of(const at::Tensor& t, int64_t s, int64_t step) {
+  return t.data_ptr<T>() + s * t.stride(0) + step * t.stride(1);
 }
 
 // Adam's step for one copy once its gradient is complete, while its rows are in cache: the
@@ -219,15 +224,17 @@ const T* row_of(const at::Tensor& t, int64_t s) {
 struct Adam {
   at::Tensor exp_avg, exp_avg_sq;
   double lr, beta1, beta2, weight_decay, eps;
-  int64_t step;
+  const int64_t* taken;  // (S,) each copy's Adam steps before the call
 };
 
+// Copy s's Adam step number `step` (counting from 1).
 template <typename T>
-__attribute__((always_inline)) inline void adam_row(const Adam& o, int64_t s, int64_t P, T* param, const T* grad) {
+__attribute__((always_inline)) inline void adam_row(const Adam& o, int64_t s, int64_t P, int64_t step, T* param,
+                                                    const T* grad) {
   T* m = o.exp_avg.data_ptr<T>() + s * P;
   T* v = o.exp_avg_sq.data_ptr<T>() + s * P;
-  const double bias_correction1 = 1 - std::pow(o.beta1, static_cast<double>(o.step));
-  const double bias_correction2 = 1 - std::pow(o.beta2, static_cast<double>(o.step));
+  const double bias_correction1 = 1 - std::pow(o.beta1, static_cast<double>(step));
+  const double bias_correction2 = 1 - std::pow(o.beta2, static_cast<double>(step));
   const T minus_step = static_cast<T>(-(o.lr / bias_correction1)), b2 = static_cast<T>(o.beta2);
   const T c1 = static_cast<T>(1 - o.beta1), c2 = static_cast<T>(1 - o.beta2), wd = static_cast<T>(o.weight_decay);
   const T root2 = static_cast<T>(std::sqrt(bias_correction2)), eps = static_cast<T>(o.eps);
@@ -257,8 +264,9 @@ __attribute__((always_inline)) inline void adam_row(const Adam& o, int64_t s, in
 template <typename T>
 FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const at::Tensor& index, const at::Tensor& y,
          const at::Tensor& w, const std::vector<Layer>& layers, at::Tensor& out, at::Tensor& losses,
-         const at::Tensor* clip, const at::Tensor* row_scale, const at::Tensor* sizes, const Adam* adam) {
-  const int64_t S = index.size(0), B = index.size(1), P = params.size(1), F = x_all.size(1);
+         const at::Tensor* clip, const at::Tensor* row_scale, const at::Tensor* sizes, const int64_t* steps,
+         const Adam* adam) {
+  const int64_t S = index.size(0), T_ = index.size(1), B = index.size(2), P = params.size(1), F = x_all.size(1);
   const int64_t L = static_cast<int64_t>(layers.size());
   const int64_t C = layers.back().out;
   // Scratch, reused across calls: every layer's input (x's rows first) and the logits,
@@ -290,190 +298,212 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
   norms.resize(B);
   factor.resize(B);
   const T* x = x_all.data_ptr<T>();
-  // Parameters are read through a const pointer until Adam writes them, copy by copy.
   T* loss_out = losses.data_ptr<T>();
+  // Copy after copy, each copy's steps one after another: its parameters, Adam's moments and
+  // its rows stay in the core's cache from one step to the next. (Copies are independent:
+  // the order changes no number.) Parameters are read through a const pointer until Adam
+  // writes them, step by step.
   for (int64_t s = 0; s < S; ++s) {
-    const T* p = params.data_ptr<T>() + s * P;
-    // The gradient: the caller's row of out, or (a plain step with Adam and no out) the
-    // aligned scratch itself, which Adam reads while it is in cache.
-    T* g = out.defined() ? out.data_ptr<T>() + s * P : ga;
-    const int64_t* rows = row_of<int64_t>(index, s);
-    const int64_t* labels = row_of<int64_t>(y, s);
-    const T* weight = row_of<T>(w, s);
-    // Rows past a copy's own count are padding (weight 0, contributing exact zeros): skipped.
-    const int64_t b = sizes == nullptr ? B : std::clamp<int64_t>(sizes->data_ptr<int64_t>()[s], 0, B);
-    if (b == 0) {
-      loss_out[s] = 0;
-      if (clip == nullptr) {
-        for (const Layer& ly : layers) {
-          std::fill(g + ly.weight, g + ly.weight + ly.in * ly.out, T(0));
-          std::fill(g + ly.bias, g + ly.bias + ly.out, T(0));
+    T* const param = params.data_ptr<T>() + s * P;
+    const T* p = param;
+    const int64_t own_steps = steps == nullptr ? T_ : std::clamp<int64_t>(steps[s], 0, T_);
+    for (int64_t t = 0; t < own_steps; ++t) {
+      // The gradient: the caller's row of out (step t's (S, P) slice), or (a plain step with
+      // Adam and no out) the aligned scratch itself, which Adam reads while it is in cache.
+      T* g = out.defined() ? out.data_ptr<T>() + t * out.stride(0) + s * out.stride(1) : ga;
+      const int64_t* rows = row_of<int64_t>(index, s, t);
+      const int64_t* labels = row_of<int64_t>(y, s, t);
+      const T* weight = row_of<T>(w, s, t);
+      const int64_t step_number = adam == nullptr ? 0 : adam->taken[s] + t + 1;
+      // Rows past a copy's own count are padding (weight 0, contributing exact zeros): skipped.
+      const int64_t b = sizes == nullptr ? B : std::clamp<int64_t>(*row_of<int64_t>(*sizes, s, t), 0, B);
+      if (b == 0) {
+        loss_out[s * T_ + t] = 0;
+        if (clip == nullptr) {
+          for (const Layer& ly : layers) {
+            std::fill(g + ly.weight, g + ly.weight + ly.in * ly.out, T(0));
+            std::fill(g + ly.bias, g + ly.bias + ly.out, T(0));
+          }
         }
+        if (adam != nullptr) adam_row(*adam, s, P, step_number, param, g);
+        continue;
       }
-      if (adam != nullptr) adam_row(*adam, s, P, params.data_ptr<T>() + s * P, g);
-      continue;
-    }
-    const Products<T>& pr = products.at(layers, b);
-    for (int64_t i = 0; i < b; ++i) std::copy(x + rows[i] * F, x + (rows[i] + 1) * F, acts.data() + i * F);
-    transpose(acts.data(), F, b, columns.data());
-    // Forward: z' = a' W^T on the feature-major activations, then + b and the activation,
-    // then the result batch-major too (the backward pass's operands), layer after layer.
-    for (int64_t l = 0; l < L; ++l) {
-      const Layer& ly = layers[l];
-      T* z = columns.data() + act_at[l + 1];
-      pr.forward[l](columns.data() + act_at[l], p + ly.weight, z);
-      const T* bias = p + ly.bias;
-      for (int64_t j = 0; j < ly.out; ++j) {
-        T* zj = z + j * b;
-        const T bj = bias[j];
-        if (ly.activation == kRelu) {
-          for (int64_t i = 0; i < b; ++i) zj[i] = std::max(zj[i] + bj, T(0));
-        } else if (ly.activation == kTanh) {
-          for (int64_t i = 0; i < b; ++i) zj[i] = std::tanh(zj[i] + bj);
-        } else {
-          for (int64_t i = 0; i < b; ++i) zj[i] += bj;
+      const Products<T>& pr = products.at(layers, b);
+      for (int64_t i = 0; i < b; ++i) std::copy(x + rows[i] * F, x + (rows[i] + 1) * F, acts.data() + i * F);
+      transpose(acts.data(), F, b, columns.data());
+      // Forward: z' = a' W^T on the feature-major activations, then + b and the activation,
+      // then the result batch-major too (the backward pass's operands), layer after layer.
+      for (int64_t l = 0; l < L; ++l) {
+        const Layer& ly = layers[l];
+        T* z = columns.data() + act_at[l + 1];
+        pr.forward[l](columns.data() + act_at[l], p + ly.weight, z);
+        const T* bias = p + ly.bias;
+        for (int64_t j = 0; j < ly.out; ++j) {
+          T* zj = z + j * b;
+          const T bj = bias[j];
+          if (ly.activation == kRelu) {
+            for (int64_t i = 0; i < b; ++i) zj[i] = std::max(zj[i] + bj, T(0));
+          } else if (ly.activation == kTanh) {
+            for (int64_t i = 0; i < b; ++i) zj[i] = std::tanh(zj[i] + bj);
+          } else {
+            for (int64_t i = 0; i < b; ++i) zj[i] += bj;
+          }
         }
+        transpose(z, b, ly.out, acts.data() + act_at[l + 1]);
       }
-      transpose(z, b, ly.out, acts.data() + act_at[l + 1]);
-    }
-    // The weighted negative log-likelihood and its gradient at the logits, w_i (softmax - onehot).
-    const T* logits = acts.data() + act_at[L];
-    T* d = deltas.data() + delta_at[L - 1];
-    T loss = 0;
-    for (int64_t i = 0; i < b; ++i) {
-      const T* zi = logits + i * C;
-      T top = zi[0];
-      for (int64_t c = 1; c < C; ++c) top = std::max(top, zi[c]);
-      T total = 0;
-      for (int64_t c = 0; c < C; ++c) total += std::exp(zi[c] - top);
-      const T lse = top + std::log(total);
-      const int64_t yi = labels[i];
-      for (int64_t c = 0; c < C; ++c) d[i * C + c] = std::exp(zi[c] - lse) * weight[i] - (c == yi ? weight[i] : T(0));
-      loss -= weight[i] * (zi[yi] - lse);
-    }
-    loss_out[s] = loss;
-    // Backward: each layer's output gradient from the next one's (through its weights and
-    // the activation's derivative at its output); the plain step takes each layer's gradient
-    // on the way, DP-SGD keeps them for the clip factors.
-    for (int64_t l = L - 1; l >= 0; --l) {
-      const Layer& ly = layers[l];
-      const T* a = acts.data() + act_at[l];
-      d = deltas.data() + delta_at[l];
-      if (clip == nullptr) {
-        const Product<T>& weight = pr.weight[l];  // d^T a
-        if (weight.jit()) {
-          weight(a, d, g + ly.weight);
-        } else {
-          weight(a, d, ga + ly.weight);
-          if (g != ga) std::copy(ga + ly.weight, ga + ly.weight + ly.in * ly.out, g + ly.weight);
-        }
-        T* gb = g + ly.bias;
-        std::fill(gb, gb + ly.out, T(0));
-        add_column_sums(d, b, ly.out, gb);
-      }
-      if (l == 0) break;
-      T* below = deltas.data() + delta_at[l - 1];
-      pr.below[l](p + ly.weight, d, below);  // d W
-      const int64_t act = layers[l - 1].activation;
-      if (act == kRelu) {
-        for (int64_t j = 0; j < b * ly.in; ++j) below[j] = a[j] > T(0) ? below[j] : T(0);
-      } else if (act == kTanh) {
-        for (int64_t j = 0; j < b * ly.in; ++j) below[j] *= T(1) - a[j] * a[j];
-      }
-    }
-    if (clip == nullptr) {
-      if (adam != nullptr) adam_row(*adam, s, P, params.data_ptr<T>() + s * P, g);
-      continue;
-    }
-    // DP-SGD: row i's squared gradient norm is sum over layers of |d_i|^2 (|a_i|^2 + 1) (weight
-    // and bias); Opacus's clip factor min(1, C / (norm + 1e-6)) times the row's scale; the
-    // clipped sum (factor * d)^T a of each layer is added into `out`.
-    // (|a_i|^2 from the feature-major activations: a vector of rows at a time.)
-    std::fill(norms.begin(), norms.end(), T(0));
-    for (int64_t l = 0; l < L; ++l) {
-      const Layer& ly = layers[l];
-      const T* column = columns.data() + act_at[l];
-      const T* dl = deltas.data() + delta_at[l];
-      std::fill(factor.begin(), factor.begin() + b, T(0));  // |a_i|^2, before it is the factor
-      add_column_sums<true>(column, ly.in, b, factor.data());
+      // The weighted negative log-likelihood and its gradient at the logits, w_i (softmax - onehot).
+      const T* logits = acts.data() + act_at[L];
+      T* d = deltas.data() + delta_at[L - 1];
+      T loss = 0;
       for (int64_t i = 0; i < b; ++i) {
-        T dd = 0;
-#pragma omp simd reduction(+ : dd)
-        for (int64_t j = 0; j < ly.out; ++j) dd += dl[i * ly.out + j] * dl[i * ly.out + j];
-        norms[i] += dd * (factor[i] + T(1));
+        const T* zi = logits + i * C;
+        T top = zi[0];
+        for (int64_t c = 1; c < C; ++c) top = std::max(top, zi[c]);
+        T total = 0;
+        for (int64_t c = 0; c < C; ++c) total += std::exp(zi[c] - top);
+        const T lse = top + std::log(total);
+        const int64_t yi = labels[i];
+        for (int64_t c = 0; c < C; ++c) d[i * C + c] = std::exp(zi[c] - lse) * weight[i] - (c == yi ? weight[i] : T(0));
+        loss -= weight[i] * (zi[yi] - lse);
       }
-    }
-    const T bound = clip->data_ptr<T>()[s];
-    const T* scale = row_of<T>(*row_scale, s);
-    for (int64_t i = 0; i < b; ++i) factor[i] = std::min(bound / (std::sqrt(norms[i]) + T(1e-6)), T(1)) * scale[i];
-    for (int64_t l = 0; l < L; ++l) {
-      const Layer& ly = layers[l];
-      T* dl = deltas.data() + delta_at[l];
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t j = 0; j < ly.out; ++j) dl[i * ly.out + j] *= factor[i];
-      // The layer's clipped sum added into the noise: by libxsmm's kernel, which starts from
-      // the noise; else the sum through the aligned buffer, then added (MKL's output rounds
-      // by its alignment).
-      T* gw = g + ly.weight;
-      if (pr.added[l].jit()) {
-        pr.added[l](acts.data() + act_at[l], dl, gw);
-      } else {
-        T* sum = ga + ly.weight;
-        pr.weight[l](acts.data() + act_at[l], dl, sum);
-#pragma omp simd
-        for (int64_t j = 0; j < ly.in * ly.out; ++j) gw[j] += sum[j];
+      loss_out[s * T_ + t] = loss;
+      // Backward: each layer's output gradient from the next one's (through its weights and
+      // the activation's derivative at its output); the plain step takes each layer's gradient
+      // on the way, DP-SGD keeps them for the clip factors.
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const Layer& ly = layers[l];
+        const T* a = acts.data() + act_at[l];
+        d = deltas.data() + delta_at[l];
+        if (clip == nullptr) {
+          const Product<T>& weight = pr.weight[l];  // d^T a
+          if (weight.jit()) {
+            weight(a, d, g + ly.weight);
+          } else {
+            weight(a, d, ga + ly.weight);
+            if (g != ga) std::copy(ga + ly.weight, ga + ly.weight + ly.in * ly.out, g + ly.weight);
+          }
+          T* gb = g + ly.bias;
+          std::fill(gb, gb + ly.out, T(0));
+          add_column_sums(d, b, ly.out, gb);
+        }
+        if (l == 0) break;
+        T* below = deltas.data() + delta_at[l - 1];
+        pr.below[l](p + ly.weight, d, below);  // d W
+        const int64_t act = layers[l - 1].activation;
+        if (act == kRelu) {
+          for (int64_t j = 0; j < b * ly.in; ++j) below[j] = a[j] > T(0) ? below[j] : T(0);
+        } else if (act == kTanh) {
+          for (int64_t j = 0; j < b * ly.in; ++j) below[j] *= T(1) - a[j] * a[j];
+        }
       }
-      add_column_sums(dl, b, ly.out, g + ly.bias);
+      if (clip == nullptr) {
+        if (adam != nullptr) adam_row(*adam, s, P, step_number, param, g);
+        continue;
+      }
+      // DP-SGD: row i's squared gradient norm is sum over layers of |d_i|^2 (|a_i|^2 + 1) (weight
+      // and bias); Opacus's clip factor min(1, C / (norm + 1e-6)) times the row's scale; the
+      // clipped sum (factor * d)^T a of each layer is added into `out`.
+      // (|a_i|^2 from the feature-major activations: a vector of rows at a time.)
+      std::fill(norms.begin(), norms.end(), T(0));
+      for (int64_t l = 0; l < L; ++l) {
+        const Layer& ly = layers[l];
+        const T* column = columns.data() + act_at[l];
+        const T* dl = deltas.data() + delta_at[l];
+        std::fill(factor.begin(), factor.begin() + b, T(0));  // |a_i|^2, before it is the factor
+        add_column_sums<true>(column, ly.in, b, factor.data());
+        for (int64_t i = 0; i < b; ++i) {
+          T dd = 0;
+  #pragma omp simd reduction(+ : dd)
+          for (int64_t j = 0; j < ly.out; ++j) dd += dl[i * ly.out + j] * dl[i * ly.out + j];
+          norms[i] += dd * (factor[i] + T(1));
+        }
+      }
+      const T bound = clip->data_ptr<T>()[s];
+      const T* scale = row_of<T>(*row_scale, s, t);
+      for (int64_t i = 0; i < b; ++i) factor[i] = std::min(bound / (std::sqrt(norms[i]) + T(1e-6)), T(1)) * scale[i];
+      for (int64_t l = 0; l < L; ++l) {
+        const Layer& ly = layers[l];
+        T* dl = deltas.data() + delta_at[l];
+        for (int64_t i = 0; i < b; ++i)
+          for (int64_t j = 0; j < ly.out; ++j) dl[i * ly.out + j] *= factor[i];
+        // The layer's clipped sum added into the noise: by libxsmm's kernel, which starts from
+        // the noise; else the sum through the aligned buffer, then added (MKL's output rounds
+        // by its alignment).
+        T* gw = g + ly.weight;
+        if (pr.added[l].jit()) {
+          pr.added[l](acts.data() + act_at[l], dl, gw);
+        } else {
+          T* sum = ga + ly.weight;
+          pr.weight[l](acts.data() + act_at[l], dl, sum);
+  #pragma omp simd
+          for (int64_t j = 0; j < ly.in * ly.out; ++j) gw[j] += sum[j];
+        }
+        add_column_sums(dl, b, ly.out, g + ly.bias);
+      }
+      if (adam != nullptr) adam_row(*adam, s, P, step_number, param, g);
     }
-    if (adam != nullptr) adam_row(*adam, s, P, params.data_ptr<T>() + s * P, g);
   }
 }
 
-void check_rows(const at::Tensor& t, const char* name, int64_t S, int64_t B, at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == S && t.size(1) == B, name, " must be (S, B)");
+void check_rows(const at::Tensor& t, const char* name, int64_t S, int64_t T, int64_t B, at::ScalarType dtype) {
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == S && t.size(1) == T && t.size(2) == B, name, " must be (S, T, B)");
   TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(B <= 1 || t.stride(1) == 1, name, "'s rows must be contiguous");
+  TORCH_CHECK(B <= 1 || t.stride(2) == 1, name, "'s rows must be contiguous");
 }
 
-// params (S, P) contiguous; x_all (N, F) contiguous; index, y (S, B) int64 (row ids into
-// x_all, labels); w (S, B) row weights (0 on padding); layers: [weight offset, bias offset,
-// in, out, activation] per layer; out (S, P) contiguous: the gradients (plain step,
-// overwritten; may be absent when Adam runs inside, which then reads each copy's gradient
-// from cache) or the buffer the clipped sums are added to (DP-SGD, clip (S,) and
-// row_scale (S, B) given); sizes (S,) int64, optional: each copy computes only its first
-// sizes[s] rows (the rest are padding); adam [lr, beta1, beta2, weight_decay, eps, step]
-// (empty: none): each copy's Adam step with exp_avg, exp_avg_sq (S, P) right after its
-// gradient, updating params in place. Returns every copy's loss sum_i w_i nll_i, (S,).
-at::Tensor mlp_step(const at::Tensor& params, const at::Tensor& x_all, const at::Tensor& index, const at::Tensor& y,
-                    const at::Tensor& w, at::IntArrayRef layers, const std::optional<at::Tensor>& out_arg,
-                    const std::optional<at::Tensor>& clip,
-                    const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& sizes,
-                    const std::optional<at::Tensor>& exp_avg, const std::optional<at::Tensor>& exp_avg_sq,
-                    at::ArrayRef<double> adam) {
+void check_copies(const std::optional<at::Tensor>& t, const char* name, int64_t S) {
+  TORCH_CHECK(!t.has_value() || (t->dim() == 1 && t->size(0) == S && t->scalar_type() == at::kLong && t->is_contiguous()),
+              name, " must be (S,) int64");
+}
+
+// T steps of S copies, copy after copy (each copy's steps in order).
+// params (S, P) contiguous; x_all (N, F) contiguous; index, y (S, T, B) int64 (row ids into
+// x_all, labels; rows contiguous); w (S, T, B) row weights (0 on padding); layers: [weight
+// offset, bias offset, in, out, activation] per layer; out (T, S, P), rows contiguous: the
+// gradients (plain step, T = 1, overwritten; may be absent when Adam runs inside, which then
+// reads each gradient from cache) or the buffers each step's clipped sums are added to
+// (DP-SGD, clip (S,) and row_scale (S, T, B) given); sizes (S, T) int64, optional: each
+// copy's step computes only its first sizes[s, t] rows (the rest are padding); steps (S,)
+// int64, optional: copy s takes only its first steps[s] steps (the losses of the others are
+// 0); adam [lr, beta1, beta2, weight_decay, eps] (empty: none) with exp_avg, exp_avg_sq (S, P)
+// and taken (S,) int64, each copy's Adam steps before the call: each copy's Adam step right
+// after each gradient, updating params in place -- the only way to take more than one step
+// in a call. Returns every copy's loss at every step, sum_i w_i nll_i, (S, T).
+at::Tensor mlp_steps(const at::Tensor& params, const at::Tensor& x_all, const at::Tensor& index, const at::Tensor& y,
+                     const at::Tensor& w, at::IntArrayRef layers, const std::optional<at::Tensor>& out_arg,
+                     const std::optional<at::Tensor>& clip, const std::optional<at::Tensor>& row_scale,
+                     const std::optional<at::Tensor>& sizes, const std::optional<at::Tensor>& steps,
+                     const std::optional<at::Tensor>& exp_avg, const std::optional<at::Tensor>& exp_avg_sq,
+                     const std::optional<at::Tensor>& taken, at::ArrayRef<double> adam) {
   const auto dtype = params.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "mlp_step runs float32 or float64");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "mlp_steps runs float32 or float64");
   TORCH_CHECK(params.device().is_cpu() && params.dim() == 2 && params.is_contiguous(), "params must be (S, P), contiguous");
+  TORCH_CHECK(x_all.dim() == 2 && x_all.scalar_type() == dtype && x_all.is_contiguous(), "x_all must be (N, F), contiguous");
+  TORCH_CHECK(index.dim() == 3, "index must be (S, T, B)");
+  const int64_t S = params.size(0), T = index.size(1), B = index.size(2), P = params.size(1);
   // No out: a plain step whose Adam runs inside, whose gradients the caller does not need.
   TORCH_CHECK(out_arg.has_value() || (!clip.has_value() && !adam.empty()), "out is needed, except by a plain step with Adam");
+  TORCH_CHECK(T <= 1 || !adam.empty(), "more than one step in a call needs Adam inside");
   at::Tensor out = out_arg.has_value() ? *out_arg : at::Tensor();
-  TORCH_CHECK(!out.defined() || (out.sizes() == params.sizes() && out.scalar_type() == dtype && out.is_contiguous()),
-              "out must be contiguous and like params");
-  TORCH_CHECK(x_all.dim() == 2 && x_all.scalar_type() == dtype && x_all.is_contiguous(), "x_all must be (N, F), contiguous");
+  TORCH_CHECK(!out.defined() || (out.dim() == 3 && out.size(0) == T && out.size(1) == S && out.size(2) == P &&
+                                 out.scalar_type() == dtype && out.stride(2) == 1),
+              "out must be (T, S, P) like params, rows contiguous");
+  TORCH_CHECK(!out.defined() || clip.has_value() || T == 1, "a plain step's gradients are written for one step");
   TORCH_CHECK(layers.size() >= 5 && layers.size() % 5 == 0, "layers must hold 5 numbers per layer");
-  const int64_t S = params.size(0), B = index.size(1);
-  check_rows(index, "index", S, B, at::kLong);
-  check_rows(y, "y", S, B, at::kLong);
-  check_rows(w, "w", S, B, dtype);
+  check_rows(index, "index", S, T, B, at::kLong);
+  check_rows(y, "y", S, T, B, at::kLong);
+  check_rows(w, "w", S, T, B, dtype);
   TORCH_CHECK(clip.has_value() == row_scale.has_value(), "clip and row_scale go together");
   if (clip.has_value()) {
     TORCH_CHECK(clip->dim() == 1 && clip->size(0) == S && clip->scalar_type() == dtype && clip->is_contiguous(),
                 "clip must be (S,)");
-    check_rows(*row_scale, "row_scale", S, B, dtype);
+    check_rows(*row_scale, "row_scale", S, T, B, dtype);
   }
   if (sizes.has_value()) {
-    TORCH_CHECK(sizes->dim() == 1 && sizes->size(0) == S && sizes->scalar_type() == at::kLong && sizes->is_contiguous(),
-                "sizes must be (S,) int64");
+    TORCH_CHECK(sizes->dim() == 2 && sizes->size(0) == S && sizes->size(1) == T && sizes->scalar_type() == at::kLong,
+                "sizes must be (S, T) int64");
   }
+  check_copies(steps, "steps", S);
   std::vector<Layer> ls;
   for (size_t i = 0; i < layers.size(); i += 5) {
     Layer l{layers[i], layers[i + 1], layers[i + 2], layers[i + 3], layers[i + 4]};
@@ -482,39 +512,45 @@ at::Tensor mlp_step(const at::Tensor& params, const at::Tensor& x_all, const at:
     TORCH_CHECK(ls.empty() ? l.in == x_all.size(1) : l.in == ls.back().out, "layer ", i / 5, "'s input size");
     ls.push_back(l);
   }
+  const int64_t* own_steps = steps.has_value() ? steps->data_ptr<int64_t>() : nullptr;
   // Row ids and labels are checked here: nothing may throw inside run (its clones for each
   // instruction set cannot pass an exception on).
   const int64_t N = x_all.size(0), C = ls.back().out;
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t b = sizes.has_value() ? std::clamp<int64_t>(sizes->data_ptr<int64_t>()[s], 0, B) : B;
-    const int64_t* rows = row_of<int64_t>(index, s);
-    const int64_t* labels = row_of<int64_t>(y, s);
-    for (int64_t i = 0; i < b; ++i) {
-      TORCH_CHECK(rows[i] >= 0 && rows[i] < N, "row id ", rows[i], " out of range for ", N, " rows");
-      TORCH_CHECK(labels[i] >= 0 && labels[i] < C, "label ", labels[i], " out of range for ", C, " classes");
+    const int64_t n = own_steps == nullptr ? T : std::clamp<int64_t>(own_steps[s], 0, T);
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t b = sizes.has_value() ? std::clamp<int64_t>(*row_of<int64_t>(*sizes, s, t), 0, B) : B;
+      const int64_t* rows = row_of<int64_t>(index, s, t);
+      const int64_t* labels = row_of<int64_t>(y, s, t);
+      for (int64_t i = 0; i < b; ++i) {
+        TORCH_CHECK(rows[i] >= 0 && rows[i] < N, "row id ", rows[i], " out of range for ", N, " rows");
+        TORCH_CHECK(labels[i] >= 0 && labels[i] < C, "label ", labels[i], " out of range for ", C, " classes");
+      }
     }
   }
-  auto losses = at::empty({S}, params.options());
-  if (S == 0) return losses;
+  auto losses = at::zeros({S, T}, params.options());
+  if (S == 0 || T == 0) return losses;
   const at::Tensor* c = clip.has_value() ? &*clip : nullptr;
   const at::Tensor* r = row_scale.has_value() ? &*row_scale : nullptr;
   const at::Tensor* n = sizes.has_value() ? &*sizes : nullptr;
   std::optional<Adam> optimizer;
   if (!adam.empty()) {
-    TORCH_CHECK(adam.size() == 6, "adam must be [lr, beta1, beta2, weight_decay, eps, step]");
-    TORCH_CHECK(exp_avg.has_value() && exp_avg_sq.has_value(), "adam needs exp_avg and exp_avg_sq");
+    TORCH_CHECK(adam.size() == 5, "adam must be [lr, beta1, beta2, weight_decay, eps]");
+    TORCH_CHECK(exp_avg.has_value() && exp_avg_sq.has_value() && taken.has_value(), "adam needs exp_avg, exp_avg_sq and taken");
     for (const at::Tensor* t : {&*exp_avg, &*exp_avg_sq}) {
       TORCH_CHECK(t->sizes() == params.sizes() && t->scalar_type() == dtype && t->is_contiguous(),
                   "Adam's moments must be contiguous and like params");
     }
-    TORCH_CHECK(adam[5] >= 1, "Adam's step count starts at 1");
-    optimizer = Adam{*exp_avg, *exp_avg_sq, adam[0], adam[1], adam[2], adam[3], adam[4], static_cast<int64_t>(adam[5])};
+    check_copies(taken, "taken", S);
+    const int64_t* before = taken->data_ptr<int64_t>();
+    for (int64_t s = 0; s < S; ++s) TORCH_CHECK(before[s] >= 0, "Adam's step counts cannot be negative");
+    optimizer = Adam{*exp_avg, *exp_avg_sq, adam[0], adam[1], adam[2], adam[3], adam[4], before};
   }
   const Adam* o = optimizer.has_value() ? &*optimizer : nullptr;
   if (dtype == at::kFloat) {
-    run<float>(params, x_all, index, y, w, ls, out, losses, c, r, n, o);
+    run<float>(params, x_all, index, y, w, ls, out, losses, c, r, n, own_steps, o);
   } else {
-    run<double>(params, x_all, index, y, w, ls, out, losses, c, r, n, o);
+    run<double>(params, x_all, index, y, w, ls, out, losses, c, r, n, own_steps, o);
   }
   return losses;
 }
@@ -534,9 +570,10 @@ std::string matmul_library() {
 
 TORCH_LIBRARY(fedcore_native, m) {
   m.def(
-      "mlp_step(Tensor(a!) params, Tensor x_all, Tensor index, Tensor y, Tensor w, int[] layers, Tensor(b!)? out, "
-      "Tensor? clip, Tensor? row_scale, Tensor? sizes, Tensor(c!)? exp_avg, Tensor(d!)? exp_avg_sq, float[] adam) -> Tensor");
+      "mlp_steps(Tensor(a!) params, Tensor x_all, Tensor index, Tensor y, Tensor w, int[] layers, Tensor(b!)? out, "
+      "Tensor? clip, Tensor? row_scale, Tensor? sizes, Tensor? steps, Tensor(c!)? exp_avg, Tensor(d!)? exp_avg_sq, "
+      "Tensor? taken, float[] adam) -> Tensor");
   m.def("matmul_library() -> str", matmul_library);
 }
 
-TORCH_LIBRARY_IMPL(fedcore_native, CPU, m) { m.impl("mlp_step", mlp_step); }
+TORCH_LIBRARY_IMPL(fedcore_native, CPU, m) { m.impl("mlp_steps", mlp_steps); }

@@ -225,7 +225,7 @@ def _load() -> str:
         if not path.exists():
             _build(path)
         torch.ops.load_library(str(path))
-        _op = torch.ops.fedcore_native.mlp_step
+        _op = torch.ops.fedcore_native.mlp_steps
         library = torch.ops.fedcore_native.matmul_library()  # initializes libxsmm, where the build has it
         if _PIN not in os.environ:
             # libxsmm's initialization asks OpenMP to pin threads (OMP_PROC_BIND=TRUE, in the C
@@ -266,16 +266,19 @@ def unavailable_reason() -> str | None:
 @dataclass(frozen=True)
 class AdamStep:
     """Adam's state and settings for the native step to apply copy by copy, each copy right
-    after its gradient (torch's fused Adam arithmetic; every copy at the same step count).
+    after each of its gradients (torch's fused Adam arithmetic).
 
     :ivar exp_avg: ``(S, P)`` first moments, updated in place.
     :ivar exp_avg_sq: ``(S, P)`` second moments, updated in place.
-    :ivar settings: ``(lr, beta1, beta2, weight_decay, eps, step)``, ``step`` counting this one.
+    :ivar settings: ``(lr, beta1, beta2, weight_decay, eps)``.
+    :ivar taken: ``(S,)`` int64, each copy's Adam steps before the call (its first step in
+        the call counts ``taken + 1``).
     """
 
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
-    settings: tuple[float, float, float, float, float, float]
+    settings: tuple[float, float, float, float, float]
+    taken: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -316,7 +319,8 @@ class NativeMLPStep:
         """
         if grad is None and adam is None:
             raise ValueError("a plain step without Adam must return its gradients: pass grad")
-        return self._call(params, x_all, index, y, w, grad, None, None, None, adam)
+        out = None if grad is None else grad.unsqueeze(0)
+        return self._call(params, x_all, _one(index), _one(y), _one(w), out, None, None, None, None, adam)[:, 0]
 
     def dp(
         self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
@@ -334,13 +338,44 @@ class NativeMLPStep:
             widest of their Poisson batches; the others need not compute its padding).
         :param adam: Adam's step to take with the noised sums, copy by copy (None: the caller steps).
         """
-        return self._call(params, x_all, index, y, w, noise, clip, row_scale, sizes, adam)
+        own = None if sizes is None else sizes.view(-1, 1)
+        return self._call(
+            params, x_all, _one(index), _one(y), _one(w), noise.unsqueeze(0), clip, _one(row_scale), own, None, adam
+        )[:, 0]
+
+    def steps(
+        self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+        adam: AdamStep, steps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+        clip: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``T`` steps of every copy with Adam inside, copy after copy (a copy's parameters
+        and moments stay in the core's cache across its steps); the losses ``(S, T)``.
+
+        The numbers are those of ``T`` calls of :meth:`train` (or :meth:`dp`, with ``noise``)
+        with Adam: the copies are independent, so the order changes none.
+
+        :param params: as :meth:`train`; ``x_all`` likewise.
+        :param index: ``(S, T, B)`` the rows of each copy's batch at each step; ``y``, ``w`` likewise.
+        :param adam: Adam's step after each gradient.
+        :param steps: ``(S,)`` int64, how many of the ``T`` steps each copy takes (default all);
+            the losses of steps not taken are 0.
+        :param noise: DP-SGD: ``(T, S, P)`` each step's noise (the clipped sums are added into it).
+        :param clip: DP-SGD: ``(S,)`` each copy's clipping bound.
+        :param row_scale: DP-SGD: ``(S, T, B)`` each row's weight in the sum.
+        :param sizes: ``(S, T)`` int64, each copy's own batch size at each step (as :meth:`dp`).
+        """
+        return self._call(params, x_all, index, y, w, noise, clip, row_scale, sizes, steps, adam)
 
     def _call(
         self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
         out: torch.Tensor | None, clip: torch.Tensor | None, row_scale: torch.Tensor | None, sizes: torch.Tensor | None,
-        adam: AdamStep | None,
+        steps: torch.Tensor | None, adam: AdamStep | None,
     ) -> torch.Tensor:  # fmt: skip
         assert _op is not None
-        moments = (None, None, ()) if adam is None else (adam.exp_avg, adam.exp_avg_sq, adam.settings)
-        return _op(params, x_all, index, y.long(), w, self.layers, out, clip, row_scale, sizes, *moments)
+        moments = (None, None, None, ()) if adam is None else (adam.exp_avg, adam.exp_avg_sq, adam.taken, adam.settings)
+        return _op(params, x_all, index, y.long(), w, self.layers, out, clip, row_scale, sizes, steps, *moments)
+
+
+def _one(rows: torch.Tensor) -> torch.Tensor:
+    """An ``(S, B)`` argument of one step as the ``(S, 1, B)`` of a call of one step."""
+    return rows.unsqueeze(1)

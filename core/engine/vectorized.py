@@ -77,6 +77,14 @@ _GRAPH_DP_PAD = 16
 #: activations then stay in cache (~15 % fewer CPU seconds a step for 1,000 copies than one
 #: call for all) and its memory, and that of compiling it, no longer grows with the copies
 COPIES_PER_CALL = 128
+#: at most this many steps per call of the native step with Adam inside (each copy's steps of
+#: a call one after another, its state in the core's cache): a call stays short (Ctrl-C is
+#: seen between calls) and the Python around it runs once for all of them
+_STEPS_PER_CALL = 256
+#: DP-SGD's noise for the native step is drawn a block of steps ahead, at most this many
+#: bytes a block (about four steps of the paper's 15 copies): more steps a block keep a copy's
+#: state in cache longer, a larger block leaves the shared cache sooner
+_NOISE_BLOCK_BYTES = 4 << 20
 
 
 # ------------------------------------------------------------------- capability
@@ -265,16 +273,20 @@ class StackedTrainer:
             return
         self._masked_adam(grad, active)
 
-    def _native_adam(self, every: bool) -> AdamStep | None:
-        """Adam's step for the native step to take copy by copy, where one fused Adam over all
-        rows would take it (Adam, every copy stepping from the same count; see
-        :meth:`_optimizer_step`); None otherwise. The step is counted."""
-        if not (every and self._counts_equal and self.training.optimizer == "adam"):
+    def _native_adam(self) -> AdamStep | None:
+        """Adam's steps for the native step to take copy by copy, right after each gradient,
+        each copy from its own step count; None where the optimizer is not Adam. The caller
+        counts the steps taken (:meth:`_count_taken`)."""
+        if self.training.optimizer != "adam":
             return None
-        self.counts += 1
         k = self._adam_kwargs
-        settings = (k["lr"], k["beta1"], k["beta2"], k["weight_decay"], k["eps"], float(self.counts[0]))
-        return AdamStep(self.exp_avg, self.exp_avg_sq, settings)
+        settings = (k["lr"], k["beta1"], k["beta2"], k["weight_decay"], k["eps"])
+        return AdamStep(self.exp_avg, self.exp_avg_sq, settings, torch.from_numpy(self.counts.copy()))
+
+    def _count_taken(self, taken: np.ndarray) -> None:
+        """Each copy took ``taken (S,)`` more steps."""
+        self.counts += taken
+        self._counts_equal = bool((self.counts == self.counts[0]).all())
 
     def _count(self, active: np.ndarray, every: bool = False) -> None:
         """One more step for the rows in ``active``."""
@@ -469,14 +481,21 @@ class StackedTrainer:
         active_t = torch.as_tensor(active, dtype=loss_sum.dtype, device=self.device)
         all_active = bool(active.all())
         if self.native is not None:
+            adam = self._native_adam()
+            if adam is not None:
+                # Blocks of steps, each copy's steps of a block one after another in one call.
+                losses = [
+                    self._native_block(adam, active, a, b, x_all, gidx[:, a:b], y[:, a:b], w[:, a:b])
+                    for a, b in _blocks(active.shape[1], _STEPS_PER_CALL)
+                ]
+                if losses:
+                    loss_sum += (torch.cat(losses, dim=1) * active_t).sum(dim=1)
+                return
+            grad = self._grad_buffer()
             step_losses = []
             for t, (index_t, y_t, w_t) in enumerate(zip(gidx.unbind(1), y.unbind(1), w.unbind(1), strict=True)):
-                adam = self._native_adam(all_active)
-                # With Adam inside, the gradients never leave the step (no (S, P) buffer).
-                grad = None if adam is not None else self._grad_buffer()
-                step_losses.append(self.native.train(self.flat, x_all, index_t, y_t, w_t, grad, adam))
-                if grad is not None:
-                    self._optimizer_step(grad, active[:, t], all_active)
+                step_losses.append(self.native.train(self.flat, x_all, index_t, y_t, w_t, grad))
+                self._optimizer_step(grad, active[:, t], all_active)
             if step_losses:
                 loss_sum += (torch.stack(step_losses, dim=1) * active_t).sum(dim=1)
             return
@@ -626,34 +645,44 @@ class StackedTrainer:
             self._epoch_noise = noise_streams
             loss_sum += self._replay_epoch(("dp", *std), inputs, partial(self._dp_body, std), generators)
             return
-        step_losses: list[torch.Tensor] = []
         # Each step's noise is drawn right before it (a buffer of many steps would be read
         # back from memory, ~0.3 ms a step), by a helper thread while the step before runs:
         # on the paper's two cores, the federated group then takes more of the CPU than the
         # centralized one, which needs less. A copy not stepping draws nothing: its stream
-        # never depends on its companions.
-        noises = noise_streams.per_step(std, active)
+        # never depends on its companions. (The native step with Adam inside takes small
+        # blocks of steps, each block's noise drawn while the one before trains.)
         every = bool(active.all())
+        step_losses: list[torch.Tensor] = []  # (S, steps) each
         if self.native is not None:
             # The native step gathers each copy's rows itself and computes only its own
             # Poisson batch (the first sizes[s] rows), not the padding up to the widest one:
-            # every step takes whole-width views, made for the epoch in one call each (a
-            # slice a step was ~10 us of Python per step, 4 % of a DP round).
+            # every step takes whole-width views of the epoch's tensors.
             y_epoch = y_all.index_select(0, gidx.reshape(-1)).view(gidx.shape)
-            own = sizes.to(torch.long).t().contiguous()
-            per_step = zip(gidx.unbind(1), y_epoch.unbind(1), w.unbind(1), row_scale.unbind(1), own.unbind(0), strict=True)
-            for t, (noise, (index_t, y_t, w_t, scale_t, own_t)) in enumerate(zip(noises, per_step, strict=True)):
-                adam = self._native_adam(every)
-                step_losses.append(self.native.dp(self.flat, x_all, index_t, y_t, w_t, clip, noise, scale_t, own_t, adam))
-                if adam is None:
+            own = sizes.to(torch.long)
+            adam = self._native_adam()
+            if adam is not None:
+                assert isinstance(noise_streams, GaussianNoise)  # the native step runs on the CPU
+                width = self.n_copies * self.layout.size * self.dtype.itemsize
+                blocks = _blocks(active.shape[1], max(1, min(_STEPS_PER_CALL, _NOISE_BLOCK_BYTES // max(width, 1))))
+                noises = noise_streams.per_block(std, active, [b - a for a, b in blocks])
+                for (a, b), noise in zip(blocks, noises, strict=True):
+                    part = (gidx[:, a:b], y_epoch[:, a:b], w[:, a:b])
+                    dp = {"noise": noise, "clip": clip, "row_scale": row_scale[:, a:b], "sizes": own[:, a:b]}
+                    step_losses.append(self._native_block(adam, active, a, b, x_all, *part, **dp))
+            else:
+                per_step = zip(gidx.unbind(1), y_epoch.unbind(1), w.unbind(1), row_scale.unbind(1), own.unbind(1), strict=True)
+                noises = noise_streams.per_step(std, active)
+                for t, (noise, (index_t, y_t, w_t, scale_t, own_t)) in enumerate(zip(noises, per_step, strict=True)):
+                    losses = self.native.dp(self.flat, x_all, index_t, y_t, w_t, clip, noise, scale_t, own_t)
                     self._optimizer_step(noise, active[:, t], every)
+                    step_losses.append(losses.unsqueeze(1))
         else:
             # Real rows come first in every padded batch: each step computes only as many
             # rows as its largest batch needs (rounded up, so few step shapes get compiled).
             largest = real.sum(dim=2).amax(dim=0).cpu().numpy().astype(np.int64)
             widths = np.maximum(self._dp_pad, -(-largest // self._dp_pad) * self._dp_pad).tolist()
             steps_by_width: dict[int, Callable[..., Any]] = {}
-            for t, noise in enumerate(noises):
+            for t, noise in enumerate(noise_streams.per_step(std, active)):
                 k = widths[t]
                 # Each step gathers its own rows at its own width (gathering the whole epoch
                 # at its widest batch copies more), by index_select: ~5x faster than x[rows].
@@ -666,9 +695,34 @@ class StackedTrainer:
                     step = steps_by_width[k] = self.dp_step.resolve(*args)
                 grad, losses = step(*args)
                 self._optimizer_step(grad, active[:, t], every)
-                step_losses.append(losses)
+                step_losses.append(losses.unsqueeze(1))
         if step_losses:
-            loss_sum += (torch.stack(step_losses, dim=1) * loss_weight[:, : len(step_losses)]).sum(dim=1)
+            losses = torch.cat(step_losses, dim=1)
+            loss_sum += (losses * loss_weight[:, : losses.shape[1]]).sum(dim=1)
+
+    def _native_block(
+        self, adam: AdamStep, active: np.ndarray, a: int, b: int, x_all: torch.Tensor, index: torch.Tensor,
+        y: torch.Tensor, w: torch.Tensor, **dp: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """Steps ``a .. b - 1`` of an epoch by the native step with Adam inside, each copy
+        taking those of its steps that ``active`` marks (a prefix of the epoch's); the
+        losses ``(S, b - a)``, 0 where a copy does not step.
+
+        :param index: ``(S, b - a, B)`` rows of ``x_all`` (``y``, ``w`` likewise).
+        :param dp: DP-SGD's ``noise``, ``clip``, ``row_scale`` and ``sizes`` (:meth:`NativeMLPStep.steps`).
+        """
+        taken = active[:, a:b].sum(axis=1)
+        assert self.native is not None
+        losses = self.native.steps(self.flat, x_all, index, y, w, adam, torch.from_numpy(taken), **dp)
+        self._count_taken(taken)
+        adam.taken.copy_(torch.from_numpy(self.counts))
+        return losses
+
+
+def _blocks(steps: int, per_block: int) -> list[tuple[int, int]]:
+    """``[a, b)`` blocks of at most ``per_block`` of ``steps`` steps, in order."""
+    return [(a, min(a + per_block, steps)) for a in range(0, steps, per_block)]
+
 
 # -------------------------------------------------------------- federated runs
 
