@@ -146,6 +146,18 @@ __attribute__((always_inline)) inline void add_column_sums(const T* m, int64_t r
   }
 }
 
+// Asks for the cache lines of the given rows of x (F values each), to be read a step later:
+// a copy's rows lie at random in its data (megabytes), and gathering them waits on memory.
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_rows(const T* x, int64_t F, const int64_t* rows, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const char* first = reinterpret_cast<const char*>(x + rows[i] * F);
+    const char* last = reinterpret_cast<const char*>(x + (rows[i] + 1) * F) - 1;
+    for (const char* line = first; line <= last; line += 64) __builtin_prefetch(line, 0, 2);
+    __builtin_prefetch(last, 0, 2);
+  }
+}
+
 enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2 };
 
 // One nn.Linear: where its weight (out x in, row-major) and bias live in a copy's row of P
@@ -330,6 +342,10 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
       }
       const Products<T>& pr = products.at(layers, b);
       for (int64_t i = 0; i < b; ++i) std::copy(x + rows[i] * F, x + (rows[i] + 1) * F, acts.data() + i * F);
+      if (t + 1 < own_steps) {
+        const int64_t next = sizes == nullptr ? B : std::clamp<int64_t>(*row_of<int64_t>(*sizes, s, t + 1), 0, B);
+        prefetch_rows(x, F, row_of<int64_t>(index, s, t + 1), next);
+      }
       transpose(acts.data(), F, b, columns.data());
       // Forward: z' = a' W^T on the feature-major activations, then + b and the activation,
       // then the result batch-major too (the backward pass's operands), layer after layer.
