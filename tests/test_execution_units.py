@@ -71,3 +71,27 @@ def test_one_worker_never_splits(step_kind: str) -> None:
 def test_makespan_places_the_longest_units_first(costs: list[float], workers: int, expected: float) -> None:
     units = [[cost] for cost in costs]
     assert runner.makespan(units, workers, lambda unit: unit[0]) == expected  # type: ignore[arg-type, return-value]
+
+
+def test_workers_are_forked_only_where_that_is_safe() -> None:
+    """A forked worker starts with the run's imported modules; it is only forked on Linux, on
+    the CPU, with one torch thread a worker and no other thread in the process (a lock held
+    by another thread would stay held in the child)."""
+    import sys
+    import threading
+
+    from fedcore.spec import ExecutionSpec
+
+    alone = threading.active_count() == 1
+    expected = "fork" if sys.platform.startswith("linux") and alone else "spawn"
+    assert runner.start_method(ExecutionSpec()) == expected
+    assert runner.start_method(ExecutionSpec(device="cuda")) == "spawn"
+    assert runner.start_method(ExecutionSpec(threads_per_worker=2)) == "spawn"
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert runner.start_method(ExecutionSpec()) == "spawn"
+    finally:
+        stop.set()
+        other.join()

@@ -8,12 +8,15 @@ the paper's small MLP); rounds stream back to this process, which alone writes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +42,7 @@ from fedcore.engine.simulation import RunJob, RunResult, checkpoint_digest, run_
 from fedcore.errors import FedcoreUserError, SpecError
 from fedcore.registry import PluginManager
 from fedcore.report.summary import baseline_key
-from fedcore.spec import Experiment, ExperimentSpec, arm_indexes, build_components, locate, resolved_yaml
+from fedcore.spec import ExecutionSpec, Experiment, ExperimentSpec, arm_indexes, build_components, locate, resolved_yaml
 from fedcore.types import RoundRecord
 
 
@@ -384,6 +387,9 @@ _WORKER_QUEUE: Any = None
 def _worker_init(events: Any, threads: int, parent_pid: int | None = None, shared: Path | None = None) -> None:
     global _WORKER_QUEUE
     processes.die_with_parent(parent_pid)
+    # A forked worker inherits the command line's SIGTERM handler; it stops at SIGTERM as a
+    # spawned one does.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER_QUEUE = events
     share_results_in(shared)
     torch.set_num_threads(threads)
@@ -657,7 +663,12 @@ def _train_and_report(
     rounds_path = run_dir / "rounds.jsonl"
     if resume is not None:
         _rewrite_rounds(rounds_path, resume.records)
-    with rounds_path.open("w" if resume is None else "a") as rounds_file, Progress(show, jobs) as bars:
+    with contextlib.ExitStack() as stack:
+        # The workers start before this process starts a thread (the progress bars'):
+        # forked, they inherit its imported modules.
+        pool = None if workers <= 1 else stack.enter_context(_WorkerPool(units, run_dir, workers, spec.execution, cost))
+        rounds_file = stack.enter_context(rounds_path.open("w" if resume is None else "a"))
+        bars = stack.enter_context(Progress(show, jobs))
 
         def on_round(record: RoundRecord) -> None:
             rounds_file.write(record.model_dump_json() + "\n")
@@ -665,7 +676,7 @@ def _train_and_report(
             rundir.call_observers(plugins, "fedcore_round_end", record=record)
             bars.round_done()
 
-        if workers <= 1:
+        if pool is None:
             torch.set_num_threads(spec.execution.torch_threads())
             for unit in units:
                 try:
@@ -676,7 +687,7 @@ def _train_and_report(
                 for _ in unit:
                     bars.job_done()
         else:
-            results = _run_parallel(units, run_dir, workers, spec.execution.torch_threads(), on_round, bars, cost)
+            results = pool.collect(on_round, bars)
     total = time.perf_counter() - started
     if resume is not None:
         results = [*resume.finished, *results]  # ``total`` is this session's wall time
@@ -686,63 +697,99 @@ def _train_and_report(
     rundir.call_observers(plugins, "fedcore_run_end", summary=summary.model_dump(), run_dir=run_dir)
 
 
-def _run_parallel(
-    units: list[list[Job]],
-    run_dir: Path,
-    workers: int,
-    threads: int,
-    on_round: Callable[[RoundRecord], None],
-    bars: Progress,
-    cost: UnitCost,
-) -> list[RunResult]:
-    ctx = mp.get_context("spawn")
-    manager = SyncManager(ctx=ctx)
-    manager.start(processes.die_with_parent, (os.getpid(),))
-    events = manager.Queue()
-    stop = threading.Event()
+def start_method(execution: ExecutionSpec) -> str:
+    """How worker processes start: ``fork`` where that is safe -- Linux, the CPU, one torch
+    thread a worker, no thread in this process but the main one -- else ``spawn``.
 
-    def drain() -> None:
-        while not stop.is_set() or not events.empty():
-            try:
-                record = events.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            except (EOFError, OSError):
-                return
-            on_round(record)
+    A forked worker starts with this process's imported modules (torch, the plugins: ~3 s
+    of CPU a worker, ~8 s of wall time at the paper run's start on two busy cores). A fork
+    copies only the calling thread: a lock another thread held stays held in the child, and
+    an OpenMP pool (torch's threads) or a CUDA context does not survive it, hence the
+    conditions; with one thread, a worker never enters an OpenMP parallel region.
+    """
+    if (
+        sys.platform.startswith("linux")
+        and execution.device == "cpu"
+        and execution.torch_threads() == 1
+        and threading.active_count() == 1
+        and "fork" in mp.get_all_start_methods()
+    ):
+        return "fork"
+    return "spawn"
 
-    drainer = threading.Thread(target=drain, daemon=True)
-    drainer.start()
-    results: list[RunResult] = []
-    try:
-        with ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=ctx,
-            initializer=_worker_init,
-            initargs=(events, threads, os.getpid(), shared_results()),
-        ) as pool:
+
+class _WorkerPool:
+    """Worker processes training ``units``, each unit one task, longest first; the events
+    they send (round records) come back through a manager's queue.
+
+    Entering starts the workers and hands them every unit (:func:`start_method` says how
+    they start); :meth:`collect` waits for the results; leaving stops whatever still runs.
+    """
+
+    def __init__(self, units: list[list[Job]], run_dir: Path, workers: int, execution: ExecutionSpec, cost: UnitCost) -> None:
+        self._units, self._run_dir, self._workers, self._cost = units, run_dir, workers, cost
+        self._threads = execution.torch_threads()
+        self._context = mp.get_context(start_method(execution))
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _WorkerPool:
+        with self._stack as stack:
+            manager = SyncManager(ctx=self._context)
+            manager.start(processes.die_with_parent, (os.getpid(),))
+            stack.callback(manager.shutdown)
+            self._events = manager.Queue()
+            pool = ProcessPoolExecutor(
+                max_workers=self._workers,
+                mp_context=self._context,
+                initializer=_worker_init,
+                initargs=(self._events, self._threads, os.getpid(), shared_results()),
+            )
+            stack.callback(pool.shutdown)
+            self._pool = pool
             # Longest units first keeps both cores busy until the end.
-            ordered = sorted(units, key=cost, reverse=True)
-            futures: dict[Future[list[RunResult]], list[Job]] = {
-                pool.submit(_worker_run, unit, str(run_dir)): unit for unit in ordered
+            ordered = sorted(self._units, key=self._cost, reverse=True)
+            self._futures: dict[Future[list[RunResult]], list[Job]] = {
+                pool.submit(_worker_run, unit, str(self._run_dir)): unit for unit in ordered
             }
-            try:
-                for future in as_completed(futures):
-                    try:
-                        results += future.result()
-                    except BaseException as exc:
-                        rundir.tag_job(exc, _job_info(futures[future]))
-                        raise
-                    for _ in futures[future]:
-                        bars.job_done()
-            except BaseException:
-                processes.stop_pool(pool)
-                raise
-    finally:
-        stop.set()
-        drainer.join()
-        manager.shutdown()
-    return results
+            self._stack = stack.pop_all()
+        return self
+
+    def collect(self, on_round: Callable[[RoundRecord], None], bars: Progress) -> list[RunResult]:
+        """Every unit's results, as they finish; ``on_round`` gets the workers' round records
+        (in this thread's stead, from a thread that drains the queue)."""
+        events, stop = self._events, threading.Event()
+
+        def drain() -> None:
+            while not stop.is_set() or not events.empty():
+                try:
+                    record = events.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                except (EOFError, OSError):
+                    return
+                on_round(record)
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        results: list[RunResult] = []
+        try:
+            for future in as_completed(self._futures):
+                try:
+                    results += future.result()
+                except BaseException as exc:
+                    rundir.tag_job(exc, _job_info(self._futures[future]))
+                    raise
+                for _ in self._futures[future]:
+                    bars.job_done()
+        finally:
+            stop.set()
+            drainer.join()
+        return results
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is not None:
+            processes.stop_pool(self._pool)
+        self._stack.close()
 
 
 def _job_info(unit: list[Job]) -> dict[str, Any]:
