@@ -351,6 +351,22 @@ def test_site_data_tensors_are_not_modified() -> None:
         np.testing.assert_array_equal(b, s.x_train)
 
 
+def test_stacked_rows_are_kept_while_the_same_tensors_come_in() -> None:
+    """A federated run's sites train on the same tensors every round: their stacked rows are
+    reused, and stacked again once a tensor is another one or was changed in place."""
+    trainer = StackedTrainer(_mlp(), TrainingSpec(batch_size=4), 2)
+    parts = [torch.randn(5, 5), torch.randn(3, 5)]
+    first = trainer._stacked("x", parts, torch.float32)
+    assert torch.equal(first, torch.cat(parts))
+    assert trainer._stacked("x", list(parts), torch.float32) is first
+    assert trainer._stacked("x", parts, torch.float64) is not first
+    parts[1].add_(1.0)  # changed in place
+    again = trainer._stacked("x", parts, torch.float32)
+    assert again is not first and torch.equal(again, torch.cat(parts))
+    other = [parts[0], parts[1].clone()]
+    assert trainer._stacked("x", other, torch.float32) is not again
+
+
 FULL_SPEC = """\
 name: full
 seed: 21

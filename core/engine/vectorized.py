@@ -208,6 +208,8 @@ class StackedTrainer:
         self._block_views = [self.layout.views(self.flat[a:b]) for a, b in self.blocks]
         #: the step's gradients as (S, P) rows, one buffer reused by every step
         self._grad: torch.Tensor | None = None
+        #: the last stacked rows of each kind, with the tensors they came from (:meth:`_stacked`)
+        self._stacks: dict[str, tuple[tuple[torch.Tensor, ...], tuple[int, ...], torch.Tensor]] = {}
         self.step = shared_step("train", self.module, self.layout, backend)
         self.dp_step = shared_step("dp", self.module, self.layout, backend)
         #: a plain MLP's step in C++ on the CPU (:mod:`fedcore.engine.native`), where it builds; ``backend="auto"`` only
@@ -370,8 +372,8 @@ class StackedTrainer:
         dp = [task.dp for task in tasks]
         if any(d is not None for d in dp) and not all(d is not None for d in dp):
             raise ValueError("DP-SGD must apply to every copy trained together or to none")
-        x_all = self._stacked([task.x for task in tasks], self.dtype)
-        y_all = self._stacked([task.y for task in tasks], tasks[0].y.dtype)
+        x_all = self._stacked("x", [task.x for task in tasks], self.dtype)
+        y_all = self._stacked("y", [task.y for task in tasks], tasks[0].y.dtype)
         sizes = np.array([len(task.y) for task in tasks], dtype=np.int64)
         offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(sizes)[:-1]]), device=self.device)
         row_weight = self._row_weights(tasks, y_all)
@@ -410,12 +412,28 @@ class StackedTrainer:
         mean = (loss_sum.cpu().numpy() / np.maximum(steps, 1)).tolist()
         return [CopyOutcome(int(s), float(m)) for s, m in zip(steps, mean, strict=True)]
 
-    def _stacked(self, parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def _stacked(self, name: str, parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The copies' rows one after another, on the device; on the CPU in huge pages (a
-        step gathers rows at random from them)."""
+        step gathers rows at random from them). Kept for the next call (``name``: which
+        stack) and given again while the same tensors, unchanged, come in: a federated
+        run's sites train on the same rows every round (stacking the paper's 15 copies,
+        91 MB into fresh pages, took ~0.15 s a round)."""
+        kept = self._stacks.get(name)
+        if (
+            kept is not None
+            and kept[2].dtype == dtype
+            and len(kept[0]) == len(parts)
+            and all(a is b and a._version == v for a, b, v in zip(kept[0], parts, kept[1], strict=True))
+        ):
+            return kept[2]
+        self._stacks.pop(name, None)  # the old stack's memory first
         if self.device.type != "cpu":
-            return torch.cat(list(parts)).to(device=self.device, dtype=dtype)
-        return torch.cat(list(parts), out=huge_page_empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype))
+            stacked = torch.cat(list(parts)).to(device=self.device, dtype=dtype)
+        else:
+            stacked = torch.cat(list(parts), out=huge_page_empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype))
+        # The parts themselves are kept: none of them can be freed and another take its place.
+        self._stacks[name] = (tuple(parts), tuple(p._version for p in parts), stacked)
+        return stacked
 
     def _row_weights(self, tasks: Sequence[CopyTask], y_all: torch.Tensor) -> torch.Tensor:
         parts = []
