@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/native_ab.py              # 5 pairs of each
     .venv/bin/python benchmarks/native_ab.py --trials 9
     .venv/bin/python benchmarks/native_ab.py --matmul     # libxsmm's kernels against MKL's
+    .venv/bin/python benchmarks/native_ab.py --blocks     # many steps a call against one
 
 Two A/B comparisons on the paper workload (3 sites x 40,000 training rows, MLP 128-64-32,
 Adam, batch 32; one repeat, 1 local epoch a round, one thread), each alternating its two
@@ -19,6 +20,12 @@ sides so that both see the same state of a shared machine:
 kernels and MKL's BLAS (``FEDCORE_LIBXSMM=0``): one library is loaded per process, so each
 side's rounds run in a child process of its own, the sides alternating (non-private and DP-SGD,
 CPU seconds a round, medians over the children of each side's median round).
+
+``--blocks`` compares, alternating in one process, the native step taking blocks of steps of
+each copy in one call (the default: a copy's state stays in cache across its steps, the DP
+noise is drawn a block ahead) with one call a step (blocks of one step), on 5 repeats trained
+together as a paper worker trains them (15 DP-SGD copies; 5 centralized-sized copies would
+be the other group): CPU seconds a repeat-round, the noise's helper thread included.
 
 The native side runs what a default install runs where a C++ compiler exists; the other is
 what runs without one. Nothing here is a timed test: the figures go to ``docs/speed.md``.
@@ -129,10 +136,41 @@ def matmul_pairs(trials: int, rounds: int = 3) -> None:
         print(f"  {label:12s} libxsmm {fast:.3f}, MKL {slow:.3f}: {slow / fast:.2f}x faster")
 
 
+@contextlib.contextmanager
+def one_step_a_call() -> Iterator[None]:
+    """Within the block, the native step is called once a step (blocks of one step)."""
+    import fedcore.engine.vectorized as vectorized
+
+    saved = vectorized._STEPS_PER_CALL, vectorized._NOISE_BLOCK_BYTES
+    vectorized._STEPS_PER_CALL, vectorized._NOISE_BLOCK_BYTES = 1, 1
+    try:
+        yield
+    finally:
+        vectorized._STEPS_PER_CALL, vectorized._NOISE_BLOCK_BYTES = saved
+
+
+def blocks_pairs(trials: int, repeats: int = 5) -> None:
+    """Blocks of steps a native call against one step a call, alternating in this process."""
+    seeds = [2024 + r for r in range(repeats)]
+    exp, exp_dp = experiment(rounds=1, epochs=1), experiment(rounds=1, epochs=1, dp=True)
+    datas = [load(exp, seed) for seed in seeds]
+    print(f"native step, {repeats} repeats trained together, 1 local epoch, CPU seconds a repeat-round "
+          f"(medians of {trials} alternating pairs):")
+    for label, e in (("non-private", exp), ("DP-SGD", exp_dp)):
+        blocks, single = [], []
+        for _ in range(trials):
+            blocks.append(vectorized_round(e, datas, seeds).cpu)
+            with one_step_a_call():
+                single.append(vectorized_round(e, datas, seeds).cpu)
+        fast, slow = float(np.median(blocks)), float(np.median(single))
+        print(f"  {label:12s} blocks of steps {fast:.3f}, one step a call {slow:.3f}: {slow / fast:.2f}x faster")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=5, help="alternating pairs of each comparison")
     parser.add_argument("--matmul", action="store_true", help="libxsmm's matrix products against MKL's, in child processes")
+    parser.add_argument("--blocks", action="store_true", help="blocks of steps a native call against one step a call")
     parser.add_argument("--child-rounds", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from fedcore.engine.native import unavailable_reason
@@ -145,6 +183,9 @@ def main() -> None:
         return
     if args.matmul:
         matmul_pairs(args.trials)
+        return
+    if args.blocks:
+        blocks_pairs(args.trials)
         return
     seed = 2024
     exp, exp_dp = experiment(rounds=1, epochs=1), experiment(rounds=1, epochs=1, dp=True)
