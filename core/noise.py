@@ -49,6 +49,19 @@ _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 AHEAD_MIN_BYTES = 1 << 20
 
 
+_helper_allowed = True
+
+
+def allow_helper(allowed: bool) -> None:
+    """Whether :meth:`GaussianNoise.per_block` may draw ahead in a helper thread in this
+    process. Worker processes that together keep every core busy turn it off
+    (:mod:`fedcore.engine.runner`): there a helper only takes turns with the training thread,
+    and the noise it writes crosses between cores (the paper's DP rounds, two such processes
+    side by side: 0.315-0.319 CPU s a repeat-round with a helper, 0.307-0.308 without)."""
+    global _helper_allowed
+    _helper_allowed = allowed
+
+
 class GaussianNoise:
     """Independent ``N(0, std^2)`` streams, one per row of an ``(S, P)`` buffer.
 
@@ -158,8 +171,8 @@ class GaussianNoise:
         each step): for a block of ``k`` steps a ``(k, S, P)`` view of one of two buffers, its
         step ``j`` a fresh :meth:`draw`.
 
-        With ``ahead``, a buffer of at least :data:`AHEAD_MIN_BYTES` and more than one CPU
-        for this process, a helper thread draws block ``i + 1``'s noise while the caller
+        With ``ahead``, a buffer of at least :data:`AHEAD_MIN_BYTES`, more than one CPU for
+        this process and the helper allowed (:func:`allow_helper`), a helper thread draws block ``i + 1``'s noise while the caller
         computes block ``i``: numpy's ufuncs, OpenSSL and the native transform run without
         the GIL, so the drawing overlaps the training on another core. The values are the
         same either way (each stream's draws happen in step order); the caller must be done
@@ -192,7 +205,7 @@ class GaussianNoise:
                 self._fill(out[j], scales, drawing[t])
             return out
 
-        if not ahead or small or len(blocks) < 2 or cpus < 2:
+        if not ahead or not _helper_allowed or small or len(blocks) < 2 or cpus < 2:
             for i in range(len(blocks)):
                 yield fill(i)
             return

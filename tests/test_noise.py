@@ -14,7 +14,7 @@ from scipy import stats
 
 import fedcore.engine.native as native
 import fedcore.noise as noise_module
-from fedcore.noise import AHEAD_MIN_BYTES, DeviceGaussianNoise, GaussianNoise
+from fedcore.noise import AHEAD_MIN_BYTES, DeviceGaussianNoise, GaussianNoise, allow_helper
 
 KEYS = [bytes(range(16)), bytes(range(16, 32)), bytes(range(32, 48))]
 
@@ -187,6 +187,19 @@ def test_only_a_large_buffer_is_drawn_ahead() -> None:
 
     assert helper_running(AHEAD_MIN_BYTES // 4 // 3 + 1)
     assert not helper_running(1000)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the helper thread needs a second CPU")
+def test_no_helper_where_the_process_is_told_the_cores_are_busy() -> None:
+    """Workers that keep every core busy draw inline (fedcore.engine.runner turns the helper off)."""
+    rows = np.ones((3, 4), dtype=bool)
+    width = AHEAD_MIN_BYTES // 4 // 3 + 1
+    allow_helper(False)
+    try:
+        for _ in GaussianNoise(KEYS, width, torch.float32).per_block([1.0] * 3, rows, [2, 2]):
+            assert not any(t.name.startswith("fedcore-noise") for t in threading.enumerate())
+    finally:
+        allow_helper(True)
 
 
 def test_per_step_refuses_rows_of_another_shape() -> None:

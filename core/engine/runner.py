@@ -40,6 +40,7 @@ from fedcore.commitments import OPENINGS_DIR
 from fedcore.engine.resume import load_result, save_result
 from fedcore.engine.simulation import RunJob, RunResult, checkpoint_digest, run_centralized, run_federated, site_name
 from fedcore.errors import FedcoreUserError, SpecError
+from fedcore.noise import allow_helper
 from fedcore.registry import PluginManager
 from fedcore.report.summary import baseline_key
 from fedcore.spec import ExecutionSpec, Experiment, ExperimentSpec, arm_indexes, build_components, locate, resolved_yaml
@@ -384,7 +385,11 @@ def _slug(text: str) -> str:
 _WORKER_QUEUE: Any = None
 
 
-def _worker_init(events: Any, threads: int, parent_pid: int | None = None, shared: Path | None = None) -> None:
+def _worker_init(
+    events: Any, threads: int, parent_pid: int | None = None, shared: Path | None = None, spare_cores: bool = True
+) -> None:
+    """A worker process's setup; ``spare_cores``: the workers leave cores idle (a DP step's
+    noise may then be drawn ahead in a helper thread: :func:`fedcore.noise.allow_helper`)."""
     global _WORKER_QUEUE
     processes.die_with_parent(parent_pid)
     # A forked worker inherits the command line's SIGTERM handler; it stops at SIGTERM as a
@@ -396,6 +401,7 @@ def _worker_init(events: Any, threads: int, parent_pid: int | None = None, share
     # numpy's BLAS (OpenBLAS) too: its default pool of one thread a core spins on the cores
     # the other workers train on (1.6 % of the paper run's CPU samples went to its idle threads).
     threadpool_limits(threads, user_api="blas")
+    allow_helper(spare_cores)
 
 
 def _worker_run(unit: list[Job], run_dir: str) -> list[RunResult]:
@@ -742,7 +748,7 @@ class _WorkerPool:
                 max_workers=self._workers,
                 mp_context=self._context,
                 initializer=_worker_init,
-                initargs=(self._events, self._threads, os.getpid(), shared_results()),
+                initargs=(self._events, self._threads, os.getpid(), shared_results(), self._spare_cores()),
             )
             stack.callback(pool.shutdown)
             self._pool = pool
@@ -753,6 +759,11 @@ class _WorkerPool:
             }
             self._stack = stack.pop_all()
         return self
+
+    def _spare_cores(self) -> bool:
+        """Whether the workers' threads leave a core of this process idle."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self._workers * self._threads < cores
 
     def collect(self, on_round: Callable[[RoundRecord], None], bars: Progress) -> list[RunResult]:
         """Every unit's results, as they finish; ``on_round`` gets the workers' round records
