@@ -26,7 +26,6 @@ the reproducible research mode.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedcore.components import NOISE_KEY_BYTES
 from fedcore.engine.native import gaussian_from_bits
+from fedcore.engine.processes import usable_cpus
 
 KEY_BYTES = NOISE_KEY_BYTES
 _WORD = 4
@@ -154,7 +154,7 @@ class GaussianNoise:
 
     def per_step(self, std: Sequence[float], rows: np.ndarray, ahead: bool = True) -> Iterator[torch.Tensor]:
         """Step ``t``'s noise for every step of ``rows (S, steps)`` (which rows draw at each),
-        each a fresh :meth:`draw` into one of two ``(S, P)`` buffers (:meth:`per_block` with
+        each a fresh :meth:`draw` into an ``(S, P)`` buffer (:meth:`per_block` with
         blocks of one step).
 
         :param std: one standard deviation per row.
@@ -168,12 +168,13 @@ class GaussianNoise:
         self, std: Sequence[float], rows: np.ndarray, blocks: Sequence[int], ahead: bool = True
     ) -> Iterator[torch.Tensor]:
         """The noise of consecutive blocks of steps of ``rows (S, steps)`` (which rows draw at
-        each step): for a block of ``k`` steps a ``(k, S, P)`` view of one of two buffers, its
+        each step): for a block of ``k`` steps a ``(k, S, P)`` view of a buffer (one of two while
+        a helper draws ahead, else always the same, which stays in the core's cache), its
         step ``j`` a fresh :meth:`draw`.
 
         With ``ahead``, a buffer of at least :data:`AHEAD_MIN_BYTES`, more than one CPU for
-        this process and the helper allowed (:func:`allow_helper`), a helper thread draws block ``i + 1``'s noise while the caller
-        computes block ``i``: numpy's ufuncs, OpenSSL and the native transform run without
+        this process and the helper allowed (:func:`allow_helper`), a helper thread draws block
+        ``i + 1``'s noise while the caller computes block ``i``: numpy's ufuncs, OpenSSL and the native transform run without
         the GIL, so the drawing overlaps the training on another core. The values are the
         same either way (each stream's draws happen in step order); the caller must be done
         with a block's buffer when it asks for the next block's.
@@ -187,9 +188,11 @@ class GaussianNoise:
         if sum(blocks) != n_steps or any(k < 1 for k in blocks):
             raise ValueError(f"blocks {list(blocks)} do not split {n_steps} steps")
         largest = max(blocks, default=0)
-        buffers = [torch.empty(largest, n_rows, self.width, dtype=self.dtype) for _ in range(min(2, len(blocks)))]
         small = largest * n_rows * self.width * self.dtype.itemsize < AHEAD_MIN_BYTES
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        helper = ahead and _helper_allowed and not small and len(blocks) >= 2 and usable_cpus() >= 2
+        # Drawn inline, every block goes into the same buffer, which stays in the core's cache;
+        # a helper fills one while the caller reads the other.
+        buffers = [torch.empty(largest, n_rows, self.width, dtype=self.dtype) for _ in range(2 if helper else 1)]
         # The checks and conversions of draw, once for every step.
         scales = [float(s) for s in std]
         rows = np.asarray(rows, dtype=bool)
@@ -200,12 +203,12 @@ class GaussianNoise:
         starts = np.concatenate([[0], np.cumsum(blocks)]).tolist()
 
         def fill(i: int) -> torch.Tensor:
-            out = buffers[i % 2][: blocks[i]]
+            out = buffers[i % len(buffers)][: blocks[i]]
             for j, t in enumerate(range(starts[i], starts[i + 1])):
                 self._fill(out[j], scales, drawing[t])
             return out
 
-        if not ahead or not _helper_allowed or small or len(blocks) < 2 or cpus < 2:
+        if not helper:
             for i in range(len(blocks)):
                 yield fill(i)
             return

@@ -36,6 +36,11 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         os._exit(1)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS has one, else every CPU)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def stop_pool(pool: ProcessPoolExecutor) -> None:
     """Kill a pool's workers now (an interrupted or failed run must not go on training)."""
     processes: dict[int, Any] = dict(getattr(pool, "_processes", None) or {})  # shutdown forgets them

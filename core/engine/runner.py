@@ -762,8 +762,7 @@ class _WorkerPool:
 
     def _spare_cores(self) -> bool:
         """Whether the workers' threads leave a core of this process idle."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return self._workers * self._threads < cores
+        return self._workers * self._threads < processes.usable_cpus()
 
     def collect(self, on_round: Callable[[RoundRecord], None], bars: Progress) -> list[RunResult]:
         """Every unit's results, as they finish; ``on_round`` gets the workers' round records
