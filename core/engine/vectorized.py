@@ -278,20 +278,16 @@ class StackedTrainer:
     def _native_adam(self) -> AdamStep | None:
         """Adam's steps for the native step to take copy by copy, right after each gradient,
         each copy from its own step count; None where the optimizer is not Adam. The caller
-        counts the steps taken (:meth:`_count_taken`)."""
+        counts the steps taken (:meth:`_count`)."""
         if self.training.optimizer != "adam":
             return None
         k = self._adam_kwargs
         settings = (k["lr"], k["beta1"], k["beta2"], k["weight_decay"], k["eps"])
         return AdamStep(self.exp_avg, self.exp_avg_sq, settings, torch.from_numpy(self.counts.copy()))
 
-    def _count_taken(self, taken: np.ndarray) -> None:
-        """Each copy took ``taken (S,)`` more steps."""
-        self.counts += taken
-        self._counts_equal = bool((self.counts == self.counts[0]).all())
-
     def _count(self, active: np.ndarray, every: bool = False) -> None:
-        """One more step for the rows in ``active``."""
+        """One more step for the rows in ``active`` (S,) -- or, with counts instead of a mask,
+        that many more steps for each row."""
         if every:
             self.counts += 1
             return
@@ -732,7 +728,7 @@ class StackedTrainer:
         taken = active[:, a:b].sum(axis=1)
         assert self.native is not None
         losses = self.native.steps(self.flat, x_all, index, y, w, adam, torch.from_numpy(taken), **dp)
-        self._count_taken(taken)
+        self._count(taken)
         adam.taken.copy_(torch.from_numpy(self.counts))
         return losses
 
