@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/native_ab.py --trials 9
     .venv/bin/python benchmarks/native_ab.py --matmul     # libxsmm's kernels against MKL's
     .venv/bin/python benchmarks/native_ab.py --blocks     # many steps a call against one
+    .venv/bin/python benchmarks/native_ab.py --noise      # DP noise drawn inside the step against handed to it
 
 Two A/B comparisons on the paper workload (3 sites x 40,000 training rows, MLP 128-64-32,
 Adam, batch 32; one repeat, 1 local epoch a round, one thread), each alternating its two
@@ -26,6 +27,12 @@ each copy in one call (the default: a copy's state stays in cache across its ste
 noise is drawn a block ahead) with one call a step (blocks of one step), on 5 repeats trained
 together as a paper worker trains them (15 DP-SGD copies; 5 centralized-sized copies would
 be the other group): CPU seconds a repeat-round, the noise's helper thread included.
+
+``--noise`` compares, alternating in one process on the same 5 repeats, DP-SGD rounds whose
+noise the native step draws itself (OpenSSL's AES-CTR, each copy's noise right before each of
+its steps; the default where the build found OpenSSL) with rounds whose noise is drawn in
+Python a block of steps ahead and handed to the step (the build without OpenSSL), and the
+non-private round beside them: CPU seconds a repeat-round and DP-SGD's ratio to non-private.
 
 The native side runs what a default install runs where a C++ compiler exists; the other is
 what runs without one. Nothing here is a timed test: the figures go to ``docs/speed.md``.
@@ -166,11 +173,48 @@ def blocks_pairs(trials: int, repeats: int = 5) -> None:
         print(f"  {label:12s} blocks of steps {fast:.3f}, one step a call {slow:.3f}: {slow / fast:.2f}x faster")
 
 
+@contextlib.contextmanager
+def noise_handed_over() -> Iterator[None]:
+    """Within the block, DP-SGD's noise is drawn in Python and handed to the native step."""
+    import fedcore.engine.vectorized as vectorized
+
+    saved = vectorized.noise_library
+    vectorized.noise_library = lambda: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        vectorized.noise_library = saved
+
+
+def noise_inside_pairs(trials: int, repeats: int = 5) -> None:
+    """DP-SGD's noise drawn inside the native step against handed to it, alternating in this process."""
+    from fedcore.engine.native import noise_library
+
+    if noise_library() is None:
+        raise SystemExit("the native step was built without OpenSSL here: its noise is always handed over")
+    seeds = [2024 + r for r in range(repeats)]
+    exp, exp_dp = experiment(rounds=1, epochs=1), experiment(rounds=1, epochs=1, dp=True)
+    datas = [load(exp, seed) for seed in seeds]
+    vectorized_round(exp_dp, datas, seeds)  # warm-up
+    inside, handed, plain = [], [], []
+    for _ in range(trials):
+        inside.append(vectorized_round(exp_dp, datas, seeds).cpu)
+        with noise_handed_over():
+            handed.append(vectorized_round(exp_dp, datas, seeds).cpu)
+        plain.append(vectorized_round(exp, datas, seeds).cpu)
+    a, b, c = (float(np.median(x)) for x in (inside, handed, plain))
+    print(f"native step, {repeats} repeats trained together, 1 local epoch, CPU seconds a repeat-round "
+          f"(medians of {trials} alternating triples; noise: {noise_library()}):")
+    print(f"  DP-SGD, noise drawn inside the step {a:.3f}, handed to it {b:.3f}: {b / a:.2f}x faster")
+    print(f"  non-private {c:.3f}: DP-SGD / non-private {a / c:.2f}x (noise handed over: {b / c:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=5, help="alternating pairs of each comparison")
     parser.add_argument("--matmul", action="store_true", help="libxsmm's matrix products against MKL's, in child processes")
     parser.add_argument("--blocks", action="store_true", help="blocks of steps a native call against one step a call")
+    parser.add_argument("--noise", action="store_true", help="DP noise drawn inside the native step against handed to it")
     parser.add_argument("--child-rounds", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from fedcore.engine.native import unavailable_reason
@@ -186,6 +230,9 @@ def main() -> None:
         return
     if args.blocks:
         blocks_pairs(args.trials)
+        return
+    if args.noise:
+        noise_inside_pairs(args.trials)
         return
     seed = 2024
     exp, exp_dp = experiment(rounds=1, epochs=1), experiment(rounds=1, epochs=1, dp=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -34,7 +35,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedcore.components import NOISE_KEY_BYTES
-from fedcore.engine.native import gaussian_from_bits
+from fedcore.engine.native import NoiseStreams, gaussian_from_bits
 from fedcore.engine.processes import usable_cpus
 
 KEY_BYTES = NOISE_KEY_BYTES
@@ -78,7 +79,11 @@ class GaussianNoise:
         self.width = width
         self.dtype = dtype
         self.half = -(-width // 2)
-        self._encryptors = [Cipher(algorithms.AES(key), modes.CTR(bytes(KEY_BYTES))).encryptor() for key in keys]
+        self._keys = [bytes(key) for key in keys]
+        #: the bytes of each stream's keystream drawn so far (a draw takes ``8 ceil(P/2)``)
+        self.position = np.zeros(len(keys), dtype=np.int64)
+        self._encryptors = [_stream(key, 0) for key in self._keys]
+        self._handed_out = False  # whether the native step may have moved the positions
         self._zeros = bytes(2 * self.half * _WORD)
         # update_into wants block size - 1 spare bytes after its output (4 spare words).
         words = 2 * self.half + KEY_BYTES // _WORD
@@ -114,8 +119,26 @@ class GaussianNoise:
             drawing = None  # every row draws: skip the per-row bookkeeping
         return self._fill(out, [float(s) for s in std], drawing)
 
+    def native_streams(self, std: Sequence[float]) -> NoiseStreams:
+        """The streams for the native step to draw from itself (:class:`~fedcore.engine.native.NoiseStreams`),
+        at their current positions, which its draws advance; later draws here go on from there.
+
+        :param std: one standard deviation per row.
+        """
+        self._handed_out = True
+        keys = torch.frombuffer(bytearray(b"".join(self._keys)), dtype=torch.uint8).view(len(self._keys), KEY_BYTES)
+        return NoiseStreams(keys, torch.from_numpy(self.position), tuple(float(s) for s in std))
+
     def _fill(self, out: torch.Tensor, std: list[float], drawing: np.ndarray | None) -> torch.Tensor:
         """:meth:`draw` on checked arguments (``drawing`` None when every row draws)."""
+        if self._handed_out:
+            # The native step drew from the streams: go on from where it left them.
+            self._encryptors = [_stream(key, int(at)) for key, at in zip(self._keys, self.position, strict=True)]
+            self._handed_out = False
+        if drawing is None:
+            self.position += 8 * self.half
+        else:
+            self.position[drawing] += 8 * self.half
         if self._native is not None:
             drawn = self._every_row if drawing is None else np.flatnonzero(drawing).tolist()
             encryptors, streams, zeros = self._encryptors, self._row_streams, self._zeros
@@ -225,6 +248,16 @@ class GaussianNoise:
         """One draw of a single-stream sampler as a new ``(P,)`` tensor."""
         out = torch.empty(1, self.width, dtype=self.dtype)
         return self.draw(out, [std])[0]
+
+
+def _stream(key: bytes, at: int) -> Any:
+    """An encryptor of AES-128-CTR under ``key`` from byte ``at`` of its keystream on (its
+    counter block is ``at // 16``; the rest of that block is skipped)."""
+    block, skip = divmod(at, 16)
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
+    if skip:
+        encryptor.update(bytes(skip))
+    return encryptor
 
 
 class DeviceGaussianNoise:

@@ -184,6 +184,54 @@ def test_many_steps_in_one_call_equal_one_call_a_step(dp: bool) -> None:
         step._call(flat, x_all, index, y, w, torch.empty(T, S, layout.size), None, None, None, None, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_step_draws_the_noise_the_python_streams_would_have_drawn(dtype: torch.dtype) -> None:
+    """``streams``: each copy's noise drawn inside the step, at the steps it takes, is what
+    GaussianNoise draws for it, to the bit -- from positions inside an AES block too (P here
+    has an odd ceil(P/2): a draw ends mid-block) -- and the streams go on from where the step
+    left them."""
+    from fedcore.noise import GaussianNoise
+
+    if native.noise_library() is None:
+        pytest.skip("built without OpenSSL: the noise is drawn in Python and handed to the step")
+    S, T, B = 3, 5, 12
+    module = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)).to(dtype)
+    layout, start = _params(module, S, dtype)
+    assert (layout.size + 1) // 2 % 2 == 1
+    step = NativeMLPStep.of(module, layout, dtype, CPU)
+    assert step is not None
+    g = torch.Generator().manual_seed(5)
+    x_all = torch.randn(80, 7, generator=g, dtype=dtype)
+    index, y = torch.randint(0, 80, (S, T, B), generator=g), torch.randint(0, 2, (S, T, B), generator=g)
+    w = torch.rand(S, T, B, generator=g, dtype=dtype)
+    sizes = torch.randint(0, B + 1, (S, T), generator=g)
+    clip, taken, own_steps = torch.tensor([0.5, 1.0, 2.0], dtype=dtype), torch.tensor([0, 2, 7]), torch.tensor([5, 3, 0])
+    std, settings = [0.01, 0.02, 0.03], (1e-3, 0.9, 0.999, 0.0, 1e-8)
+    keys = [bytes([i + 1]) * 16 for i in range(S)]
+    theirs, mine = GaussianNoise(keys, layout.size, dtype), GaussianNoise(keys, layout.size, dtype)
+    for noise in (theirs, mine):  # both streams one draw in: mid-block
+        noise.draw(torch.empty(S, layout.size, dtype=dtype), std)
+
+    runs = []
+    for drawn_inside in (False, True):
+        flat, m, v = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
+        dp = {"clip": clip, "row_scale": w / 4, "sizes": sizes}
+        if drawn_inside:
+            dp["streams"] = mine.native_streams(std)
+        else:
+            dp["noise"] = torch.stack([theirs.draw(torch.empty(S, layout.size, dtype=dtype), std, own_steps > t) for t in range(T)])
+        losses = step.steps(flat, x_all, index, y, w, AdamStep(m, v, settings, taken.clone()), own_steps, **dp)
+        runs.append((flat, m, v, losses))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[1][0][0], start[0]) and torch.equal(runs[1][0][2], start[2])
+    assert mine.position.tolist() == theirs.position.tolist() == [8 * ((layout.size + 1) // 2) * (1 + n) for n in (5, 3, 0)]
+    after = [noise.draw(torch.empty(S, layout.size, dtype=dtype), std) for noise in (theirs, mine)]
+    assert torch.equal(*after)
+    with pytest.raises(RuntimeError, match="drawing its noise"):
+        step.steps(flat, x_all, index, y, w, AdamStep(m, v, settings, taken.clone()), own_steps, noise=runs[0][0].new_zeros(T, S, layout.size), clip=clip, row_scale=w, streams=mine.native_streams(std))
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 @pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp-sgd"])
 def test_adam_copy_by_copy_rounds_as_torchs_fused_adam(dp: bool, weight_decay: float) -> None:

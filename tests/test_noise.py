@@ -109,6 +109,23 @@ def test_same_key_same_values_and_rows_that_skip_a_draw_do_not_advance() -> None
     torch.testing.assert_close(skipped[0], b.draw(out_b, [1.0] * 3)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("width", [5, 8])
+def test_streams_go_on_from_their_positions_after_the_native_step_drew(width: int, transform: str) -> None:
+    """``position`` counts each stream's keystream bytes (8 ceil(P/2) a draw; width 5 ends a
+    draw mid-block); after :meth:`native_streams` handed the streams out -- the native step
+    advances the positions in place -- drawing goes on from wherever they stand."""
+    a, b = GaussianNoise(KEYS, width), GaussianNoise(KEYS, width)
+    draws = [a.draw(torch.empty(3, width), [1.0] * 3, rows).clone() for rows in (None, [True, False, True], None, None)]
+    assert a.position.tolist() == [32 * -(-width // 2), 24 * -(-width // 2), 32 * -(-width // 2)]
+    assert torch.equal(b.draw(torch.empty(3, width), [1.0] * 3), draws[0])
+    streams = b.native_streams([1.0] * 3)
+    assert streams.keys.tolist() == [list(key) for key in KEYS] and streams.at.tolist() == [8 * -(-width // 2)] * 3
+    streams.at.add_(torch.tensor([8, 0, 8]) * -(-width // 2))  # as the native step would after drawing rows 0 and 2
+    assert b.position.tolist() == [16 * -(-width // 2), 8 * -(-width // 2), 16 * -(-width // 2)]
+    for expected in draws[2:]:
+        assert torch.equal(b.draw(torch.empty(3, width), [1.0] * 3), expected)
+
+
 def test_wrong_buffers_and_keys_are_refused() -> None:
     noise = GaussianNoise(KEYS, 8)
     with pytest.raises(ValueError, match="contiguous CPU"):

@@ -4,8 +4,10 @@
 // library (libmvec, up to 4 ulp; numpy's is of the same accuracy). The sine and cosine of the
 // angle 2 pi k / 2^32 are computed here, both from one exact reduction (turn_sincos below):
 // libmvec's separate sinf and cosf were 60 % of the transform's time. Values differ from the
-// numpy path only in their last bits. fedcore.engine.native builds it beside mlp_step.cpp
-// (with -lmvec).
+// numpy path only in their last bits. Where the build finds OpenSSL's libcrypto
+// (FEDCORE_OPENSSL defined), the streams themselves are here too (NoiseStream, native.h): the
+// native step draws each copy's noise right before its step, in the core's cache.
+// fedcore.engine.native builds it beside mlp_step.cpp (with -lmvec, and -lcrypto).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -14,7 +16,14 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <string>
 #include <vector>
+
+#ifdef FEDCORE_OPENSSL
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#endif
 
 // glibc declares these SIMD variants only under -ffast-math, which this build does not use.
 extern "C" {
@@ -117,10 +126,68 @@ void gaussian_from_bits(const at::Tensor& bits, at::Tensor out, at::ArrayRef<dou
   }
 }
 
+// Which library's AES the native step's noise streams use ("OpenSSL 3.0.19 ..."), or "" where
+// the build has none (the caller then draws the noise).
+std::string noise_library() {
+#ifdef FEDCORE_OPENSSL
+  return OpenSSL_version(OPENSSL_VERSION);
+#else
+  return "";
+#endif
+}
+
 }  // namespace
+
+namespace fedcore {
+
+void gaussian_row(const uint32_t* k, float* out, int64_t P, float s) { transform<float>(k, out, P, s); }
+void gaussian_row(const uint32_t* k, double* out, int64_t P, double s) { transform<double>(k, out, P, s); }
+
+#ifdef FEDCORE_OPENSSL
+NoiseStream::NoiseStream(const uint8_t* key, int64_t* at) : ctx_(nullptr), at_(at) {
+  EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
+  if (ctx == nullptr) return;
+  // The counter block of byte *at: its 16-byte block number, big-endian (the counter
+  // cryptography's CTR mode starts from zero and increments as one 128-bit number).
+  const uint64_t block = static_cast<uint64_t>(*at) / 16;
+  unsigned char iv[16] = {0};
+  for (int i = 0; i < 8; ++i) iv[15 - i] = static_cast<unsigned char>(block >> (8 * i));
+  const int skip = static_cast<int>(*at % 16);
+  unsigned char zeros[16] = {0}, discard[16];
+  int written = 0;
+  if (EVP_EncryptInit_ex(ctx, EVP_aes_128_ctr(), nullptr, key, iv) != 1 ||
+      (skip > 0 && EVP_EncryptUpdate(ctx, discard, &written, zeros, skip) != 1)) {
+    EVP_CIPHER_CTX_free(ctx);
+    return;
+  }
+  ctx_ = ctx;
+}
+
+NoiseStream::~NoiseStream() { EVP_CIPHER_CTX_free(static_cast<EVP_CIPHER_CTX*>(ctx_)); }
+
+// The stream's next `words` 32-bit words (AES-CTR over zeros: the keystream itself), in a
+// buffer of the calling thread that the next call overwrites.
+const uint32_t* NoiseStream::next(int64_t words) {
+  thread_local std::vector<uint32_t> bits;
+  bits.resize(words);
+  std::memset(bits.data(), 0, words * sizeof(uint32_t));
+  auto* bytes = reinterpret_cast<unsigned char*>(bits.data());
+  int written = 0;
+  // In place; CTR cannot fail once initialized (lengths were checked to fit an int).
+  EVP_EncryptUpdate(static_cast<EVP_CIPHER_CTX*>(ctx_), bytes, &written, bytes, static_cast<int>(words * sizeof(uint32_t)));
+  *at_ += words * static_cast<int64_t>(sizeof(uint32_t));
+  return bits.data();
+}
+
+void NoiseStream::draw(float* out, int64_t P, float s) { transform<float>(next(2 * ((P + 1) / 2)), out, P, s); }
+void NoiseStream::draw(double* out, int64_t P, double s) { transform<double>(next(2 * ((P + 1) / 2)), out, P, s); }
+#endif
+
+}  // namespace fedcore
 
 TORCH_LIBRARY_FRAGMENT(fedcore_native, m) {
   m.def("gaussian_from_bits(Tensor bits, Tensor(a!) out, float[] std, int[] rows) -> ()");
+  m.def("noise_library() -> str", noise_library);
 }
 
 TORCH_LIBRARY_IMPL(fedcore_native, CPU, m) { m.impl("gaussian_from_bits", gaussian_from_bits); }

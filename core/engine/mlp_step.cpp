@@ -158,6 +158,22 @@ __attribute__((always_inline)) inline void prefetch_rows(const T* x, int64_t F, 
   }
 }
 
+// DP-SGD's noise drawn inside the step: each copy's stream (positioned where the caller's
+// Python stream stands, advanced by each draw) and standard deviation.
+struct Noise {
+#ifdef FEDCORE_OPENSSL
+  std::vector<std::unique_ptr<fedcore::NoiseStream>> streams;
+#endif
+  std::vector<double> std;
+};
+
+template <typename T>
+inline void draw_noise(const Noise& noise, int64_t s, T* out, int64_t P) {
+#ifdef FEDCORE_OPENSSL
+  noise.streams[s]->draw(out, P, static_cast<T>(noise.std[s]));
+#endif
+}
+
 enum Activation : int64_t { kNone = 0, kRelu = 1, kTanh = 2 };
 
 // One nn.Linear: where its weight (out x in, row-major) and bias live in a copy's row of P
@@ -277,7 +293,7 @@ template <typename T>
 FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const at::Tensor& index, const at::Tensor& y,
          const at::Tensor& w, const std::vector<Layer>& layers, at::Tensor& out, at::Tensor& losses,
          const at::Tensor* clip, const at::Tensor* row_scale, const at::Tensor* sizes, const int64_t* steps,
-         const Adam* adam) {
+         const Adam* adam, const Noise* noise) {
   const int64_t S = index.size(0), T_ = index.size(1), B = index.size(2), P = params.size(1), F = x_all.size(1);
   const int64_t L = static_cast<int64_t>(layers.size());
   const int64_t C = layers.back().out;
@@ -294,9 +310,12 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
   // checked for float32 and float64 over several layer widths and batch sizes, and by the
   // tests), so the parameters are read in place. (libxsmm's kernels round the same at any
   // alignment: they write in place.)
-  thread_local std::vector<T> grad_buffer;
+  thread_local std::vector<T> grad_buffer, noise_buffer;
   grad_buffer.resize(P + kAlign);
   T* const ga = aligned(grad_buffer.data());
+  // DP-SGD drawing its own noise: each step's noise and clipped sum, read by Adam in cache.
+  if (noise != nullptr) noise_buffer.resize(P + kAlign);
+  T* const na = noise != nullptr ? aligned(noise_buffer.data()) : nullptr;
   std::vector<int64_t> act_at(L + 1), delta_at(L + 1);
   act_at[0] = 0;
   delta_at[0] = 0;
@@ -321,8 +340,10 @@ FEDCORE_CLONES void run(const at::Tensor& params, const at::Tensor& x_all, const
     const int64_t own_steps = steps == nullptr ? T_ : std::clamp<int64_t>(steps[s], 0, T_);
     for (int64_t t = 0; t < own_steps; ++t) {
       // The gradient: the caller's row of out (step t's (S, P) slice), or (a plain step with
-      // Adam and no out) the aligned scratch itself, which Adam reads while it is in cache.
-      T* g = out.defined() ? out.data_ptr<T>() + t * out.stride(0) + s * out.stride(1) : ga;
+      // Adam and no out) the aligned scratch itself, which Adam reads while it is in cache,
+      // or (DP-SGD drawing its noise) the copy's noise, drawn now, into which its clipped sum goes.
+      T* g = out.defined() ? out.data_ptr<T>() + t * out.stride(0) + s * out.stride(1) : noise != nullptr ? na : ga;
+      if (noise != nullptr) draw_noise(*noise, s, g, P);
       const int64_t* rows = row_of<int64_t>(index, s, t);
       const int64_t* labels = row_of<int64_t>(y, s, t);
       const T* weight = row_of<T>(w, s, t);
@@ -484,13 +505,19 @@ void check_copies(const std::optional<at::Tensor>& t, const char* name, int64_t 
 // 0); adam [lr, beta1, beta2, weight_decay, eps] (empty: none) with exp_avg, exp_avg_sq (S, P)
 // and taken (S,) int64, each copy's Adam steps before the call: each copy's Adam step right
 // after each gradient, updating params in place -- the only way to take more than one step
-// in a call. Returns every copy's loss at every step, sum_i w_i nll_i, (S, T).
+// in a call; noise_keys (S, 16) uint8, noise_at (S,) int64 and noise_std (S values): DP-SGD
+// drawing its own noise (no out; Adam inside; a build with OpenSSL): copy s's noise at each step
+// it takes is the next draw of fedcore.noise.GaussianNoise's stream under key s, from byte
+// noise_at[s] of its keystream on (advanced in place), at standard deviation noise_std[s].
+// Returns every copy's loss at every step, sum_i w_i nll_i, (S, T).
 at::Tensor mlp_steps(const at::Tensor& params, const at::Tensor& x_all, const at::Tensor& index, const at::Tensor& y,
                      const at::Tensor& w, at::IntArrayRef layers, const std::optional<at::Tensor>& out_arg,
                      const std::optional<at::Tensor>& clip, const std::optional<at::Tensor>& row_scale,
                      const std::optional<at::Tensor>& sizes, const std::optional<at::Tensor>& steps,
                      const std::optional<at::Tensor>& exp_avg, const std::optional<at::Tensor>& exp_avg_sq,
-                     const std::optional<at::Tensor>& taken, at::ArrayRef<double> adam) {
+                     const std::optional<at::Tensor>& taken, at::ArrayRef<double> adam,
+                     const std::optional<at::Tensor>& noise_keys, const std::optional<at::Tensor>& noise_at,
+                     at::ArrayRef<double> noise_std) {
   const auto dtype = params.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "mlp_steps runs float32 or float64");
   TORCH_CHECK(params.device().is_cpu() && params.dim() == 2 && params.is_contiguous(), "params must be (S, P), contiguous");
@@ -498,7 +525,11 @@ at::Tensor mlp_steps(const at::Tensor& params, const at::Tensor& x_all, const at
   TORCH_CHECK(index.dim() == 3, "index must be (S, T, B)");
   const int64_t S = params.size(0), T = index.size(1), B = index.size(2), P = params.size(1);
   // No out: a plain step whose Adam runs inside, whose gradients the caller does not need.
-  TORCH_CHECK(out_arg.has_value() || (!clip.has_value() && !adam.empty()), "out is needed, except by a plain step with Adam");
+  const bool draws = noise_keys.has_value();
+  TORCH_CHECK(out_arg.has_value() || (!clip.has_value() && !adam.empty()) || draws,
+              "out is needed, except by a plain step with Adam or a DP-SGD step drawing its noise");
+  TORCH_CHECK(!draws || (!out_arg.has_value() && clip.has_value() && !adam.empty() && noise_at.has_value()),
+              "a step drawing its noise is DP-SGD with Adam inside, noise_at given and no out");
   TORCH_CHECK(T <= 1 || !adam.empty(), "more than one step in a call needs Adam inside");
   at::Tensor out = out_arg.has_value() ? *out_arg : at::Tensor();
   TORCH_CHECK(!out.defined() || (out.dim() == 3 && out.size(0) == T && out.size(1) == S && out.size(2) == P &&
@@ -563,10 +594,32 @@ at::Tensor mlp_steps(const at::Tensor& params, const at::Tensor& x_all, const at
     optimizer = Adam{*exp_avg, *exp_avg_sq, adam[0], adam[1], adam[2], adam[3], adam[4], before};
   }
   const Adam* o = optimizer.has_value() ? &*optimizer : nullptr;
+  std::optional<Noise> noise;
+  if (draws) {
+#ifdef FEDCORE_OPENSSL
+    TORCH_CHECK(noise_keys->dim() == 2 && noise_keys->size(0) == S && noise_keys->size(1) == 16 &&
+                    noise_keys->scalar_type() == at::kByte && noise_keys->is_contiguous(),
+                "noise_keys must be (S, 16) uint8, contiguous");
+    check_copies(noise_at, "noise_at", S);
+    TORCH_CHECK(static_cast<int64_t>(noise_std.size()) == S, "noise_std must hold one standard deviation per copy");
+    TORCH_CHECK(P < (int64_t(1) << 28), "a row of ", P, " values is too long to draw in one call to OpenSSL");
+    noise.emplace();
+    noise->std.assign(noise_std.begin(), noise_std.end());
+    int64_t* at = noise_at->data_ptr<int64_t>();
+    for (int64_t s = 0; s < S; ++s) {
+      TORCH_CHECK(at[s] >= 0, "a stream's position cannot be negative");
+      noise->streams.push_back(std::make_unique<fedcore::NoiseStream>(noise_keys->data_ptr<uint8_t>() + 16 * s, at + s));
+      TORCH_CHECK(noise->streams.back()->ok(), "OpenSSL could not start AES-128-CTR for noise stream ", s);
+    }
+#else
+    TORCH_CHECK(false, "this build draws no noise: OpenSSL's libcrypto was not found when it was built");
+#endif
+  }
+  const Noise* z = noise.has_value() ? &*noise : nullptr;
   if (dtype == at::kFloat) {
-    run<float>(params, x_all, index, y, w, ls, out, losses, c, r, n, own_steps, o);
+    run<float>(params, x_all, index, y, w, ls, out, losses, c, r, n, own_steps, o, z);
   } else {
-    run<double>(params, x_all, index, y, w, ls, out, losses, c, r, n, own_steps, o);
+    run<double>(params, x_all, index, y, w, ls, out, losses, c, r, n, own_steps, o, z);
   }
   return losses;
 }
@@ -588,7 +641,7 @@ TORCH_LIBRARY(fedcore_native, m) {
   m.def(
       "mlp_steps(Tensor(a!) params, Tensor x_all, Tensor index, Tensor y, Tensor w, int[] layers, Tensor(b!)? out, "
       "Tensor? clip, Tensor? row_scale, Tensor? sizes, Tensor? steps, Tensor(c!)? exp_avg, Tensor(d!)? exp_avg_sq, "
-      "Tensor? taken, float[] adam) -> Tensor");
+      "Tensor? taken, float[] adam, Tensor? noise_keys=None, Tensor(e!)? noise_at=None, float[] noise_std=[]) -> Tensor");
   m.def("matmul_library() -> str", matmul_library);
 }
 

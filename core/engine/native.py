@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -52,6 +53,8 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("mlp_step.cpp", "gau
 ENV = "FEDCORE_NATIVE"
 #: libxsmm's install prefix (``include/libxsmm.h``, ``lib/libxsmm.a``), or 0 to build without it
 LIBXSMM_ENV = "FEDCORE_LIBXSMM"
+#: OpenSSL's install prefix (``include/openssl/evp.h``, ``libcrypto.so``), or 0 to build without it
+OPENSSL_ENV = "FEDCORE_OPENSSL"
 _ACTIVATION_CODES: dict[type[torch.nn.Module] | None, int] = {None: 0, torch.nn.ReLU: 1, torch.nn.Tanh: 2}
 _DTYPES = (torch.float32, torch.float64)
 
@@ -121,13 +124,47 @@ def libxsmm_prefix() -> Path | None:
     return None if found is None else found[0]
 
 
-def _flags(libxsmm: tuple[Path, Path] | None) -> tuple[list[str], list[str]]:
+def openssl_prefix() -> Path | None:
+    """Where OpenSSL's libcrypto is for the native step's noise streams (``OPENSSL_ENV``, else
+    ``/usr`` and ``/usr/local``): a prefix with ``include/openssl/evp.h`` and a ``libcrypto.so``
+    in its ``lib`` (or its multiarch ``lib/<triplet>``, ``lib64``); Debian's ``libssl-dev``, which
+    ``install.sh`` installs where it may. None where none has both, or with ``FEDCORE_OPENSSL=0``:
+    the noise is then drawn by :class:`fedcore.noise.GaussianNoise` in Python and handed to the step."""
+    found = _openssl()
+    return None if found is None else found[0]
+
+
+def _openssl() -> tuple[Path, Path] | None:
+    """OpenSSL's prefix and the folder of its ``libcrypto.so`` (:func:`openssl_prefix`), or None."""
+    setting = os.environ.get(OPENSSL_ENV, "").strip()
+    if setting.lower() in ("0", "false", "no", "off") or sys.platform != "linux":
+        return None
+    multiarch = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+    for prefix in [Path(setting)] if setting else [Path("/usr"), Path("/usr/local")]:
+        if not (prefix / "include" / "openssl" / "evp.h").is_file():
+            continue
+        for lib in (prefix / "lib" / multiarch, prefix / "lib", prefix / "lib64"):
+            if (lib / "libcrypto.so").exists():
+                return prefix, lib
+    if setting:
+        _log.warning("%s=%s has no include/openssl/evp.h and libcrypto.so: the noise is drawn in Python", OPENSSL_ENV, setting)
+    return None
+
+
+def _flags(libxsmm: tuple[Path, Path] | None, openssl: tuple[Path, Path] | None = None) -> tuple[list[str], list[str]]:
     """The compiler's and the linker's flags: :data:`_CFLAGS` and :data:`_LDFLAGS`, with
-    libxsmm's (its header folder, its static library linked in) where it is found."""
-    if libxsmm is None:
-        return list(_CFLAGS), list(_LDFLAGS)
-    prefix, archive = libxsmm
-    return [*_CFLAGS, "-DFEDCORE_LIBXSMM", f"-I{prefix / 'include'}"], [str(archive), *_LDFLAGS, "-lpthread", "-ldl"]
+    libxsmm's (its header folder, its static library linked in) and OpenSSL's (its headers,
+    libcrypto linked) where they are found."""
+    cflags, ldflags = list(_CFLAGS), list(_LDFLAGS)
+    if libxsmm is not None:
+        prefix, archive = libxsmm
+        cflags += ["-DFEDCORE_LIBXSMM", f"-I{prefix / 'include'}"]
+        ldflags = [str(archive), *ldflags, "-lpthread", "-ldl"]
+    if openssl is not None:
+        prefix, lib = openssl
+        cflags += ["-DFEDCORE_OPENSSL", f"-I{prefix / 'include'}"]
+        ldflags += [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lcrypto"]
+    return cflags, ldflags
 
 
 def library_path() -> Path:
@@ -138,7 +175,7 @@ def library_path() -> Path:
     for source in SOURCES:
         digest.update(source.read_bytes())
     libxsmm = _libxsmm()
-    cflags, ldflags = _flags(libxsmm)
+    cflags, ldflags = _flags(libxsmm, _openssl())
     for part in (*cflags, *ldflags, torch.__version__, sys.version, platform.machine()):
         digest.update(part.encode())
     if libxsmm is not None:
@@ -159,7 +196,7 @@ def _compile(folder: str) -> None:
     runs in a child process)."""
     from torch.utils.cpp_extension import load
 
-    cflags, ldflags = _flags(_libxsmm())
+    cflags, ldflags = _flags(_libxsmm(), _openssl())
     with _ninja_on_path():
         load(
             name="fedcore_native", sources=[str(p) for p in SOURCES if p.suffix == ".cpp"], extra_cflags=cflags,
@@ -253,6 +290,15 @@ def matmul_library() -> str | None:
     return None if unavailable_reason() is not None else str(torch.ops.fedcore_native.matmul_library())
 
 
+def noise_library() -> str | None:
+    """Whose AES the native step's own noise streams use (``"OpenSSL 3.0.19 27 Jan 2026"``), or
+    None where the native code cannot run or was built without OpenSSL (:func:`openssl_prefix`):
+    DP-SGD's noise is then drawn in Python and handed to the step."""
+    if unavailable_reason() is not None:
+        return None
+    return str(torch.ops.fedcore_native.noise_library()) or None
+
+
 def unavailable_reason() -> str | None:
     """Why the native step cannot run in this process (None when it can); the first call
     builds or loads it."""
@@ -279,6 +325,22 @@ class AdamStep:
     exp_avg_sq: torch.Tensor
     settings: tuple[float, float, float, float, float]
     taken: torch.Tensor
+
+
+@dataclass(frozen=True)
+class NoiseStreams:
+    """DP-SGD's noise streams for the native step to draw from itself, each copy's right
+    before each of its steps (:meth:`fedcore.noise.GaussianNoise.native_streams`): the same
+    keystream and transform as the Python streams, so the same values.
+
+    :ivar keys: ``(S, 16)`` uint8, each copy's AES-128 key.
+    :ivar at: ``(S,)`` int64, the bytes of each stream drawn so far; advanced in place.
+    :ivar std: each copy's standard deviation.
+    """
+
+    keys: torch.Tensor
+    at: torch.Tensor
+    std: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -347,6 +409,7 @@ class NativeMLPStep:
         self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
         adam: AdamStep, steps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
         clip: torch.Tensor | None = None, row_scale: torch.Tensor | None = None, sizes: torch.Tensor | None = None,
+        streams: NoiseStreams | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """``T`` steps of every copy with Adam inside, copy after copy (a copy's parameters
         and moments stay in the core's cache across its steps); the losses ``(S, T)``.
@@ -359,21 +422,25 @@ class NativeMLPStep:
         :param adam: Adam's step after each gradient.
         :param steps: ``(S,)`` int64, how many of the ``T`` steps each copy takes (default all);
             the losses of steps not taken are 0.
-        :param noise: DP-SGD: ``(T, S, P)`` each step's noise (the clipped sums are added into it).
+        :param noise: DP-SGD: ``(T, S, P)`` each step's noise (the clipped sums are added into it);
+            or none, with ``streams``.
         :param clip: DP-SGD: ``(S,)`` each copy's clipping bound.
         :param row_scale: DP-SGD: ``(S, T, B)`` each row's weight in the sum.
         :param sizes: ``(S, T)`` int64, each copy's own batch size at each step (as :meth:`dp`).
+        :param streams: DP-SGD: the noise streams the step draws each step's noise from, where
+            :func:`noise_library` is not None (instead of ``noise``); a copy draws at the steps it takes.
         """
-        return self._call(params, x_all, index, y, w, noise, clip, row_scale, sizes, steps, adam)
+        return self._call(params, x_all, index, y, w, noise, clip, row_scale, sizes, steps, adam, streams)
 
     def _call(
         self, params: torch.Tensor, x_all: torch.Tensor, index: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
         out: torch.Tensor | None, clip: torch.Tensor | None, row_scale: torch.Tensor | None, sizes: torch.Tensor | None,
-        steps: torch.Tensor | None, adam: AdamStep | None,
+        steps: torch.Tensor | None, adam: AdamStep | None, streams: NoiseStreams | None = None,
     ) -> torch.Tensor:  # fmt: skip
         assert _op is not None
         moments = (None, None, None, ()) if adam is None else (adam.exp_avg, adam.exp_avg_sq, adam.taken, adam.settings)
-        return _op(params, x_all, index, y.long(), w, self.layers, out, clip, row_scale, sizes, steps, *moments)
+        noise = (None, None, ()) if streams is None else (streams.keys, streams.at, streams.std)
+        return _op(params, x_all, index, y.long(), w, self.layers, out, clip, row_scale, sizes, steps, *moments, *noise)
 
 
 def _one(rows: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from torch.optim.adam import adam as functional_adam
 from fedcore.components import DPStep, FederatedData
 from fedcore.engine.cpu import flush_denormals, gc_paused, huge_page_empty
 from fedcore.engine.cuda_graphs import EpochBuffers, ReplayedStep
-from fedcore.engine.native import AdamStep, NativeMLPStep
+from fedcore.engine.native import AdamStep, NativeMLPStep, noise_library
 from fedcore.engine.simulation import (
     FederatedRun,
     RunJob,
@@ -81,9 +81,10 @@ COPIES_PER_CALL = 128
 #: a call one after another, its state in the core's cache): a call stays short (Ctrl-C is
 #: seen between calls) and the Python around it runs once for all of them
 _STEPS_PER_CALL = 256
-#: DP-SGD's noise for the native step is drawn a block of steps ahead, at most this many
-#: bytes a block (about four steps of the paper's 15 copies): more steps a block keep a copy's
-#: state in cache longer, a larger block leaves the shared cache sooner
+#: where the native step cannot draw DP-SGD's noise itself (a build without OpenSSL), the
+#: noise is drawn a block of steps ahead, at most this many bytes a block (about four steps
+#: of the paper's 15 copies): more steps a block keep a copy's state in cache longer, a larger
+#: block leaves the shared cache sooner
 _NOISE_BLOCK_BYTES = 4 << 20
 
 
@@ -663,8 +664,9 @@ class StackedTrainer:
         # back from memory, ~0.3 ms a step), by a helper thread while the step before runs:
         # on the paper's two cores, the federated group then takes more of the CPU than the
         # centralized one, which needs less. A copy not stepping draws nothing: its stream
-        # never depends on its companions. (The native step with Adam inside takes small
-        # blocks of steps, each block's noise drawn while the one before trains.)
+        # never depends on its companions. (The native step with Adam inside draws the noise
+        # itself; built without OpenSSL, it takes small blocks of steps, each block's noise
+        # drawn while the one before trains.)
         every = bool(active.all())
         step_losses: list[torch.Tensor] = []  # (S, steps) each
         if self.native is not None:
@@ -674,7 +676,16 @@ class StackedTrainer:
             y_epoch = y_all.index_select(0, gidx.reshape(-1)).view(gidx.shape)
             own = sizes.to(torch.long)
             adam = self._native_adam()
-            if adam is not None:
+            if adam is not None and noise_library() is not None:
+                # Each copy's noise drawn by the step itself, right before each of its steps:
+                # it stays in the core's cache, and blocks are as long as without DP.
+                assert isinstance(noise_streams, GaussianNoise)  # the native step runs on the CPU
+                streams = noise_streams.native_streams(std)
+                for a, b in _blocks(active.shape[1], _STEPS_PER_CALL):
+                    part = (gidx[:, a:b], y_epoch[:, a:b], w[:, a:b])
+                    dp = {"clip": clip, "row_scale": row_scale[:, a:b], "sizes": own[:, a:b], "streams": streams}
+                    step_losses.append(self._native_block(adam, active, a, b, x_all, *part, **dp))
+            elif adam is not None:
                 assert isinstance(noise_streams, GaussianNoise)  # the native step runs on the CPU
                 width = self.n_copies * self.layout.size * self.dtype.itemsize
                 blocks = _blocks(active.shape[1], max(1, min(_STEPS_PER_CALL, _NOISE_BLOCK_BYTES // max(width, 1))))
@@ -723,7 +734,7 @@ class StackedTrainer:
         losses ``(S, b - a)``, 0 where a copy does not step.
 
         :param index: ``(S, b - a, B)`` rows of ``x_all`` (``y``, ``w`` likewise).
-        :param dp: DP-SGD's ``noise``, ``clip``, ``row_scale`` and ``sizes`` (:meth:`NativeMLPStep.steps`).
+        :param dp: DP-SGD's ``noise`` (or ``streams``), ``clip``, ``row_scale`` and ``sizes`` (:meth:`NativeMLPStep.steps`).
         """
         taken = active[:, a:b].sum(axis=1)
         assert self.native is not None
